@@ -1,0 +1,148 @@
+"""The `lowrank` command line: parse, call the library, print. No algorithm lives here.
+
+Every `LowrankError` (and every usage error) becomes one line on stderr and exit status 1
+(2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lowrank_cli import __version__
+from lowrank_cli.errors import LowrankError
+
+app = typer.Typer(
+    name="lowrank",
+    help="Make transformer checkpoints smaller and faster by low-rank factorization (PELA, PC-LoRA).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Options shared by several commands
+ModelOpt = typer.Option(None, "--model", "-m", help="timm architecture name (default: the recipe's 'model').")
+ModelArgOpt = typer.Option(None, "--model-arg", help="Architecture setting KEY=VALUE, repeatable (e.g. img_size=384).")
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe: a bundled name (deit, swin, ...) or a YAML path.")
+KappaOpt = typer.Option(None, "--kappa", "-k", help="Compression ratio κ: rank r = floor(d_in·d_out / (κ(d_in+d_out))). Overrides the recipe.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _recipe(recipe: Optional[str], kappa: Optional[float]):
+    from lowrank_cli.recipe import load_recipe
+
+    return load_recipe(recipe).with_kappa(kappa)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"lowrank {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def inspect(
+    checkpoint: Optional[Path] = typer.Argument(None, help="A .safetensors file (any model, factorized or not)."),
+    model: Optional[str] = ModelOpt,
+    model_arg: Optional[List[str]] = ModelArgOpt,
+    recipe: Optional[str] = RecipeOpt,
+    kappa: Optional[float] = KappaOpt,
+    spectrum: bool = typer.Option(False, "--spectrum", help="Show the singular-value energy kept at each layer's rank."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """What is in a checkpoint, which linear layers can be factorized, and what each saves."""
+    from lowrank_cli.models import parse_model_args
+    from lowrank_cli.pipeline import inspect_checkpoint
+    from lowrank_cli.report import print_inspection
+
+    r = _recipe(recipe, kappa)
+    if checkpoint is None and model is None and r.model is None:
+        raise LowrankError("give a checkpoint, or an architecture with --model (e.g. --model deit_base_patch16_224)")
+    insp = inspect_checkpoint(checkpoint, r, model, parse_model_args(model_arg), spectrum=spectrum)
+    if as_json:
+        _print_json(insp.to_dict())
+    else:
+        print_inspection(insp, spectrum=spectrum)
+
+
+@app.command()
+def factorize(
+    checkpoint: Optional[Path] = typer.Argument(None, help="The .safetensors checkpoint (default: the recipe's 'checkpoint')."),
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = ModelOpt,
+    model_arg: Optional[List[str]] = ModelArgOpt,
+    kappa: Optional[float] = KappaOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <input>.lowrank.safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
+    from lowrank_cli.models import parse_model_args
+    from lowrank_cli.pipeline import factorize_checkpoint
+    from lowrank_cli.report import console, err_console, layer_progress, summary_table
+
+    r = _recipe(recipe, kappa)
+    checkpoint = checkpoint or (Path(r.checkpoint) if r.checkpoint else None)
+    if checkpoint is None and model is None and r.model is None:
+        raise LowrankError("give a checkpoint (or 'checkpoint:' in the recipe), or an architecture with --model")
+    if checkpoint is None:
+        err_console.print(f"[yellow]note:[/] no checkpoint given: factorizing {model or r.model} with random weights")
+    with layer_progress("SVD") as progress:
+        result = factorize_checkpoint(checkpoint, r, out, model, parse_model_args(model_arg), force, progress)
+    if as_json:
+        _print_json({"out": str(result.out), **result.inspection.to_dict()})
+        return
+    console.print(summary_table(result.inspection, title=f"Factorized → {result.out}"))
+    dense = [p for p in result.inspection.layers if not p.factorized]
+    if dense:
+        reasons: dict[str, int] = {}
+        for p in dense:
+            reasons[p.reason] = reasons.get(p.reason, 0) + 1
+        for reason, n in reasons.items():
+            console.print(f"  [dim]{n} left dense: {reason}[/]")
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A PyTorch .pth/.pt/.bin state dict."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors (default: beside the input)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Convert a pickled PyTorch state dict to safetensors, loading it with weights_only=True."""
+    from lowrank_cli.convert import convert_pickle
+    from lowrank_cli.report import console
+
+    written, n = convert_pickle(source, out, force)
+    console.print(f"wrote {written} ({n} tensors)")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except LowrankError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's (or typer's vendored click's) usage errors, matched by shape
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(0)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            print("error: aborted", file=sys.stderr)
+            sys.exit(130)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,190 @@
+"""Recipes: YAML files that say which model, which layers, which ranks (and, later, how to train).
+
+A recipe is data, validated by a pydantic schema: an unknown key or a wrong type is a
+`LowrankError` naming the file, the key and what is accepted. Bundled recipes live in the
+repository's `recipes/` folder and are installed as the package `lowrank_cli.recipes`, so
+`--recipe swin`, `--recipe swin.yaml` and `--recipe path/to/mine.yaml` all work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lowrank_cli.errors import LowrankError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Override(_Strict):
+    """A per-layer exception to the recipe's rank rule; the first matching pattern wins."""
+
+    pattern: str
+    kappa: float | None = Field(default=None, gt=0)
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0, le=1)
+    skip: bool = False
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "Override":
+        given = [k for k in ("kappa", "rank", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of kappa, rank, energy (got {', '.join(given)})")
+        if not given and not self.skip:
+            raise ValueError("give one of kappa, rank, energy, or skip: true")
+        return self
+
+
+class SelectConfig(_Strict):
+    """Which linear layers are factorized.
+
+    Patterns match a module name as a substring (as the released PELA code does), or as an
+    fnmatch glob when they contain `*`, `?` or `[`. An empty `include` means every linear.
+    """
+
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=lambda: ["norm", "head", "patch_embed", "downsample"])
+    min_out_features: int = Field(default=10, ge=1)
+    overrides: list[Override] = Field(default_factory=list)
+
+
+class FactorizeConfig(_Strict):
+    """How ranks are chosen and how the factors are computed."""
+
+    rank_rule: Literal["kappa", "rank", "energy"] = "kappa"
+    kappa: float = Field(default=2.0, gt=0)
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0, le=1)
+    method: Literal["svd"] = "svd"
+
+    @model_validator(mode="after")
+    def _rule_has_value(self) -> "FactorizeConfig":
+        if self.rank_rule == "rank" and self.rank is None:
+            raise ValueError("rank_rule 'rank' needs 'rank: N'")
+        if self.rank_rule == "energy" and self.energy is None:
+            raise ValueError("rank_rule 'energy' needs 'energy: F' with 0 < F <= 1")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole recipe. `model` is a timm architecture name; `checkpoint` a default input."""
+
+    name: str = "custom"
+    description: str = ""
+    model: str | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
+
+    def with_kappa(self, kappa: float | None) -> "Recipe":
+        """A copy with `--kappa` applied: it sets the rank rule to κ for every layer."""
+        if kappa is None:
+            return self
+        if not kappa > 0:
+            raise LowrankError(f"--kappa must be a number > 0 (got {kappa})")
+        recipe = self.model_copy(deep=True)
+        recipe.factorize.rank_rule = "kappa"
+        recipe.factorize.kappa = float(kappa)
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def bundled_recipes_dir() -> Path:
+    """The folder of recipes shipped with the package (or the repository's, from a checkout)."""
+    installed = Path(str(importlib.resources.files("lowrank_cli"))) / "recipes"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def bundled_recipe_names() -> list[str]:
+    return sorted(p.stem for p in bundled_recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(spec: str | Path) -> Path:
+    """A recipe path from a path, a bundled file name (`swin.yaml`) or a bundled name (`swin`)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name[:-4] if path.name.endswith(".yml") else path.name
+    if path.parent == Path(".") or str(path.parent) == "recipes":
+        bundled = bundled_recipes_dir() / f"{name}.yaml"
+        if bundled.is_file():
+            return bundled
+    names = bundled_recipe_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise LowrankError(f"recipe '{spec}': no such file or bundled recipe{hint}; bundled: {', '.join(names)}")
+
+
+def load_recipe(spec: str | Path | None) -> Recipe:
+    """Load and validate a recipe; None gives the defaults (the ViT/DeiT selection rules, κ = 2)."""
+    if spec is None:
+        return Recipe()
+    path = resolve_recipe_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise LowrankError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LowrankError(f"{path}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict (e.g. the one stored in a manifest)."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise LowrankError(f"{source}: {_describe(e)}") from None
+
+
+def _schema_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _describe(error: ValidationError) -> str:
+    """One line for all of a ValidationError's problems, with accepted keys and did-you-mean."""
+    parts = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _schema_for(loc[:-1])
+            accepted = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            parts.append(f"unknown key '{key}'{hint}; accepted: {', '.join(accepted)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            parts.append(f"{key}: {msg}{got_s}")
+    return "; ".join(parts)

@@ -1,0 +1,110 @@
+"""Rich tables and progress bars. Tables go to stdout; progress and notes to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lowrank_cli.pipeline import Inspection
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fmt_count(n: int | None, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (None -> '—')."""
+    if n is None:
+        return "—"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n} {unit}".strip()
+
+
+def ratio(after: int | None, before: int | None) -> str:
+    if not before or after is None:
+        return "—"
+    return f"{after / before:.1%}"
+
+
+@contextlib.contextmanager
+def layer_progress(description: str) -> Iterator[Callable[[int], Callable[[str], None]]]:
+    """A Rich progress bar on stderr; yields `start(total) -> advance(layer_name)`."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[layer]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+
+    def start(total: int) -> Callable[[str], None]:
+        task = progress.add_task(description, total=total, layer="")
+        return lambda name: progress.update(task, advance=1, layer=name)
+
+    with progress:
+        yield start
+
+
+def summary_table(insp: Inspection, title: str = "Savings") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("after / before", justify="right")
+    table.add_row("parameters", fmt_count(insp.params_before), fmt_count(insp.params_after), ratio(insp.params_after, insp.params_before))
+    if insp.macs_before is not None:
+        table.add_row("MACs / image", fmt_count(insp.macs_before), fmt_count(insp.macs_after), ratio(insp.macs_after, insp.macs_before))
+        table.add_row("GFLOPs / image", f"{2 * insp.macs_before / 1e9:.2f}", f"{2 * insp.macs_after / 1e9:.2f}", ratio(insp.macs_after, insp.macs_before))
+    n_fact = sum(p.factorized for p in insp.layers)
+    table.caption = f"{n_fact} of {len(insp.layers)} linear layers factorized" + (f" ({insp.rank_rule})" if insp.rank_rule else "")
+    return table
+
+
+def layers_table(insp: Inspection, spectrum: bool = False) -> Table:
+    """One row per layer of the checkpoint: its tensors, and the factorization decision."""
+    plans = {p.name: p for p in insp.layers}
+    groups: dict[str, list[dict]] = {}
+    for t in insp.tensors:
+        layer, _, leaf = t["name"].rpartition(".")
+        for suffix in (".down", ".up"):  # a factorized layer's halves group under the layer
+            if layer.endswith(suffix) and layer[: -len(suffix)] in plans:
+                layer, leaf = layer[: -len(suffix)], suffix[1:] + "." + leaf
+        groups.setdefault(layer or leaf, []).append({**t, "leaf": leaf})
+    for name in plans:
+        groups.setdefault(name, [])
+
+    table = Table(title="Layers", title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    for col, just in (("tensors", "left"), ("dtype", "left"), ("params", "right"),
+                      ("rank", "right"), ("params after", "right"), ("note", "left")):
+        table.add_column(col, justify=just)
+    if spectrum:
+        table.add_column("energy kept", justify="right")
+    for layer, tensors in groups.items():
+        p = plans.get(layer)
+        shapes = ", ".join(f"{t['leaf']} {'×'.join(map(str, t['shape'])) or 'scalar'}" for t in tensors)
+        dtypes = ", ".join(sorted({t["dtype"] for t in tensors}))
+        params = sum(t["params"] for t in tensors) if tensors else (p.params_before if p else 0)
+        if p is None:
+            row = [layer, shapes, dtypes, fmt_count(params), "", "", ""]
+        elif p.factorized:
+            row = [f"[green]{layer}", shapes, dtypes, fmt_count(p.params_before), str(p.rank) if p.rank else "by energy",
+                   fmt_count(p.params_after), p.rule or ""]
+        else:
+            row = [f"[dim]{layer}", shapes, dtypes, fmt_count(params), "dense", fmt_count(p.params_before), f"[dim]{p.reason}"]
+        if spectrum:
+            row.append("" if p is None or p.energy_kept is None else f"{p.energy_kept:.1%}")
+        table.add_row(*row)
+    return table
+
+
+def print_inspection(insp: Inspection, spectrum: bool = False) -> None:
+    head = insp.checkpoint or "(random weights)"
+    arch = f" — {insp.architecture}" if insp.architecture else " — weight-only (no architecture; pass --model for MACs)"
+    kind = " — factorized checkpoint" if insp.factorized_checkpoint else ""
+    console.print(f"[bold]{head}[/]{arch}{kind}")
+    console.print(layers_table(insp, spectrum))
+    console.print(summary_table(insp))

@@ -1,0 +1,53 @@
+import pytest
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.recipe import bundled_recipe_names, load_recipe
+
+
+def test_every_shipped_recipe_validates():
+    names = bundled_recipe_names()
+    assert {"deit", "swin", "vit"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name
+        assert recipe.model  # every shipped recipe names its architecture
+
+
+def test_shipped_rules():
+    deit, swin = load_recipe("deit.yaml"), load_recipe("swin")
+    assert (deit.factorize.kappa, swin.factorize.kappa) == (2, 1.5)
+    assert "attn.proj" in swin.select.exclude and "attn.proj" not in deit.select.exclude
+
+
+def test_kappa_override_and_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("factorize:\n  rank_rule: rank\n  rank: 8\n")
+    r = load_recipe(str(p))
+    assert (r.name, r.factorize.rank_rule, r.factorize.rank) == ("mine", "rank", 8)
+    r2 = r.with_kappa(3)
+    assert (r2.factorize.rank_rule, r2.factorize.kappa) == ("kappa", 3.0)
+    assert r.factorize.rank_rule == "rank"  # the original is untouched
+    with pytest.raises(LowrankError, match=r"--kappa must be a number > 0 \(got 0"):
+        r.with_kappa(0)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("factorise:\n  kappa: 2\n", r"mine.yaml: unknown key 'factorise' \(did you mean 'factorize'\?\); accepted: name, description, model"),
+    ("factorize:\n  kapa: 2\n", r"unknown key 'factorize.kapa' \(did you mean 'kappa'\?\)"),
+    ("factorize:\n  kappa: two\n", r"factorize.kappa: Input should be a valid number.*\(got 'two'\)"),
+    ("factorize:\n  kappa: -1\n", r"factorize.kappa: Input should be greater than 0"),
+    ("factorize:\n  rank_rule: energy\n", r"rank_rule 'energy' needs 'energy: F'"),
+    ("select:\n  overrides:\n    - pattern: qkv\n", r"give one of kappa, rank, energy, or skip"),
+    ("- a\n- b\n", r"a recipe must be a YAML mapping"),
+    ("factorize: [\n", r"not valid YAML at line"),
+])
+def test_bad_recipes_name_key_and_file(tmp_path, text, message):
+    p = tmp_path / "mine.yaml"
+    p.write_text(text)
+    with pytest.raises(LowrankError, match=message):
+        load_recipe(str(p))
+
+
+def test_unknown_recipe_name_suggests_bundled():
+    with pytest.raises(LowrankError, match=r"recipe 'swim': no such file or bundled recipe \(did you mean 'swin'\?\)"):
+        load_recipe("swim")
