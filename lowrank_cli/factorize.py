@@ -7,7 +7,7 @@ have the same scale. The original bias goes on `up`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -93,14 +93,33 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 Progress = Callable[[str], None]
 
 
-def factorize_model(model: nn.Module, recipe: Recipe, progress: Progress | None = None) -> list[LayerPlan]:
+def factorize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    progress: Progress | None = None,
+    calibration: Iterable | None = None,
+    on_allocation: Callable | None = None,
+) -> list[LayerPlan]:
     """Replace, in place, each `nn.Linear` the recipe selects by a `LowRankLinear` from its SVD.
 
     One layer at a time: the dense weight is released as soon as its factors exist, so peak
     memory stays near one layer's SVD beyond the model. Returns the plan of every candidate
     (dense ones with their reason). `progress(name)` is called after each layer.
+    `factorize.method: whitened | asvd` needs `calibration` (image batches; see
+    `whiten.py`); `rank_rule: budget` allocates ranks first and passes the
+    `budget.Allocation` to `on_allocation`.
     """
     plans = plan_layers(linear_candidates(model), recipe)
+    if recipe.factorize.method != "svd":
+        from lowrank_cli.whiten import factorize_model_data_aware
+
+        return factorize_model_data_aware(model, recipe, plans, calibration, progress, on_allocation)
+    if recipe.factorize.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
+        from lowrank_cli.budget import allocate_for_model
+
+        alloc = allocate_for_model(model, plans, recipe, lambda n: torch.linalg.svdvals(model.get_submodule(n).weight.detach().to(svd_device()).float()))
+        if on_allocation is not None:
+            on_allocation(alloc)
     for plan in plans:
         if not plan.factorized:
             continue

@@ -58,11 +58,22 @@ class SelectConfig(_Strict):
 class FactorizeConfig(_Strict):
     """How ranks are chosen and how the factors are computed."""
 
-    rank_rule: Literal["kappa", "rank", "energy"] = "kappa"
+    rank_rule: Literal["kappa", "rank", "energy", "budget"] = "kappa"
     kappa: float = Field(default=2.0, gt=0)
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
-    method: Literal["svd"] = "svd"
+    # rank_rule 'budget': ranks allocated across layers to keep this fraction of the
+    # selected layers' parameters (or MACs), greedily by truncation error (see budget.py)
+    target_params: float | None = Field(default=None, gt=0, le=1)
+    target_macs: float | None = Field(default=None, gt=0, le=1)
+    min_rank: int = Field(default=1, ge=1)
+    # 'whitened' and 'asvd' minimise the output error on calibration inputs (ALGORITHMS §4)
+    method: Literal["svd", "whitened", "asvd"] = "svd"
+    asvd_alpha: float = Field(default=0.5, gt=0)
+    calib_data: str | None = None  # a folder of images, 'digits' or 'synthetic'
+    calib_samples: int = Field(default=256, ge=1)
+    calib_batch_size: int = Field(default=32, ge=1)
+    calib_max_gram_mb: int = Field(default=2048, ge=1)
 
     @model_validator(mode="after")
     def _rule_has_value(self) -> "FactorizeConfig":
@@ -70,7 +81,20 @@ class FactorizeConfig(_Strict):
             raise ValueError("rank_rule 'rank' needs 'rank: N'")
         if self.rank_rule == "energy" and self.energy is None:
             raise ValueError("rank_rule 'energy' needs 'energy: F' with 0 < F <= 1")
+        targets = [k for k in ("target_params", "target_macs") if getattr(self, k) is not None]
+        if self.rank_rule == "budget" and len(targets) != 1:
+            got = f" (got both {' and '.join(targets)})" if targets else ""
+            raise ValueError(f"rank_rule 'budget' needs exactly one of 'target_params: F' or 'target_macs: F' with 0 < F <= 1{got}")
+        if self.rank_rule != "budget" and targets:
+            raise ValueError(f"'{targets[0]}' is only used with 'rank_rule: budget' (rank_rule is '{self.rank_rule}')")
         return self
+
+    def rule_label(self) -> str:
+        """`kappa=2`, `energy=0.9`, `budget_params=0.5`: the rule as reports and manifests show it."""
+        if self.rank_rule == "budget":
+            kind = "params" if self.target_params is not None else "macs"
+            return f"budget_{kind}={getattr(self, f'target_{kind}'):g}"
+        return f"{self.rank_rule}={getattr(self, self.rank_rule):g}"
 
 
 class Recipe(_Strict):
@@ -91,8 +115,8 @@ class Recipe(_Strict):
         if not kappa > 0:
             raise LowrankError(f"--kappa must be a number > 0 (got {kappa})")
         recipe = self.model_copy(deep=True)
-        recipe.factorize.rank_rule = "kappa"
-        recipe.factorize.kappa = float(kappa)
+        # one copy with all three changed: assigning them one by one would fail validation
+        recipe.factorize = recipe.factorize.model_copy(update={"rank_rule": "kappa", "kappa": float(kappa), "target_params": None, "target_macs": None})
         return recipe
 
     def to_dict(self) -> dict[str, Any]:

@@ -151,7 +151,9 @@ def plan_layers(
     sel, fac = recipe.select, recipe.factorize
     plans = []
     for c in candidates:
-        kind, value = fac.rank_rule, {"kappa": fac.kappa, "rank": fac.rank, "energy": fac.energy}[fac.rank_rule]
+        kind, value = fac.rank_rule, {"kappa": fac.kappa, "rank": fac.rank, "energy": fac.energy}.get(fac.rank_rule)
+        if kind == "budget":  # ranks set later by budget.allocate_ranks, once every spectrum is known
+            kind, value = ("budget_params", fac.target_params) if fac.target_params is not None else ("budget_macs", fac.target_macs)
         override = next((o for o in sel.overrides if matches(c.name, o.pattern)), None)
         reason = c.skip
         if reason is None and sel.include and not any(matches(c.name, p) for p in sel.include):
@@ -179,7 +181,11 @@ def plan_layers(
 def set_rank(plan: LayerPlan, kind: str, value: float, singular_values: torch.Tensor | None) -> None:
     """Fill `plan.rank` from its rule; leave the layer dense when the rank would not shrink it."""
     full = min(plan.d_in, plan.d_out)
-    if kind == "kappa":
+    if kind.startswith("budget") and plan.rank is None:
+        return  # decided across layers by budget.allocate_ranks
+    if kind.startswith("budget"):
+        rank = plan.rank  # already allocated: only fill energy_kept
+    elif kind == "kappa":
         rank = rank_for_kappa(plan.d_in, plan.d_out, value)
     elif kind == "rank":
         rank = min(int(value), full)
