@@ -83,12 +83,14 @@ def factorize(
     kappa: Optional[float] = KappaOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <input>.lowrank.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration images for factorize.method whitened/asvd: a folder, 'digits' or 'synthetic'."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Number of calibration images (default: the recipe's, 256)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
     from lowrank_cli.models import parse_model_args
     from lowrank_cli.pipeline import factorize_checkpoint
-    from lowrank_cli.report import console, err_console, layer_progress, summary_table
+    from lowrank_cli.report import allocation_table, console, err_console, layer_progress, summary_table
 
     r = _recipe(recipe, kappa)
     checkpoint = checkpoint or (Path(r.checkpoint) if r.checkpoint else None)
@@ -97,10 +99,12 @@ def factorize(
     if checkpoint is None:
         err_console.print(f"[yellow]note:[/] no checkpoint given: factorizing {model or r.model} with random weights")
     with layer_progress("SVD") as progress:
-        result = factorize_checkpoint(checkpoint, r, out, model, parse_model_args(model_arg), force, progress)
+        result = factorize_checkpoint(checkpoint, r, out, model, parse_model_args(model_arg), force, progress, calib_data, calib_samples)
     if as_json:
         _print_json({"out": str(result.out), **result.inspection.to_dict()})
         return
+    if result.inspection.allocation is not None:
+        console.print(allocation_table(result.inspection.allocation))
     console.print(summary_table(result.inspection, title=f"Factorized → {result.out}"))
     dense = [p for p in result.inspection.layers if not p.factorized]
     if dense:

@@ -6,6 +6,7 @@ Each returns plain data (dicts / dataclasses) that `report.py` renders and `--js
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from lowrank_cli import __version__
+from lowrank_cli.budget import allocate_for_model, allocate_ranks
+from lowrank_cli.calibrate import calibration_batches
 from lowrank_cli.checkpoint import FORMAT_VERSION, CheckpointHeader, open_tensors, read_header, save_checkpoint, sha256_file
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model, factorize_state_dict, manifest_layers
@@ -41,6 +44,7 @@ class Inspection:
     layers: list[LayerPlan]
     tensors: list[dict[str, Any]] = field(default_factory=list)
     rank_rule: str = ""
+    allocation: dict[str, Any] | None = None  # rank_rule budget: budget.Allocation.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,12 +59,12 @@ class Inspection:
             "macs_after": self.macs_after,
             "layers": [p.to_dict() for p in self.layers],
             "tensors": self.tensors,
+            "allocation": self.allocation,
         }
 
 
 def _rule_label(recipe: Recipe) -> str:
-    f = recipe.factorize
-    return f"{f.rank_rule}={getattr(f, f.rank_rule):g}"
+    return recipe.factorize.rule_label()
 
 
 def _tensor_rows(header: CheckpointHeader | None, model: nn.Module | None) -> list[dict[str, Any]]:
@@ -91,7 +95,8 @@ def inspect_checkpoint(
     manifest = header.manifest if header is not None else None
     arch = arch or (manifest or {}).get("architecture") or recipe.model
     kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
-    needs_spectrum = spectrum or recipe.factorize.rank_rule == "energy"
+    needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
+    budget = recipe.factorize.rank_rule == "budget"  # allocated on σ(W): inspect has no calibration data
 
     if manifest is not None:
         return _inspect_factorized(path, header, manifest, arch, kwargs)
@@ -101,18 +106,21 @@ def inspect_checkpoint(
             spec = None
             if needs_spectrum:
                 f = stack.enter_context(open_tensors(path))
-                spec = lambda name: torch.linalg.svdvals(f.get_tensor(f"{name}.weight").float())  # noqa: E731
+                spec = functools.cache(lambda name: torch.linalg.svdvals(f.get_tensor(f"{name}.weight").float()))
             plans = plan_layers(weight_candidates(header), recipe, spec)
+            alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank).to_dict() if budget else None
         before = sum(t.numel for t in header.tensors.values() if t.dtype in {"F64", "F32", "F16", "BF16"})
-        return Inspection(str(path), None, {}, False, before, before - _saved(plans), None, None, plans, _tensor_rows(header, None), _rule_label(recipe))
+        return Inspection(str(path), None, {}, False, before, before - _saved(plans), None, None, plans, _tensor_rows(header, None), _rule_label(recipe), alloc)
 
     model, _ = build_model(path, arch, kwargs)
-    plans = plan_layers(linear_candidates(model), recipe, _spectrum_from_model(model) if needs_spectrum else None)
+    spec = functools.cache(_spectrum_from_model(model)) if needs_spectrum else None
+    plans = plan_layers(linear_candidates(model), recipe, spec)
+    alloc = allocate_for_model(model, plans, recipe, spec).to_dict() if budget else None
     before = count_params(model)
     macs = count_macs(model)
     return Inspection(
         str(path) if path else None, arch, model_kwargs_of(model, kwargs), False,
-        before, before - _saved(plans), macs.macs, macs.macs_after(plans), plans, _tensor_rows(header, model), _rule_label(recipe),
+        before, before - _saved(plans), macs.macs, macs.macs_after(plans), plans, _tensor_rows(header, model), _rule_label(recipe), alloc,
     )
 
 
@@ -151,6 +159,18 @@ class FactorizeResult:
     manifest: dict[str, Any]
 
 
+def _with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int | None) -> Recipe:
+    """A copy with the command line's calibration settings, so the manifest records what was used."""
+    if calib_data is None and calib_samples is None:
+        return recipe
+    if calib_samples is not None and calib_samples < 1:
+        raise LowrankError(f"--calib-samples must be at least 1 (got {calib_samples})")
+    recipe = recipe.model_copy(deep=True)
+    update = {k: v for k, v in (("calib_data", None if calib_data is None else str(calib_data)), ("calib_samples", calib_samples)) if v is not None}
+    recipe.factorize = recipe.factorize.model_copy(update=update)
+    return recipe
+
+
 def default_output(path: str | os.PathLike | None, arch: str | None) -> Path:
     """`<stem>.lowrank.safetensors` beside the input, or `<arch>.lowrank.safetensors` here."""
     if path is not None:
@@ -180,13 +200,19 @@ def factorize_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     force: bool = False,
     progress: Callable[[int], Progress] | None = None,
+    calib_data: str | None = None,
+    calib_samples: int | None = None,
 ) -> FactorizeResult:
     """Factorize a checkpoint by truncated SVD and write it, with its manifest, to `out`.
 
     With an architecture (`arch` or the recipe's `model`), the timm model is built, loaded
     strictly and factorized module by module; without one, every selected 2-D weight is
     factorized from the file alone. `progress(total)` returns a per-layer callback.
+    `calib_data` (a folder, `digits` or `synthetic`) and `calib_samples` override the
+    recipe's calibration settings, which `factorize.method: whitened | asvd` needs.
     """
+    recipe = _with_calibration(recipe, calib_data, calib_samples)
+    method = recipe.factorize.method
     header = read_header(path) if path is not None else None
     if header is not None and header.manifest is not None:
         raise LowrankError(f"{path}: is already factorized (it has a lowrank manifest); factorize the original checkpoint")
@@ -199,16 +225,27 @@ def factorize_checkpoint(
     if path is not None and out.exists() and out.resolve() == Path(path).resolve():
         raise LowrankError(f"{out}: refusing to overwrite the input checkpoint; choose another --out")
 
+    if method != "svd" and arch is None:
+        raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through (pass --model ARCH)")
+    if method != "svd" and recipe.factorize.calib_data is None:
+        raise LowrankError(
+            f"factorize.method '{method}' needs calibration data: pass --calib-data DIR|digits|synthetic "
+            "(and --calib-samples N), or set factorize.calib_data in the recipe"
+        )
+
     if arch is None:
         plans = plan_layers(weight_candidates(header), recipe)
-        todo = sum(p.factorized for p in plans)
+        alloc = None
         with open_tensors(path) as f:
+            if recipe.factorize.rank_rule == "budget":
+                alloc = allocate_ranks(plans, lambda n: torch.linalg.svdvals(f.get_tensor(f"{n}.weight").float()), recipe.factorize.min_rank).to_dict()
+            todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
         before = sum(t.numel for t in header.tensors.values() if t.dtype in {"F64", "F32", "F16", "BF16"})
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         manifest = build_manifest(None, {}, plans, recipe, path)
         save_checkpoint(out, tensors, manifest, force=force, inputs=inputs)
-        insp = Inspection(str(path), None, {}, False, before, after, None, None, plans, [], _rule_label(recipe))
+        insp = Inspection(str(path), None, {}, False, before, after, None, None, plans, [], _rule_label(recipe), alloc)
         return FactorizeResult(out, insp, manifest)
 
     model, _ = build_model(path, arch, kwargs)
@@ -216,12 +253,17 @@ def factorize_checkpoint(
     before = count_params(model)
     macs = count_macs(model)
     todo = sum(p.factorized for p in plan_layers(linear_candidates(model), recipe))
-    plans = factorize_model(model, recipe, progress(todo) if progress else None)
-    manifest = build_manifest(arch, kwargs, plans, recipe, path)
+    calibration = None
+    if method != "svd":
+        f = recipe.factorize
+        calibration = calibration_batches(f.calib_data, model, f.calib_samples, f.calib_batch_size)
+    allocs: list = []
+    plans = factorize_model(model, recipe, progress(todo) if progress else None, calibration, allocs.append)
+    manifest = build_manifest(arch, kwargs, plans, recipe, path, method)
     save_checkpoint(out, model.state_dict(), manifest, force=force, inputs=inputs)
     insp = Inspection(
         str(path) if path else None, arch, kwargs, False, before, count_params(model),
-        macs.macs, macs.macs_after(plans), plans, [], _rule_label(recipe),
+        macs.macs, macs.macs_after(plans), plans, [], _rule_label(recipe), allocs[0].to_dict() if allocs else None,
     )
     return FactorizeResult(out, insp, manifest)
 

@@ -101,10 +101,37 @@ def layers_table(insp: Inspection, spectrum: bool = False) -> Table:
     return table
 
 
+def allocation_table(alloc: dict) -> Table:
+    """`rank_rule: budget`: each layer's allocated rank beside the uniform-κ rank at the same budget."""
+    uni = alloc.get("uniform_kappa")
+    table = Table(title=f"Budget allocation vs uniform κ (target_{alloc['target']} = {alloc['fraction']:g}, σ of {alloc['spectrum']})", title_justify="left")
+    for col, just in (("layer", "left"), ("budget rank", "right"), ("uniform-κ rank", "right"),
+                      ("error budget", "right"), ("error uniform", "right")):
+        table.add_column(col, justify=just, no_wrap=col == "layer")
+
+    def err(dropped, energy):
+        return "—" if dropped is None else f"{(dropped / energy) ** 0.5:.3f}" if energy > 0 else "0"
+
+    for layer in alloc["layers"]:
+        table.add_row(
+            layer["name"], "dense" if layer["rank"] is None else str(layer["rank"]),
+            "—" if uni is None else "dense" if layer["uniform_rank"] is None else str(layer["uniform_rank"]),
+            err(layer["dropped"], layer["energy"]), err(layer["uniform_dropped"], layer["energy"]),
+        )
+    b = alloc["budget"]
+    total = f"budget: {b['fraction']:.3f} of the selected layers' {alloc['target']}, Σ dropped σ² = {b['dropped']:.4g} (relative {b['relative_error']:.3g})"
+    if uni is not None:
+        total += f"; uniform κ = {uni['kappa']:.3f}: {uni['fraction']:.3f}, Σ dropped σ² = {uni['dropped']:.4g} (relative {uni['relative_error']:.3g})"
+    table.caption = total + ". error = √(dropped σ² / Σσ²) per layer"
+    return table
+
+
 def print_inspection(insp: Inspection, spectrum: bool = False) -> None:
     head = insp.checkpoint or "(random weights)"
     arch = f" — {insp.architecture}" if insp.architecture else " — weight-only (no architecture; pass --model for MACs)"
     kind = " — factorized checkpoint" if insp.factorized_checkpoint else ""
     console.print(f"[bold]{head}[/]{arch}{kind}")
     console.print(layers_table(insp, spectrum))
+    if insp.allocation is not None:
+        console.print(allocation_table(insp.allocation))
     console.print(summary_table(insp))
