@@ -209,8 +209,15 @@ def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str,
             hi = mid
         else:
             lo = mid
-    kappa = math.exp(hi)
-    ranks = ranks_at(kappa)
+    ranks = ranks_at(math.exp(hi))
+    lo, top = hi, math.log(1e9)  # report the largest κ with these same ranks (e.g. exactly 2, not 1.34)
+    for _ in range(100):
+        mid = (lo + top) / 2
+        if ranks_at(math.exp(mid)) == ranks:
+            lo = mid
+        else:
+            top = mid
+    kappa = math.exp(lo)
     alloc.uniform_kappa = kappa
     alloc.uniform_ranks = ranks
     alloc.uniform_cost = alloc.cost - sum(_cost(p, alloc.ranks[p.name], weight[p.name], with_bias) for p in budgeted) + cost_at(kappa)

@@ -79,7 +79,7 @@ def _folder_images(root: Path, model: nn.Module, n_samples: int, gen: torch.Gene
 
     if not root.is_dir():
         raise LowrankError(f"--calib-data '{root}': not a folder of images, nor 'digits' or 'synthetic'")
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config({"input_size": model_input_size(model)}, model=model)
     try:
         dataset = timm.data.create_dataset("", root=str(root), transform=timm.data.create_transform(**cfg, is_training=False))
     except Exception as e:  # timm raises several types for an unreadable folder
