@@ -129,6 +129,54 @@ def convert(
     console.print(f"wrote {written} ({n} tensors)")
 
 
+@app.command()
+def export(
+    model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | dense | safetensors"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the input)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="ONNX input image size (default: the model's)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset version."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (dense and safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Deployable artifacts: verified ONNX, dense timm weights, or a dtype-cast factorized checkpoint."""
+    from lowrank_cli.export import export_checkpoint
+    from lowrank_cli.report import console, export_table
+
+    result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        console.print(export_table(result))
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Dense checkpoint to compare with (default: the model merged dense)."),
+    batch: int = typer.Option(8, "--batch", "-b", help="Images per forward pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed runs of each model, interleaved."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed runs of each model first."),
+    layers: bool = typer.Option(False, "--layers", help="Also time each factorized linear against its dense shape."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."""
+    from lowrank_cli.bench import bench_checkpoint
+    from lowrank_cli.report import bench_tables, console
+
+    result = bench_checkpoint(model, baseline, batch=batch, threads=threads, runtime=runtime, device=device,
+                              layers=layers, warmup=warmup, repeats=repeats)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        for table in bench_tables(result):
+            console.print(table)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
     try:

@@ -135,3 +135,66 @@ def print_inspection(insp: Inspection, spectrum: bool = False) -> None:
     if insp.allocation is not None:
         console.print(allocation_table(insp.allocation))
     console.print(summary_table(insp))
+
+
+def _fmt_bytes(n: int) -> str:
+    for div, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def export_table(result) -> Table:
+    """`lowrank export`'s report: sizes, parameters, MACs and what was verified."""
+    table = Table(title=f"Exported {result.format} → {result.out}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("file size before → after", f"{_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio(result.bytes_after, result.bytes_before)})")
+    table.add_row("parameters", fmt_count(result.params))
+    table.add_row("MACs / image", fmt_count(result.macs))
+    table.add_row("dtype", result.dtype)
+    table.add_row("factorized layers", str(result.factorized_layers))
+    if result.onnx_ops:
+        table.add_row("ONNX MatMul / Gemm nodes", f"{result.onnx_ops['MatMul']} / {result.onnx_ops['Gemm']} ({result.onnx_ops['nodes']} nodes)")
+    v = result.verification or {}
+    if "max_abs_diff" in v:
+        tol = f" (tolerance {v['tolerance']:g}, batches {v['batches']})" if "tolerance" in v else ""
+        table.add_row("verified", f"{v['check']}: max abs diff {v['max_abs_diff']:.2e}{tol}")
+    elif v:
+        table.add_row("verified", f"{v['check']}: dtypes {', '.join(v['dtypes'])}, manifest kept: {v['manifest_kept']}")
+    for extra in result.extra_files:
+        table.add_row("external data", extra)
+    if result.format == "dense" and result.architecture:
+        table.caption = f"load with timm.create_model('{result.architecture}', pretrained=False, checkpoint_path='{result.out}', **{result.model_kwargs})"
+    return table
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms"
+
+
+def bench_tables(result) -> list[Table]:
+    """`lowrank bench`'s report: latency of both models and the speedup against the MAC ideal; per layer on request."""
+    table = Table(title=f"{result.runtime} on {result.device}, batch {result.batch}, {result.threads} threads", title_justify="left")
+    for col, just in (("", "left"), ("median", "right"), ("IQR", "right"), ("min", "right"), ("MACs / image", "right"), ("params", "right")):
+        table.add_column(col, justify=just)
+    for label, t, macs, params in (("dense: " + result.baseline, result.dense, result.macs_dense, result.params_dense),
+                                   ("factorized", result.factorized, result.macs_factorized, result.params_factorized)):
+        table.add_row(label, _ms(t.median_s), _ms(t.iqr_s), _ms(t.min_s), fmt_count(macs), fmt_count(params))
+    table.caption = (f"speedup {result.speedup:.2f}× measured vs {result.ideal_speedup:.2f}× ideal (MAC ratio): "
+                     f"efficiency {result.efficiency:.0%} ({result.factorized.runs} interleaved runs each)")
+    tables = [table]
+    if result.layers:
+        lt = Table(title="Per layer: dense vs factorized", title_justify="left")
+        for col in ("layer", "d_in→d_out", "rank", "rows", "dense", "factorized", "speedup", "ideal"):
+            lt.add_column(col, justify="left" if col == "layer" else "right")
+        for l in result.layers:
+            style = "red" if l.slower else ""
+            lt.add_row(l.name, f"{l.d_in}→{l.d_out}", str(l.rank), str(l.batch * l.tokens), _ms(l.dense_s), _ms(l.factorized_s),
+                       f"[{style}]{l.speedup:.2f}×[/]" if style else f"{l.speedup:.2f}×", f"{l.ideal_speedup:.2f}×")
+        slower = sum(l.slower for l in result.layers)
+        lt.caption = f"{slower} of {len(result.layers)} factorized layers slower than dense (red)"
+        tables.append(lt)
+    for note in result.notes:
+        tables.append(Table(title=f"note: {note}", title_justify="left", show_header=False))
+    return tables
