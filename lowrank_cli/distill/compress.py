@@ -1,0 +1,288 @@
+"""`compress` (factorize, then distill) and `distill` (a checkpoint already factorized).
+
+Both go through the same steps: check every input before anything is written (data,
+teacher, run folder, device), evaluate the teacher and the SVD-only student, train the
+student against the frozen teacher (`train.py`), save the final student in the format
+`lowrank factorize` writes (plus a `distill` record in its manifest), evaluate it, and
+write `report.json`. Under torchrun, every process trains; rank 0 alone evaluates, writes
+and reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowrank_cli.checkpoint import read_header, sha256_file
+from lowrank_cli.distill.data import ImageData, load_image_data
+from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed, resolve_device
+from lowrank_cli.distill.evaluate import Evaluation, evaluate
+from lowrank_cli.distill.objective import DistillationObjective, freeze
+from lowrank_cli.distill.rundir import RunDir, load_training_state, write_json
+from lowrank_cli.distill.train import Position, TrainResult, rng_state, train
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize import factorize_model
+from lowrank_cli.flops import count_macs, count_params
+from lowrank_cli.models import build_model, load_state_dict_strict, model_kwargs_of
+from lowrank_cli.pipeline import build_manifest
+from lowrank_cli.recipe import Recipe
+
+Log = Callable[[dict[str, Any]], None]
+
+
+def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None) -> Recipe:
+    """The recipe with `--data` and `--epochs` applied (a copy)."""
+    recipe = recipe.model_copy(deep=True)
+    if data is not None:
+        recipe.data = recipe.data.model_copy(update={"source": str(data)})
+    if epochs is not None:
+        if epochs < 1:
+            raise LowrankError(f"--epochs must be at least 1 (got {epochs})")
+        recipe.distill = recipe.distill.model_copy(update={"epochs": int(epochs)})
+    return recipe
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and built, nothing written yet."""
+
+    recipe: Recipe
+    teacher: nn.Module
+    student: nn.Module
+    manifest: dict[str, Any]
+    data: ImageData
+    run: RunDir
+    env: DistEnv
+    base: str
+    teacher_file: Path | None
+    resume_from: tuple[Path, Path] | None = None
+    labels_match: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_base(recipe: Recipe, model: nn.Module, data: ImageData) -> tuple[str, bool]:
+    classes = getattr(model, "num_classes", None)
+    match = classes == data.num_classes
+    kind = recipe.distill.base_loss
+    if kind == "auto":
+        kind = "ce" if match else "logits"
+    if kind == "ce" and not match:
+        raise LowrankError(
+            f"distill.base_loss 'ce': the data '{data.source}' has {data.num_classes} classes but the model has {classes} outputs; "
+            "use base_loss: logits (match the teacher's logits) or none"
+        )
+    return kind, match
+
+
+def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> tuple[Path, Path] | None:
+    if resume:
+        return run.check_resumable(recipe)
+    run.check_new()
+    return None
+
+
+def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
+                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
+    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
+    dev = resolve_device(device)
+    arch = arch or recipe.model
+    if checkpoint is None and recipe.checkpoint:
+        checkpoint = recipe.checkpoint
+    if checkpoint is None:
+        raise LowrankError("give the checkpoint to compress (or 'checkpoint:' in the recipe)")
+    if arch is None:
+        raise LowrankError(f"{checkpoint}: name its timm architecture with --model ARCH or 'model:' in the recipe")
+    header = read_header(checkpoint)
+    if header.manifest is not None:
+        raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or use `lowrank distill {checkpoint} --teacher ORIGINAL`")
+    kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
+    teacher, _ = build_model(checkpoint, arch, kwargs)
+    kwargs = model_kwargs_of(teacher, kwargs)
+    data = load_image_data(recipe.data.source, teacher, recipe.data.synthetic_size)
+    run = RunDir(out or Path("runs") / recipe.name)
+    resume_from = _check_run_dir(run, recipe, resume)
+    student = copy.deepcopy(teacher)
+    plans = factorize_model(student, recipe)
+    if not any(p.factorized for p in plans):
+        raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
+    manifest = build_manifest(arch, kwargs, plans, recipe, checkpoint)
+    base, match = _resolve_base(recipe, teacher, data)
+    return PreparedRun(recipe, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match)
+
+
+def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
+                    resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
+                    env: DistEnv | None = None) -> PreparedRun:
+    """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
+    dev = resolve_device(device)
+    header = read_header(factorized)
+    manifest = header.manifest
+    if manifest is None:
+        raise LowrankError(f"{factorized}: is not factorized (no lowrank manifest); run `lowrank compress` on it, or `lowrank factorize` first")
+    if manifest.get("architecture") is None:
+        raise LowrankError(f"{factorized}: was factorized weight-only (no architecture); distillation needs a timm architecture")
+    from lowrank_cli.recipe import recipe_from_dict
+
+    recipe = recipe or recipe_from_dict(manifest.get("recipe") or {}, source=f"{factorized} (its manifest's recipe)")
+    recipe = with_run_options(recipe, data, epochs)
+    t_header = read_header(teacher_file)
+    if t_header.manifest is not None:
+        raise LowrankError(f"--teacher {teacher_file}: is a factorized checkpoint; the teacher is the original dense model")
+    student, _ = build_model(factorized)
+    arch = manifest["architecture"]
+    try:
+        teacher, _ = build_model(teacher_file, arch, manifest.get("model_kwargs", {}))
+    except LowrankError as e:
+        raise LowrankError(f"--teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}") from None
+    data_ = load_image_data(recipe.data.source, teacher, recipe.data.synthetic_size)
+    run = RunDir(out or Path("runs") / recipe.name)
+    resume_from = _check_run_dir(run, recipe, resume)
+    manifest = {**manifest, "recipe": recipe.to_dict()}
+    base, match = _resolve_base(recipe, teacher, data_)
+    return PreparedRun(recipe, teacher, student, manifest, data_, run, env or DistEnv(device=dev), base, Path(teacher_file), resume_from, match,
+                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}})
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (keys and bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _distill_record(p: PreparedRun, result_steps: int | None = None) -> dict[str, Any]:
+    cfg = p.recipe.distill
+    teacher = {"file": p.teacher_file.name, "sha256": sha256_file(p.teacher_file)} if p.teacher_file else None
+    return {"teacher": teacher, "data": p.data.source, "epochs": cfg.epochs, "alpha": cfg.alpha, "beta": cfg.beta,
+            "epsilon": cfg.epsilon, "rwp_form": cfg.rwp_form, "base_loss": p.base, **({"steps": result_steps} if result_steps else {})}
+
+
+def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
+                     step_hook: Callable[[Position], None] | None = None) -> dict[str, Any]:
+    """Train the prepared student against its teacher; returns the report (also written, by rank 0)."""
+    env, run, cfg = p.env, p.run, p.recipe.distill
+    note = note if (note is not None and env.is_main) else (lambda _msg: None)
+    device = env.device
+    torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
+    teacher = freeze(p.teacher).to(device)
+    manifest = {**p.manifest, "distill": _distill_record(p)}
+    t0 = time.perf_counter()
+
+    def accuracy(model: nn.Module, with_teacher: bool) -> Evaluation | None:
+        if not p.labels_match:
+            return None
+        return evaluate(model, p.data.val, device, teacher=teacher if with_teacher else None, num_workers=p.recipe.data.num_workers)
+
+    resume = None
+    if p.resume_from is not None:
+        student_file, state_file = p.resume_from
+        load_state_dict_strict(p.student, _load_student(student_file), student_file, manifest["architecture"])
+        resume = load_training_state(state_file)
+        baseline = run.run_info().get("baseline", {})
+        note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
+    else:
+        baseline = {}
+        if env.is_main:
+            note("evaluating the teacher and the SVD-only student")
+            t, s = accuracy(teacher, False), accuracy(p.student, True)
+            baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
+            run.create(p.recipe, {"teacher": manifest["distill"]["teacher"], "data": p.data.source, "world_size": env.world,
+                                  "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
+        barrier(env)
+
+    def save(pos: Position, optimizer, scaler) -> str:
+        path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
+        if env.is_main:
+            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(), cfg.keep_checkpoints)
+        return str(path)
+
+    def log_metrics(record: dict[str, Any]) -> None:
+        if env.is_main:
+            run.append_metrics(record)
+            if log is not None:
+                log(record)
+
+    objective = DistillationObjective(p.student, teacher, cfg, p.base)
+    try:
+        result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook)
+    finally:
+        objective.close()
+    digests = all_gather_strings(env, weights_digest(p.student))
+    if len(set(digests)) != 1:
+        raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
+    report: dict[str, Any] = {}
+    if env.is_main:
+        manifest["distill"] = _distill_record(p, result.steps)
+        from lowrank_cli.checkpoint import save_checkpoint
+
+        save_checkpoint(run.student_file, p.student.state_dict(), manifest, force=True)
+        note("evaluating the distilled student")
+        final = accuracy(p.student, True)
+        report = _report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
+        write_json(run.report_file, report)
+    barrier(env)
+    return report
+
+
+def _load_student(path: Path) -> dict[str, torch.Tensor]:
+    from lowrank_cli.checkpoint import load_tensors
+
+    return load_tensors(path)
+
+
+def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
+    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back."""
+    if teacher is None or svd is None or distilled is None or teacher - svd <= 1e-12:
+        return None
+    return (distilled - svd) / (teacher - svd)
+
+
+def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluation | None, result: TrainResult,
+            digests: list[str], seconds: float) -> dict[str, Any]:
+    macs_t, macs_s = count_macs(teacher), count_macs(p.student)
+    top1 = lambda d: (d or {}).get("top1")  # noqa: E731
+    return {
+        "run": str(p.run.root),
+        "student": str(p.run.student_file),
+        "architecture": p.manifest["architecture"],
+        "params_before": count_params(teacher), "params_after": count_params(p.student),
+        "macs_before": macs_t.macs, "macs_after": macs_s.macs,
+        "accuracy": {"teacher": baseline.get("teacher"), "svd": baseline.get("svd"), "distilled": final.to_dict() if final else None},
+        "recovered_fraction": recovered_fraction(top1(baseline.get("teacher")), top1(baseline.get("svd")), final.top1 if final else None),
+        "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
+                  "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
+                  "base_loss": p.base},
+        "world_size": p.env.world,
+        "rank_weight_sha256": digests,
+        "seconds": seconds,
+    }
+
+
+def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log: Log | None = None, note=None, step_hook=None, **kw) -> dict[str, Any]:
+    """Factorize `checkpoint` by the recipe and distill it; the library form of `lowrank compress`."""
+    env = init_distributed(resolve_device(device))
+    try:
+        p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
+        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+    finally:
+        close_distributed()
+
+
+def distill_checkpoint(factorized, teacher, recipe: Recipe | None = None, *, device: str = "auto", log: Log | None = None, note=None, step_hook=None, **kw) -> dict[str, Any]:
+    """Distill an already factorized checkpoint against its original; the library form of `lowrank distill`."""
+    env = init_distributed(resolve_device(device))
+    try:
+        p = prepare_distill(factorized, teacher, recipe, device=device, env=env, **kw)
+        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+    finally:
+        close_distributed()

@@ -1,0 +1,194 @@
+"""Training and validation images: an image folder in timm's layout, `digits`, or `synthetic`.
+
+- A folder `root/train/<class>/*.png` and `root/val/<class>/*.png` (or `validation/`) is read
+  with timm's `create_dataset` and `create_transform`, at the model's input size and with
+  its mean/std (training transforms on the train split).
+- `digits`: scikit-learn's 1797 real 8×8 handwritten digits, resized to the model's input
+  size, split once and for all (seed 0) into 1437 train / 360 val images; the train split
+  gets ±2 pixel random shifts.
+- `synthetic`: seeded random images and labels, for smoke tests.
+
+`EpochSampler` makes the data order a pure function of (seed, epoch, rank), so a run can
+resume at any batch of any epoch and see the same images as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.flops import model_input_size
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DIGITS_TRAIN = 1437  # of 1797: an 80/20 split
+
+
+@dataclass
+class ImageData:
+    """A train and a val split; `num_classes` is the number of label classes."""
+
+    source: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's per-channel mean and std (timm data config), one value per input channel."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    channels = model_input_size(model)[0]
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if len(mean) != channels:  # e.g. a 1-channel model with an RGB default config
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    return mean, std
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a float tensor (N, C, H, W), with optional random shifts."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0):
+        self.images, self.labels, self.max_shift = images, labels, max_shift
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if self.max_shift:
+            dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,)).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+        return x, self.labels[i]
+
+
+def digits(model: nn.Module) -> ImageData:
+    """scikit-learn's handwritten digits at the model's input size, normalized like its data."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    c, h, w = model_input_size(model)
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).repeat(1, c, 1, 1)
+    mean, std = normalization(model)
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, val = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
+    return ImageData("digits", TensorImages(x[train], y[train], max_shift=2), TensorImages(x[val], y[val]), 10)
+
+
+def synthetic(model: nn.Module, size: int = 256, seed: int = 0) -> ImageData:
+    """Seeded standard-normal images with random labels over the model's classes."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = model_input_size(model)
+    classes = max(int(getattr(model, "num_classes", 10) or 10), 1)
+    n_val = max(size // 4, 8)
+    x = torch.randn(size + n_val, *shape, generator=gen)
+    y = torch.randint(0, classes, (size + n_val,), generator=gen)
+    return ImageData("synthetic", TensorImages(x[:size], y[:size]), TensorImages(x[size:], y[size:]), classes)
+
+
+def _class_folders(split: Path) -> list[str]:
+    classes = sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = sum(1 for p in split.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = f" ({loose} images lie directly in it)" if loose else ""
+        raise LowrankError(f"{split}: no class folders{found}; expected {split}/<class>/<image>.png, one folder per class")
+    n_images = sum(1 for c in classes for p in (split / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if n_images == 0:
+        raise LowrankError(f"{split}: its {len(classes)} class folders hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return classes
+
+
+def check_image_folder(root: Path) -> tuple[Path, Path, list[str]]:
+    """(train dir, val dir, class names) of a folder in timm's layout, or a LowrankError saying what is wrong."""
+    layout = "expected timm's layout ROOT/train/<class>/*.png and ROOT/val/<class>/*.png"
+    if not root.exists():
+        raise LowrankError(f"data folder '{root}': no such folder (or give 'digits' or 'synthetic'); {layout}")
+    if not root.is_dir():
+        raise LowrankError(f"data '{root}': is a file, not a folder; {layout}")
+    if not any(root.iterdir()):
+        raise LowrankError(f"data folder '{root}': is empty; {layout}")
+    train = root / "train"
+    val = next((root / n for n in ("val", "validation", "valid") if (root / n).is_dir()), None)
+    if not train.is_dir() or val is None:
+        missing = "train" if not train.is_dir() else "val"
+        raise LowrankError(f"data folder '{root}': no '{missing}' folder; {layout}")
+    classes = _class_folders(train)
+    val_classes = _class_folders(val)
+    if val_classes != classes:
+        only = sorted(set(val_classes) ^ set(classes))
+        raise LowrankError(f"data folder '{root}': train and {val.name} have different class folders ({', '.join(only[:5])})")
+    return train, val, classes
+
+
+def image_folder(root: Path, model: nn.Module) -> ImageData:
+    """An image folder read by timm, with the model's input size, mean/std and interpolation."""
+    import timm.data
+
+    train_dir, val_dir, classes = check_image_folder(root)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    mean, std = normalization(model)
+    size = model_input_size(model)
+    common = dict(input_size=size, mean=mean, std=std, interpolation=cfg.get("interpolation", "bilinear"))
+    class_map = {c: i for i, c in enumerate(classes)}
+    train = timm.data.create_dataset("", root=str(train_dir), search_split=False, class_map=class_map,
+                                     transform=timm.data.create_transform(**common, is_training=True))
+    val = timm.data.create_dataset("", root=str(val_dir), search_split=False, class_map=class_map,
+                                   transform=timm.data.create_transform(**common, crop_pct=cfg.get("crop_pct"), is_training=False))
+    return ImageData(str(root), train, val, len(classes))
+
+
+def load_image_data(source: str | None, model: nn.Module, synthetic_size: int = 256) -> ImageData:
+    """Train/val data from `source`: a folder, `digits` or `synthetic` (see the module doc)."""
+    if source is None:
+        raise LowrankError("no data: give --data DIR (timm's train/<class>/ and val/<class>/ layout), 'digits' or 'synthetic', or 'data: {source: ...}' in the recipe")
+    if source == "digits":
+        return digits(model)
+    if source == "synthetic":
+        return synthetic(model, synthetic_size)
+    return image_folder(Path(source), model)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices for one process: permutation `seed + epoch`, every `world`-th from `rank`.
+
+    Each process gets the same number of whole batches (the tail is dropped), and
+    `set_epoch(epoch, start_batch)` resumes mid-epoch without touching any global RNG.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
+        self.batches = (n // world) // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) if self.shuffle else torch.arange(self.n)
+        mine = order[self.rank :: self.world][: self.batches * self.batch_size]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+
+def train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Batches of the training split in `sampler`'s order; in-memory data needs no workers."""
+    workers = 0 if isinstance(dataset, TensorImages) else num_workers
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed * 100003 + sampler.epoch))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    workers = 0 if isinstance(dataset, TensorImages) else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)

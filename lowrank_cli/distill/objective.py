@@ -1,0 +1,73 @@
+"""What one training step minimises: PELA distillation, or plain supervised training.
+
+An objective is called with the (possibly DDP-wrapped) student, a batch of images and its
+labels, and returns the loss to back-propagate and its terms (detached, on the device: the
+loop reads them only when it logs, so no step waits on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, weight_perturbation_loss
+from lowrank_cli.recipe import DistillConfig
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: eval mode, no parameter requires grad (so no optimizer state, no DDP)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class DistillationObjective:
+    """`L = L_base + α·L_fd + β·L_rwp` against a frozen teacher, one student forward per step.
+
+    `base` is `ce`, `logits` or `none` (`auto` is resolved by the caller from whether the
+    data's labels match the model's classes).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str):
+        self.teacher = freeze(teacher)
+        self.cfg, self.base = cfg, base
+        self.student_blocks = BlockOutputs(student)
+        self.teacher_blocks = BlockOutputs(teacher)
+        if self.student_blocks.names != self.teacher_blocks.names:
+            raise ValueError("student and teacher blocks differ")
+        self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        teacher_feats = self.teacher_blocks.take()
+        logits = model(images)
+        student_feats = self.student_blocks.take()
+        terms = {
+            "base": base_loss(self.base, logits, labels, teacher_logits) * (self.cfg.logit_weight if self.base == "logits" else 1.0),
+            "fd": feature_distill_loss(student_feats, teacher_feats),
+        }
+        if self.cfg.beta > 0:
+            terms["rwp"] = weight_perturbation_loss(self.pairs, self.cfg.epsilon, self.cfg.rwp_form)
+        loss = terms["base"] + self.cfg.alpha * terms["fd"] + self.cfg.beta * terms.get("rwp", 0.0)
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def close(self) -> None:
+        self.student_blocks.remove()
+        self.teacher_blocks.remove()
+
+
+class SupervisedObjective:
+    """Cross-entropy on labels (with label smoothing): how the demo trains its teacher."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss.detach()}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,238 @@
+"""The training loop, in the manner of timm's `train.py` and torchtune's recipes.
+
+AdamW (no weight decay on biases, norms and embeddings), linear warm-up then cosine decay,
+gradient clipping, gradient accumulation, and a learning rate computed once from the
+global batch size. On CUDA: bf16 autocast (or fp16 with a grad scaler), pinned memory and
+non-blocking copies. Loss terms stay on the device and are read only at log steps, so the
+loop never waits on the device between them.
+
+The data order is a function of (seed, epoch, batch) and the RNG state is saved with each
+checkpoint, so a resumed run on CPU reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lowrank_cli.distill.data import EpochSampler, train_loader
+from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.recipe import DistillConfig
+
+
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and micro-batches consumed in `epoch`."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class TrainingState:
+    """What a resumed run needs besides the weights: optimizer, scaler, position and RNG."""
+
+    position: Position
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    lr: float
+    global_batch: int
+    seconds: float
+    images: int
+    last_terms: dict[str, float]
+
+
+def learning_rate(cfg: DistillConfig, global_batch: int) -> float:
+    """`cfg.lr` if given, else `lr_base · (global_batch / lr_base_size)` (or its square root)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    scale = global_batch / cfg.lr_base_size
+    return cfg.lr_base * (scale if cfg.lr_base_scale == "linear" else math.sqrt(scale))
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from `peak` to `min_lr` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop's data and model may draw from."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+Checkpoint = Callable[[Position, torch.optim.Optimizer, Any], str]
+
+
+def train(
+    student: nn.Module,
+    objective: Objective,
+    dataset,
+    cfg: DistillConfig,
+    env: DistEnv,
+    *,
+    num_workers: int = 0,
+    resume: TrainingState | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    step_hook: Callable[[Position], None] | None = None,
+) -> TrainResult:
+    """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
+
+    `log(record)` is called every `cfg.log_every` steps (and at the last) with the step,
+    lr, loss terms and images/s; `checkpoint(position, optimizer, scaler)` every
+    `cfg.checkpoint_every` steps (0: at each epoch's end) and at the end, returning the path
+    it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
+    Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
+    """
+    device, cuda = env.device, env.device.type == "cuda"
+    student.to(device).train()
+    model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None) if env.distributed else student
+
+    sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
+    steps_per_epoch = sampler.batches // cfg.accum_steps
+    global_batch = cfg.batch_size * env.world * cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise LowrankError(f"the training split has {len(dataset)} images, fewer than one step of {global_batch} (batch_size × processes × accum_steps)")
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    peak = learning_rate(cfg, global_batch)
+    optimizer = create_optimizer(student, cfg, peak)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
+    pos = Position()
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
+        pos = Position(**vars(resume.position))
+        set_rng_state(resume.rng)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    check_every_step = device.type == "cpu" and not env.distributed  # free there; elsewhere it would sync
+
+    t_start = t_log = time.perf_counter()
+    images_seen, images_since_log, last_terms = 0, 0, {}
+    while pos.step < total:
+        sampler.set_epoch(pos.epoch, pos.batch)
+        batches = iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda))
+        while pos.step < total and pos.batch + cfg.accum_steps <= sampler.batches:
+            lr = lr_at(pos.step, total, warmup, peak, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms_sum: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.accum_steps):
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                sync = model.no_sync() if env.distributed and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
+                with sync:
+                    with _autocast(device, cfg.amp):
+                        loss, terms = objective(model, images, labels)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach().float() / cfg.accum_steps
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0) + v.float() / cfg.accum_steps
+            pos.batch += cfg.accum_steps
+            is_log = (pos.step + 1) % cfg.log_every == 0 or pos.step + 1 == total
+
+            if check_every_step or is_log:
+                bad = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=device)
+                if env.distributed:
+                    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+                if bad.item():
+                    pos.batch -= cfg.accum_steps  # this step did not happen
+                    saved = checkpoint(pos, optimizer, scaler) if checkpoint is not None and _all_finite(trainable) else None
+                    where = f"; saved the weights before this step to {saved}" if saved else ""
+                    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
+                    raise LowrankError(
+                        f"the loss became {float(loss_sum)} at step {pos.step + 1} ({shown}){where}; "
+                        "lower the learning rate (distill.lr / lr_base) or set distill.clip_grad"
+                    )
+
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            images_seen += global_batch
+            images_since_log += global_batch
+            if pos.batch + cfg.accum_steps > sampler.batches:  # the epoch is done
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+
+            if is_log:
+                now = time.perf_counter()
+                last_terms = {"loss": float(loss_sum), **{k: float(v) for k, v in terms_sum.items()}}
+                if log is not None:
+                    log({"step": pos.step, "total_steps": total, "epoch": pos.epoch, "lr": lr, **last_terms,
+                         "images_per_s": images_since_log / max(now - t_log, 1e-9)})
+                t_log, images_since_log = now, 0
+            epoch_end = pos.batch == 0
+            due = (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total
+            if checkpoint is not None and due:
+                checkpoint(pos, optimizer, scaler)
+            if step_hook is not None:
+                step_hook(pos)
+            if epoch_end:
+                break
+    student.eval()
+    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms)
