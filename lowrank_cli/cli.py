@@ -177,6 +177,188 @@ def bench(
             console.print(table)
 
 
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda.")
+DataOpt = typer.Option(None, "--data", "-d", help="Image folder (ROOT/train/<class>/*, ROOT/val/<class>/*), 'digits' or 'synthetic' (default: the recipe's data.source).")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launch(nproc: Optional[int], argv: List[str]) -> bool:
+    """With `--nproc N` (N > 1) outside torchrun: relaunch this command under torchrun."""
+    from lowrank_cli.distill.distributed import launch_torchrun, under_torchrun
+
+    if nproc is None or nproc == 1 or under_torchrun():
+        return False
+    code = launch_torchrun(nproc, argv)
+    if code:
+        raise LowrankError(f"torchrun with {nproc} processes failed (exit status {code}); see the messages above")
+    return True
+
+
+def _print_compress_report(report: dict, as_json: bool) -> None:
+    from lowrank_cli.distill.report import compress_table
+    from lowrank_cli.report import console
+
+    if not report:  # not rank 0
+        return
+    if as_json:
+        _print_json(report)
+    else:
+        console.print(compress_table(report, title=f"Compressed → {report['student']}"))
+
+
+@app.command()
+def compress(
+    checkpoint: Optional[Path] = typer.Argument(None, help="The dense .safetensors checkpoint (default: the recipe's 'checkpoint')."),
+    recipe: Optional[str] = RecipeOpt,
+    model: Optional[str] = ModelOpt,
+    model_arg: Optional[List[str]] = ModelArgOpt,
+    kappa: Optional[float] = KappaOpt,
+    data: Optional[str] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the recipe's distill.epochs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = DeviceOpt,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes (GPUs) to train on: launches torchrun."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
+    from lowrank_cli.distill.compress import compress_checkpoint, prepare_compress, with_run_options
+    from lowrank_cli.distill.report import training_progress
+    from lowrank_cli.models import parse_model_args
+    from lowrank_cli.report import err_console
+
+    r = with_run_options(_recipe(recipe, kappa), data, epochs)
+    kwargs = parse_model_args(model_arg)
+    if nproc is not None and nproc > 1:
+        prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
+        argv = ["compress"] + ([str(checkpoint)] if checkpoint else []) + (["--recipe", recipe] if recipe else [])
+        argv += (["--model", model] if model else []) + [a for m in (model_arg or []) for a in ("--model-arg", m)]
+        argv += (["--kappa", str(kappa)] if kappa is not None else []) + (["--data", data] if data else [])
+        argv += (["--out", str(out)] if out else []) + (["--epochs", str(epochs)] if epochs else [])
+        argv += (["--resume"] if resume else []) + ["--device", device] + (["--json"] if as_json else [])
+        if _launch(nproc, argv):
+            return
+    main_process = _is_main_process()
+    with training_progress("distill", enabled=main_process) as log:
+        report = compress_checkpoint(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device,
+                                     log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+    _print_compress_report(report, as_json)
+
+
+@app.command()
+def distill(
+    factorized: Path = typer.Argument(..., help="A checkpoint written by `lowrank factorize`."),
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="The original dense checkpoint it was factorized from."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for the distill:/data: settings (default: the one in the checkpoint's manifest)."),
+    data: Optional[str] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (overrides the recipe's distill.epochs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = DeviceOpt,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes (GPUs) to train on: launches torchrun."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
+    from lowrank_cli.distill.compress import distill_checkpoint, prepare_distill
+    from lowrank_cli.distill.report import training_progress
+    from lowrank_cli.recipe import load_recipe
+    from lowrank_cli.report import err_console
+
+    r = load_recipe(recipe) if recipe else None
+    if nproc is not None and nproc > 1:
+        prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
+        argv = ["distill", str(factorized), "--teacher", str(teacher)] + (["--recipe", recipe] if recipe else [])
+        argv += (["--data", data] if data else []) + (["--out", str(out)] if out else []) + (["--epochs", str(epochs)] if epochs else [])
+        argv += (["--resume"] if resume else []) + ["--device", device] + (["--json"] if as_json else [])
+        if _launch(nproc, argv):
+            return
+    with training_progress("distill", enabled=_is_main_process()) as log:
+        report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
+                                    log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+    _print_compress_report(report, as_json)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A dense or factorized .safetensors checkpoint."),
+    data: str = typer.Option(..., "--data", "-d", help="Image folder (its val/ split is used), 'digits' or 'synthetic'."),
+    model: Optional[str] = ModelOpt,
+    model_arg: Optional[List[str]] = ModelArgOpt,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="A dense checkpoint of the same architecture: also report feature cosine similarity to it."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per batch."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."""
+    from lowrank_cli.distill.data import load_image_data
+    from lowrank_cli.distill.distributed import resolve_device
+    from lowrank_cli.distill.evaluate import evaluate as evaluate_model
+    from lowrank_cli.distill.report import evaluation_table
+    from lowrank_cli.models import build_model, parse_model_args
+    from lowrank_cli.report import console
+
+    dev = resolve_device(device)
+    kwargs = parse_model_args(model_arg)
+    net, header = build_model(checkpoint, model, kwargs)
+    manifest = header.manifest if header is not None else None
+    images = load_image_data(data, net)
+    classes = getattr(net, "num_classes", None)
+    if classes != images.num_classes:
+        raise LowrankError(f"{checkpoint}: the model has {classes} outputs but the data '{data}' has {images.num_classes} classes")
+    teacher_net = None
+    if teacher is not None:
+        arch = (manifest or {}).get("architecture") or model
+        t_kwargs = {**(manifest or {}).get("model_kwargs", {}), **kwargs}
+        try:
+            teacher_net, _ = build_model(teacher, arch, t_kwargs)
+        except LowrankError as e:
+            raise LowrankError(f"--teacher {teacher} does not match '{arch}': {str(e).split(': ', 1)[-1]}") from None
+    result = evaluate_model(net, images.val, dev, batch_size=batch_size, teacher=teacher_net)
+    rows = {str(checkpoint): result.to_dict()}
+    if as_json:
+        _print_json({"checkpoint": str(checkpoint), "data": images.source, "factorized": manifest is not None, **result.to_dict()})
+    else:
+        console.print(evaluation_table(rows, title=f"Evaluation on {images.source} (val)"))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder (a previous demo run there is replaced)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Distillation epochs (default: the demo recipe's)."),
+    device: str = DeviceOpt,
+    retrain: bool = typer.Option(False, "--retrain-teacher", help="Train the teacher again even if one is cached."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a small ViT on handwritten digits, factorize it at κ=3, distill it, and report the accuracy recovered."""
+    from lowrank_cli.demo import run_demo
+    from lowrank_cli.distill.report import compress_table, training_progress
+    from lowrank_cli.report import console, err_console
+
+    note = lambda s: err_console.print(f"[dim]{s}[/]")  # noqa: E731
+    with training_progress("teacher") as teacher_log, training_progress("distill") as log:
+        report = run_demo(out, device=device, epochs=epochs, retrain=retrain, teacher_log=teacher_log, log=log, note=note)
+    if as_json:
+        _print_json(report)
+        return
+    t = report["teacher_training"]
+    how = "cached" if t["cached"] else f"trained in {t['seconds']:.0f} s"
+    console.print(f"teacher: {report['architecture']} on digits ({how}, {t['file']})")
+    console.print(compress_table(report, title="lowrank demo: κ = 3, SVD then PELA distillation"))
+    acc = report["accuracy"]
+    frac = report["recovered_fraction"]
+    if frac is not None:
+        console.print(
+            f"[bold]SVD lost {acc['teacher']['top1'] - acc['svd']['top1']:.1%} top-1; distillation recovered "
+            f"{frac:.0%} of it[/] ({acc['svd']['top1']:.1%} → {acc['distilled']['top1']:.1%}, teacher {acc['teacher']['top1']:.1%}) "
+            f"in {report['wall_seconds']:.0f} s"
+        )
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
     try:

@@ -97,6 +97,51 @@ class FactorizeConfig(_Strict):
         return f"{self.rank_rule}={getattr(self, self.rank_rule):g}"
 
 
+class DataConfig(_Strict):
+    """Where training and validation images come from (`compress`, `distill`, `evaluate`).
+
+    `source`: an image folder in timm's layout (`root/train/<class>/*`, `root/val/<class>/*`),
+    `digits` (scikit-learn's handwritten digits, resized) or `synthetic` (random, seeded).
+    """
+
+    source: str | None = None
+    num_workers: int = Field(default=2, ge=0)
+    synthetic_size: int = Field(default=256, ge=8)
+
+
+class DistillConfig(_Strict):
+    """PELA intermediate pre-training: `L = L_base + alpha·L_fd + beta·L_rwp` (ALGORITHMS.md §2).
+
+    `batch_size` is per process; the learning rate is `lr` when given, else `lr_base`
+    scaled (linearly or by the square root) from `lr_base_size` to the global batch
+    (`batch_size × processes × accum_steps`), as timm does.
+    """
+
+    alpha: float = Field(default=1.0, ge=0)
+    beta: float = Field(default=0.0, ge=0)
+    epsilon: float = Field(default=1e-3, ge=0)
+    rwp_form: Literal["hinge", "squared", "paper"] = "hinge"
+    base_loss: Literal["auto", "ce", "logits", "none"] = "auto"
+    logit_weight: float = Field(default=1.0, ge=0)
+    epochs: int = Field(default=50, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    accum_steps: int = Field(default=1, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    lr_base: float = Field(default=5e-4, gt=0)
+    lr_base_size: int = Field(default=512, ge=1)
+    lr_base_scale: Literal["linear", "sqrt"] = "linear"
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_epochs: float = Field(default=5, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    clip_grad: float | None = Field(default=5.0, gt=0)
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=0, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+
 class Recipe(_Strict):
     """A whole recipe. `model` is a timm architecture name; `checkpoint` a default input."""
 
@@ -107,6 +152,8 @@ class Recipe(_Strict):
     checkpoint: str | None = None
     select: SelectConfig = Field(default_factory=SelectConfig)
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     def with_kappa(self, kappa: float | None) -> "Recipe":
         """A copy with `--kappa` applied: it sets the rank rule to κ for every layer."""
