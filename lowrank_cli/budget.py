@@ -186,7 +186,7 @@ def allocate_ranks(
 
 
 def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str, list[float]], weight: dict[str, int], with_bias: bool, budget: float) -> None:
-    """PELA's uniform κ rule at the smallest κ whose cost fits `budget` (found by bisection on log κ)."""
+    """PELA's uniform κ rule at the smallest κ (to 4 digits) whose cost fits `budget` (bisection on log κ)."""
 
     def ranks_at(kappa: float) -> dict[str, int | None]:
         out = {}
@@ -209,15 +209,13 @@ def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str,
             hi = mid
         else:
             lo = mid
-    ranks = ranks_at(math.exp(hi))
-    lo, top = hi, math.log(1e9)  # report the largest κ with these same ranks (e.g. exactly 2, not 1.34)
-    for _ in range(100):
-        mid = (lo + top) / 2
-        if ranks_at(math.exp(mid)) == ranks:
-            lo = mid
-        else:
-            top = mid
-    kappa = math.exp(lo)
+    # the smallest κ that fits, rounded *up* to 4 significant digits (cost only falls as κ grows):
+    # a κ a user would write, which survives the 6-digit rule strings of manifests and plans
+    exact = math.exp(hi)
+    scale = 10 ** (math.floor(math.log10(exact)) - 3)
+    kappa = math.ceil(exact / scale - 1e-9) * scale
+    kappa = float(f"{kappa:.4g}") if cost_at(float(f"{kappa:.4g}")) <= budget + 1e-9 else exact
+    ranks = ranks_at(kappa)
     alloc.uniform_kappa = kappa
     alloc.uniform_ranks = ranks
     alloc.uniform_cost = alloc.cost - sum(_cost(p, alloc.ranks[p.name], weight[p.name], with_bias) for p in budgeted) + cost_at(kappa)
