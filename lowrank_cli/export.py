@@ -103,19 +103,23 @@ def resolve_model_path(model: str | os.PathLike | None, runs_dir: str | os.PathL
     raise LowrankError(f"no MODEL given and no run under {runs}/ holds a {STUDENT_FILE} or a factorized checkpoint")
 
 
+def _purpose(fmt: str) -> str:
+    return "lowrank bench" if fmt == "bench" else f"export --format {fmt}"
+
+
 def require_manifest(path: Path, fmt: str, need_architecture: bool) -> tuple[CheckpointHeader, dict[str, Any]]:
     """The header and manifest of a factorized checkpoint, or a sentence saying why it is not one."""
     header = read_header(path)
     manifest = header.manifest
     if manifest is None:
         raise LowrankError(
-            f"{path}: is not a factorized checkpoint (no lowrank manifest); --format {fmt} exports the output "
+            f"{path}: is not a factorized checkpoint (no lowrank manifest); {_purpose(fmt)} needs the output "
             "of `lowrank factorize` or of a training run"
         )
     if need_architecture and manifest.get("architecture") is None:
         raise LowrankError(
-            f"{path}: was factorized weight-only (no timm architecture recorded), so it cannot be exported as {fmt}; "
-            "use --format dense or --format safetensors"
+            f"{path}: was factorized weight-only (no timm architecture recorded), so {_purpose(fmt)} cannot build it; "
+            "export it with --format dense or --format safetensors"
         )
     return header, manifest
 
