@@ -194,6 +194,7 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple
         raise LowrankError(f"{path.parent}: output directory does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -201,6 +202,12 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(

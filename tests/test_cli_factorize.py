@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lowrank_cli
-from lowrank_cli.checkpoint import read_header, sha256_file
+from lowrank_cli.checkpoint import _umask, read_header, sha256_file
 from lowrank_cli.factorize import LowRankLinear, factorize_model
 from lowrank_cli.recipe import load_recipe
 
@@ -123,6 +123,7 @@ def test_existing_output_refused_and_nothing_partial(cli, vit_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.safetensors", "vit.safetensors"]
     assert cli("factorize", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--out", out, "--force").code == 0
     assert read_header(out).manifest is not None
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's private 0600
 
 
 def test_factorize_refuses_factorized_input_and_bad_recipe(cli, vit_ckpt, tmp_path):
