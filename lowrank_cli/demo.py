@@ -33,7 +33,7 @@ from lowrank_cli.models import build_model, create_model
 from lowrank_cli.recipe import DistillConfig, Recipe, load_recipe
 
 # How the teacher is trained: plain supervised training, same loop as distillation.
-TEACHER_TRAINING = DistillConfig(epochs=40, batch_size=64, lr=2e-3, warmup_epochs=2, min_lr=1e-5, weight_decay=0.05,
+TEACHER_TRAINING = DistillConfig(epochs=40, batch_size=32, lr=2e-3, warmup_epochs=1, min_lr=1e-5, weight_decay=0.05,
                                  clip_grad=1.0, amp="none", seed=0, log_every=5)
 TEACHER_LABEL_SMOOTHING = 0.1
 

@@ -190,3 +190,33 @@ def test_two_processes_end_with_identical_students(tmp_path, vit_ckpt, recipe_pa
     assert len(digests) == 2 and digests[0] == digests[1]
     assert report["train"]["global_batch"] == 32 and report["train"]["steps"] == 2  # 64 images, 2 × 16 per step
     assert json.loads(proc.stdout)["world_size"] == 2  # one report, from rank 0 only
+
+
+@pytest.mark.slow
+def test_demo_trains_the_teacher_once_and_reports_recovery(cli, tmp_path, monkeypatch):
+    import lowrank_cli.demo as demo
+
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "TEACHER_TRAINING", demo.TEACHER_TRAINING.model_copy(update={"max_steps": 10}))
+    real = demo.load_recipe
+    short = lambda name: real(name).model_copy(update={"distill": real(name).distill.model_copy(update={"max_steps": 5})})  # noqa: E731
+    monkeypatch.setattr(demo, "load_recipe", short)
+    out = tmp_path / "demo"
+    r = cli("demo", "--out", out, "--epochs", "1", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    first = json.loads(r.out)
+    teacher = Path(first["teacher_training"]["file"])
+    assert first["teacher_training"]["cached"] is False and teacher.parent == tmp_path / "cache"
+    assert first["train"]["steps"] == 5 and first["train"]["global_batch"] == 32
+    acc = first["accuracy"]
+    assert acc["teacher"]["images"] == acc["svd"]["images"] == acc["distilled"]["images"] == 360  # the digits' val split
+    assert acc["svd"]["feature_cosine"] < 1.0
+    from lowrank_cli.distill.compress import recovered_fraction
+
+    assert first["recovered_fraction"] == recovered_fraction(acc["teacher"]["top1"], acc["svd"]["top1"], acc["distilled"]["top1"])
+    assert recovered_fraction(0.9, 0.5, 0.8) == pytest.approx(0.75)
+    mtime = teacher.stat().st_mtime_ns
+    r = cli("demo", "--out", out, "--epochs", "1", "--device", "cpu")  # reuses the teacher, replaces its own run
+    assert r.code == 0, r.err
+    assert "cached" in r.out and "κ = 3" in r.out
+    assert teacher.stat().st_mtime_ns == mtime
