@@ -5,6 +5,9 @@
 2. Factorize it at κ = 3 (recipe `demo`) and evaluate the SVD-only student.
 3. Distill the student against the teacher (PELA), evaluate it again, and report the
    fraction of the accuracy SVD lost that distillation recovered.
+
+`method="pclora"` (recipe `demo-pclora`) compresses the same cached teacher to the same
+ranks by PC-LoRA instead: adapters beside the dense weights, which fade out in training.
 """
 
 from __future__ import annotations
@@ -91,14 +94,19 @@ def _clear_previous_demo(out: Path) -> None:
         raise LowrankError(f"{out}: exists and does not hold a previous demo run; choose another --out")
 
 
+DEMO_RECIPES = {"pela": "demo", "pclora": "demo-pclora"}
+
+
 def run_demo(out: Path, device: str = "auto", epochs: int | None = None, retrain: bool = False,
-             teacher_log=None, log=None, note: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run the demo; returns the compress report plus the teacher record and the wall time."""
+             teacher_log=None, log=None, note: Callable[[str], None] = lambda s: None, method: str = "pela") -> dict[str, Any]:
+    """Run the demo (`method` pela or pclora); returns the compress report plus the teacher record and the wall time."""
     from lowrank_cli.distill.compress import with_run_options
 
+    if method not in DEMO_RECIPES:
+        raise LowrankError(f"--method {method!r}: accepted: {', '.join(DEMO_RECIPES)}")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    recipe = with_run_options(load_recipe("demo"), epochs=epochs)
+    recipe = with_run_options(load_recipe(DEMO_RECIPES[method]), epochs=epochs)
     cached = None if retrain else cached_teacher(recipe)
     if cached is None:
         note(f"training the teacher ({recipe.model}, {TEACHER_TRAINING.epochs} epochs on digits; cached in {cache_dir()})")

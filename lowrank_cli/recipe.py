@@ -109,6 +109,21 @@ class DataConfig(_Strict):
     synthetic_size: int = Field(default=256, ge=8)
 
 
+class PCLoRAConfig(_Strict):
+    """PC-LoRA progressive compression (ALGORITHMS.md §3): `distill.method: pclora`.
+
+    The adapters' ranks come from the recipe's `factorize:` rule (κ or a fixed rank), so a
+    PC-LoRA and a PELA student of the same recipe have the same structure and size. λ
+    follows `schedule` from 1 at step 0 to exactly 0 at step `decay_end × total steps` and
+    stays 0; the loss is `task_weight·L_task + (1 − task_weight)·L_featKD`.
+    """
+
+    schedule: Literal["linear", "sine", "one_minus_cosine"] = "sine"
+    decay_end: float = Field(default=0.5, gt=0, le=1)  # q as a fraction of the total optimizer steps
+    init: Literal["lora", "svd"] = "lora"  # lora: A random, B = C = 0 (the paper); svd: top-r SVD of W
+    task_weight: float = Field(default=0.5, ge=0, le=1)  # α_task
+
+
 class DistillConfig(_Strict):
     """PELA intermediate pre-training: `L = L_base + alpha·L_fd + beta·L_rwp` (ALGORITHMS.md §2).
 
@@ -140,6 +155,10 @@ class DistillConfig(_Strict):
     log_every: int = Field(default=10, ge=1)
     checkpoint_every: int = Field(default=0, ge=0)
     keep_checkpoints: int = Field(default=2, ge=1)
+    # `pela` trains an SVD-factorized student (alpha, beta, epsilon, rwp_form); `pclora` fades
+    # the dense weights out beside low-rank adapters (the `pclora:` settings)
+    method: Literal["pela", "pclora"] = "pela"
+    pclora: PCLoRAConfig = Field(default_factory=PCLoRAConfig)
 
 
 class Recipe(_Strict):
@@ -154,6 +173,17 @@ class Recipe(_Strict):
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _pclora_needs_a_fixed_rank_rule(self) -> "Recipe":
+        if self.distill.method == "pclora":
+            if self.factorize.rank_rule not in ("kappa", "rank"):
+                raise ValueError(f"distill.method 'pclora' takes its adapter ranks from factorize.rank_rule 'kappa' or 'rank' (got '{self.factorize.rank_rule}')")
+            if self.factorize.method != "svd":
+                raise ValueError(f"distill.method 'pclora' initialises its adapters itself (distill.pclora.init); set factorize.method to 'svd' (got '{self.factorize.method}')")
+            if self.distill.beta > 0:
+                raise ValueError("distill.beta (PELA's L_rwp) is not used by distill.method 'pclora'; set it to 0")
+        return self
 
     def with_kappa(self, kappa: float | None) -> "Recipe":
         """A copy with `--kappa` applied: it sets the rank rule to κ for every layer."""

@@ -24,14 +24,15 @@ from lowrank_cli.checkpoint import read_header, sha256_file
 from lowrank_cli.distill.data import ImageData, load_image_data
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed, resolve_device
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
-from lowrank_cli.distill.objective import DistillationObjective, freeze
+from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
 from lowrank_cli.distill.rundir import RunDir, load_training_state, write_json
-from lowrank_cli.distill.train import Position, TrainResult, rng_state, train
+from lowrank_cli.distill.train import Position, TrainResult, rng_state, total_steps, train
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.flops import count_macs, count_params
 from lowrank_cli.models import build_model, load_state_dict_strict, model_kwargs_of
 from lowrank_cli.pipeline import build_manifest
+from lowrank_cli.progressive import apply_pclora, decay_lambda, finalize, set_lambda
 from lowrank_cli.recipe import Recipe
 
 Log = Callable[[dict[str, Any]], None]
@@ -109,10 +110,12 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     run = RunDir(out or Path("runs") / recipe.name)
     resume_from = _check_run_dir(run, recipe, resume)
     student = copy.deepcopy(teacher)
-    plans = factorize_model(student, recipe)
+    pclora = recipe.distill.method == "pclora"
+    # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
+    plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed) if pclora else factorize_model(student, recipe)
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
-    manifest = build_manifest(arch, kwargs, plans, recipe, checkpoint)
+    manifest = build_manifest(arch, kwargs, plans, recipe, checkpoint, method="pclora" if pclora else "svd")
     base, match = _resolve_base(recipe, teacher, data)
     return PreparedRun(recipe, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match)
 
@@ -132,6 +135,9 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
 
     recipe = recipe or recipe_from_dict(manifest.get("recipe") or {}, source=f"{factorized} (its manifest's recipe)")
     recipe = with_run_options(recipe, data, epochs)
+    if recipe.distill.method == "pclora":
+        raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
+                           "run `lowrank compress ORIGINAL --recipe ...` instead")
     t_header = read_header(teacher_file)
     if t_header.manifest is not None:
         raise LowrankError(f"--teacher {teacher_file}: is a factorized checkpoint; the teacher is the original dense model")
@@ -162,8 +168,34 @@ def weights_digest(model: nn.Module) -> str:
 def _distill_record(p: PreparedRun, result_steps: int | None = None) -> dict[str, Any]:
     cfg = p.recipe.distill
     teacher = {"file": p.teacher_file.name, "sha256": sha256_file(p.teacher_file)} if p.teacher_file else None
-    return {"teacher": teacher, "data": p.data.source, "epochs": cfg.epochs, "alpha": cfg.alpha, "beta": cfg.beta,
-            "epsilon": cfg.epsilon, "rwp_form": cfg.rwp_form, "base_loss": p.base, **({"steps": result_steps} if result_steps else {})}
+    if cfg.method == "pclora":
+        losses = {"method": "pclora", **cfg.pclora.model_dump(), **({"decay_steps": p.info["pclora"]["decay_steps"]} if "pclora" in p.info else {})}
+    else:
+        losses = {"method": "pela", "alpha": cfg.alpha, "beta": cfg.beta, "epsilon": cfg.epsilon, "rwp_form": cfg.rwp_form}
+    return {"teacher": teacher, "data": p.data.source, "epochs": cfg.epochs, **losses, "base_loss": p.base,
+            **({"steps": result_steps} if result_steps else {})}
+
+
+def decay_steps(p: PreparedRun) -> int:
+    """PC-LoRA's q: the step from which λ = 0, `decay_end` × the run's total optimizer steps (≥ 1).
+
+    A resumed run keeps the q it started with (run.json), whatever `--epochs` says now.
+    """
+    cfg = p.recipe.distill
+    total = total_steps(len(p.data.train), cfg, p.env.world)
+    if p.resume_from is not None:
+        q = int(p.run.run_info().get("pclora", {}).get("decay_steps", 0))
+        if q > total:
+            raise LowrankError(f"{p.run.root}: λ reaches 0 at step {q} in this run, but the run now has only {total} steps; "
+                               "resume with at least the epochs it was started with")
+        if q:
+            return q
+    return max(1, min(total, round(cfg.pclora.decay_end * total)))
+
+
+def lambda_course(schedule: str, q: int, points: int = 5) -> list[tuple[int, float]]:
+    """λ at `points` steps evenly spaced from 0 to q (where it is exactly 0)."""
+    return [(round(q * i / (points - 1)), decay_lambda(schedule, round(q * i / (points - 1)), q)) for i in range(points)]
 
 
 def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
@@ -174,6 +206,9 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
     device = env.device
     torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
     teacher = freeze(p.teacher).to(device)
+    pclora = cfg.method == "pclora"
+    if pclora:
+        p.info["pclora"] = {"decay_steps": decay_steps(p)}
     manifest = {**p.manifest, "distill": _distill_record(p)}
     t0 = time.perf_counter()
 
@@ -193,7 +228,12 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
         baseline = {}
         if env.is_main:
             note("evaluating the teacher and the SVD-only student")
-            t, s = accuracy(teacher, False), accuracy(p.student, True)
+            # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
+            svd = p.student
+            if pclora:
+                svd = copy.deepcopy(p.teacher)
+                factorize_model(svd, p.recipe)
+            t, s = accuracy(teacher, False), accuracy(svd, True)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest["distill"]["teacher"], "data": p.data.source, "world_size": env.world,
                                   "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
@@ -211,15 +251,28 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
             if log is not None:
                 log(record)
 
-    objective = DistillationObjective(p.student, teacher, cfg, p.base)
+    schedule = None
+    if pclora:
+        q = p.info["pclora"]["decay_steps"]
+
+        def schedule(step: int) -> dict[str, float]:
+            lam = decay_lambda(cfg.pclora.schedule, step, q)
+            set_lambda(p.student, lam)
+            return {"lam": lam}
+
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, cfg.logit_weight)
+    else:
+        objective = DistillationObjective(p.student, teacher, cfg, p.base)
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
-                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook)
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook, schedule=schedule)
     finally:
         objective.close()
     digests = all_gather_strings(env, weights_digest(p.student))
     if len(set(digests)) != 1:
         raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
+    if pclora:  # λ is 0 from step q ≤ total on: the frozen branch contributes nothing and is dropped
+        finalize(p.student).eval()
     report: dict[str, Any] = {}
     if env.is_main:
         manifest["distill"] = _distill_record(p, result.steps)
@@ -262,10 +315,19 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
                   "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
                   "base_loss": p.base},
+        "method": p.recipe.distill.method,
+        **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
         "world_size": p.env.world,
         "rank_weight_sha256": digests,
         "seconds": seconds,
     }
+
+
+def _pclora_report(p: PreparedRun, result: TrainResult) -> dict[str, Any]:
+    cfg, q = p.recipe.distill.pclora, p.info["pclora"]["decay_steps"]
+    return {"schedule": cfg.schedule, "init": cfg.init, "task_weight": cfg.task_weight, "decay_end": cfg.decay_end,
+            "decay_steps": q, "zero_at_step": q, "total_steps": result.total_steps,
+            "lambda_final": decay_lambda(cfg.schedule, result.steps, q), "course": lambda_course(cfg.schedule, q)}
 
 
 def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log: Log | None = None, note=None, step_hook=None, **kw) -> dict[str, Any]:

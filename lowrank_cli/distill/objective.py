@@ -1,4 +1,4 @@
-"""What one training step minimises: PELA distillation, or plain supervised training.
+"""What one training step minimises: PELA distillation, PC-LoRA, or plain supervised training.
 
 An objective is called with the (possibly DDP-wrapped) student, a batch of images and its
 labels, and returns the loss to back-propagate and its terms (detached, on the device: the
@@ -52,6 +52,40 @@ class DistillationObjective:
         if self.cfg.beta > 0:
             terms["rwp"] = weight_perturbation_loss(self.pairs, self.cfg.epsilon, self.cfg.rwp_form)
         loss = terms["base"] + self.cfg.alpha * terms["fd"] + self.cfg.beta * terms.get("rwp", 0.0)
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def close(self) -> None:
+        self.student_blocks.remove()
+        self.teacher_blocks.remove()
+
+
+class ProgressiveObjective:
+    """PC-LoRA: `L = α_task·L_task + (1 − α_task)·L_featKD` against a frozen teacher (ALGORITHMS.md §3).
+
+    The same terms as PELA's (`base_loss`, `feature_distill_loss` over every block), with a
+    separate forward of the frozen teacher; the KD term stays in the graph, so it trains
+    the adapters (a third-party implementation detached it through `torch.tensor(list)`).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, logit_weight: float = 1.0):
+        self.teacher = freeze(teacher)
+        self.task_weight, self.base, self.logit_weight = task_weight, base, logit_weight
+        self.student_blocks = BlockOutputs(student)
+        self.teacher_blocks = BlockOutputs(teacher)
+        if self.student_blocks.names != self.teacher_blocks.names:
+            raise ValueError("student and teacher blocks differ")
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        teacher_feats = self.teacher_blocks.take()
+        logits = model(images)
+        student_feats = self.student_blocks.take()
+        terms = {
+            "task": base_loss(self.base, logits, labels, teacher_logits) * (self.logit_weight if self.base == "logits" else 1.0),
+            "kd": feature_distill_loss(student_feats, teacher_feats),
+        }
+        loss = self.task_weight * terms["task"] + (1.0 - self.task_weight) * terms["kd"]
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def close(self) -> None:

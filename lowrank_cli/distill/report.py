@@ -19,7 +19,7 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[lam]}  {task.fields[ips]} img/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
     )
     task = None
@@ -27,8 +27,10 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
     def log(record: dict[str, Any]) -> None:
         nonlocal task
         if task is None:
-            task = progress.add_task(description, total=record["total_steps"], loss="", lr="", ips="")
-        progress.update(task, completed=record["step"], loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", ips=f"{record['images_per_s']:.0f}")
+            task = progress.add_task(description, total=record["total_steps"], loss="", lr="", lam="", ips="")
+        lam = f"  λ {record['lam']:.3f}" if "lam" in record else ""  # PC-LoRA: the dense weights' share
+        progress.update(task, completed=record["step"], loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", lam=lam,
+                        ips=f"{record['images_per_s']:.0f}")
 
     with progress:
         yield log
@@ -45,7 +47,8 @@ def _acc(d: dict | None, key: str) -> str:
 def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
     """Parameters and MACs before/after; accuracy of teacher, SVD-only and distilled student."""
     table = Table(title=title, title_justify="left")
-    for col, just in (("", "left"), ("teacher", "right"), ("SVD only", "right"), ("distilled", "right")):
+    last = "PC-LoRA" if report.get("method") == "pclora" else "distilled"
+    for col, just in (("", "left"), ("teacher", "right"), ("SVD only", "right"), (last, "right")):
         table.add_column(col, justify=just)
     acc = report.get("accuracy") or {}
     t, s, d = acc.get("teacher"), acc.get("svd"), acc.get("distilled")
@@ -58,8 +61,11 @@ def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
     table.add_row("feature cosine to teacher", "1.000", _num((s or {}).get("feature_cosine")), _num((d or {}).get("feature_cosine")))
     frac = report.get("recovered_fraction")
     train = report.get("train", {})
+    pc = report.get("pclora")
     table.caption = (
-        (f"recovered {frac:.0%} of the top-1 accuracy SVD lost; " if frac is not None else "")
+        (f"PC-LoRA: λ ({pc['schedule']}) from 1 to 0 over steps 0–{pc['zero_at_step']}, 0 from step {pc['zero_at_step']} "
+         f"of {pc['total_steps']} on ({' · '.join(f'{s}: {v:.2f}' for s, v in pc['course'])}); " if pc else "")
+        + (f"recovered {frac:.0%} of the top-1 accuracy SVD lost; " if frac is not None else "")
         + f"{train.get('steps')} steps at lr {train.get('lr', 0):.2e} (global batch {train.get('global_batch')}), "
         + f"{train.get('images_per_s', 0):.0f} img/s; student: {report.get('student')}"
     )

@@ -80,6 +80,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> flo
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def total_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> int:
+    """Optimizer steps of a run on `n_images` training images (what `train` will take), ≥ 0."""
+    per_epoch = ((n_images // world) // cfg.batch_size) // cfg.accum_steps
+    return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+
+
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule)."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -135,6 +141,7 @@ def train(
     log: Callable[[dict[str, Any]], None] | None = None,
     checkpoint: Checkpoint | None = None,
     step_hook: Callable[[Position], None] | None = None,
+    schedule: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
@@ -142,6 +149,9 @@ def train(
     lr, loss terms and images/s; `checkpoint(position, optimizer, scaler)` every
     `cfg.checkpoint_every` steps (0: at each epoch's end) and at the end, returning the path
     it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
+    `schedule(steps_done)` sets per-step state of the model (PC-LoRA's λ) before the first
+    step and after each one, from the step alone, so a resumed run continues it exactly; the
+    values it returns are logged with the step.
     Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
     """
     device, cuda = env.device, env.device.type == "cuda"
@@ -153,7 +163,7 @@ def train(
     global_batch = cfg.batch_size * env.world * cfg.accum_steps
     if steps_per_epoch == 0:
         raise LowrankError(f"the training split has {len(dataset)} images, fewer than one step of {global_batch} (batch_size × processes × accum_steps)")
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total = total_steps(len(dataset), cfg, env.world)
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     peak = learning_rate(cfg, global_batch)
     optimizer = create_optimizer(student, cfg, peak)
@@ -167,6 +177,7 @@ def train(
         set_rng_state(resume.rng)
     trainable = [p for p in student.parameters() if p.requires_grad]
     check_every_step = device.type == "cpu" and not env.distributed  # free there; elsewhere it would sync
+    scheduled = schedule(pos.step) if schedule is not None else {}
 
     t_start = t_log = time.perf_counter()
     images_seen, images_since_log, last_terms = 0, 0, {}
@@ -214,6 +225,7 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
+            scheduled = schedule(pos.step) if schedule is not None else {}
             images_seen += global_batch
             images_since_log += global_batch
             if pos.batch + cfg.accum_steps > sampler.batches:  # the epoch is done
@@ -221,7 +233,7 @@ def train(
 
             if is_log:
                 now = time.perf_counter()
-                last_terms = {"loss": float(loss_sum), **{k: float(v) for k, v in terms_sum.items()}}
+                last_terms = {"loss": float(loss_sum), **{k: float(v) for k, v in terms_sum.items()}, **scheduled}
                 if log is not None:
                     log({"step": pos.step, "total_steps": total, "epoch": pos.epoch, "lr": lr, **last_terms,
                          "images_per_s": images_since_log / max(now - t_log, 1e-9)})
