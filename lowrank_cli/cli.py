@@ -30,6 +30,7 @@ ModelArgOpt = typer.Option(None, "--model-arg", help="Architecture setting KEY=V
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe: a bundled name (deit, swin, ...) or a YAML path.")
 KappaOpt = typer.Option(None, "--kappa", "-k", help="Compression ratio κ: rank r = floor(d_in·d_out / (κ(d_in+d_out))). Overrides the recipe.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+LatencyOpt = typer.Option(False, "--latency-aware", help="Time each planned layer dense vs factorized on this device; keep dense those not faster by select.latency_margin.")
 
 
 def _print_json(obj: dict) -> None:
@@ -57,6 +58,7 @@ def inspect(
     recipe: Optional[str] = RecipeOpt,
     kappa: Optional[float] = KappaOpt,
     spectrum: bool = typer.Option(False, "--spectrum", help="Show the singular-value energy kept at each layer's rank."),
+    latency_aware: bool = LatencyOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """What is in a checkpoint, which linear layers can be factorized, and what each saves."""
@@ -64,7 +66,7 @@ def inspect(
     from lowrank_cli.pipeline import inspect_checkpoint
     from lowrank_cli.report import print_inspection
 
-    r = _recipe(recipe, kappa)
+    r = _recipe(recipe, kappa).with_latency_aware(latency_aware)
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint, or an architecture with --model (e.g. --model deit_base_patch16_224)")
     insp = inspect_checkpoint(checkpoint, r, model, parse_model_args(model_arg), spectrum=spectrum)
@@ -85,14 +87,15 @@ def factorize(
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration images for factorize.method whitened/asvd: a folder, 'digits' or 'synthetic'."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Number of calibration images (default: the recipe's, 256)."),
+    latency_aware: bool = LatencyOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
     from lowrank_cli.models import parse_model_args
     from lowrank_cli.pipeline import factorize_checkpoint
-    from lowrank_cli.report import allocation_table, console, err_console, layer_progress, summary_table
+    from lowrank_cli.report import allocation_table, console, err_console, latency_table, layer_progress, summary_table
 
-    r = _recipe(recipe, kappa)
+    r = _recipe(recipe, kappa).with_latency_aware(latency_aware)
     checkpoint = checkpoint or (Path(r.checkpoint) if r.checkpoint else None)
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint (or 'checkpoint:' in the recipe), or an architecture with --model")
@@ -105,8 +108,10 @@ def factorize(
         return
     if result.inspection.allocation is not None:
         console.print(allocation_table(result.inspection.allocation))
+    if result.inspection.latency is not None:
+        console.print(latency_table(result.inspection.latency))
     console.print(summary_table(result.inspection, title=f"Factorized → {result.out}"))
-    dense = [p for p in result.inspection.layers if not p.factorized]
+    dense = [p for p in result.inspection.layers if not p.factorized and not (p.latency or {}).get("kept_dense")]
     if dense:
         reasons: dict[str, int] = {}
         for p in dense:

@@ -99,6 +99,7 @@ def factorize_model(
     progress: Progress | None = None,
     calibration: Iterable | None = None,
     on_allocation: Callable | None = None,
+    latency=None,
 ) -> list[LayerPlan]:
     """Replace, in place, each `nn.Linear` the recipe selects by a `LowRankLinear` from its SVD.
 
@@ -108,24 +109,38 @@ def factorize_model(
     `factorize.method: whitened | asvd` needs `calibration` (image batches; see
     `whiten.py`); `rank_rule: budget` allocates ranks first and passes the
     `budget.Allocation` to `on_allocation`.
+    With `select.latency_aware`, `latency` (a `latency.LatencySelection`, built from the
+    model when not given) times each layer once its rank is known and keeps dense those
+    not faster factorized; its `to_dict()` then holds the timings.
     """
     plans = plan_layers(linear_candidates(model), recipe)
+    if latency is None and recipe.select.latency_aware:
+        from lowrank_cli.latency import LatencySelection
+
+        latency = LatencySelection.for_model(model, recipe.select)
     if recipe.factorize.method != "svd":
         from lowrank_cli.whiten import factorize_model_data_aware
 
-        return factorize_model_data_aware(model, recipe, plans, calibration, progress, on_allocation)
+        decide = None if latency is None else lambda plan: latency.decide([plan])
+        return factorize_model_data_aware(model, recipe, plans, calibration, progress, on_allocation, decide)
     if recipe.factorize.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
         from lowrank_cli.budget import allocate_for_model
 
         alloc = allocate_for_model(model, plans, recipe, lambda n: torch.linalg.svdvals(model.get_submodule(n).weight.detach().to(svd_device()).float()))
         if on_allocation is not None:
             on_allocation(alloc)
+    if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
+        for plan in latency.decide(plans):
+            if progress is not None:
+                progress(plan.name)
     for plan in plans:
         if not plan.factorized:
             continue
         linear = model.get_submodule(plan.name)
         U, S, Vh = svd(linear.weight)
         set_rank(plan, *rule_of(plan), S.cpu())
+        if latency is not None and plan.factorized:  # the energy rule's rank is known only now
+            latency.decide([plan])
         if plan.factorized:
             up, down = split_factors(U, S, Vh, plan.rank, linear.weight.dtype)
             bias = None if linear.bias is None else linear.bias.detach()

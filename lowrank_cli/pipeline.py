@@ -22,6 +22,7 @@ from lowrank_cli.checkpoint import FORMAT_VERSION, CheckpointHeader, open_tensor
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model, factorize_state_dict, manifest_layers
 from lowrank_cli.flops import count_macs, count_params
+from lowrank_cli.latency import LatencySelection, LayerTimer
 from lowrank_cli.models import build_model, model_kwargs_of
 from lowrank_cli.recipe import Recipe
 from lowrank_cli.select import LayerPlan, linear_candidates, plan_layers, weight_candidates
@@ -45,6 +46,7 @@ class Inspection:
     tensors: list[dict[str, Any]] = field(default_factory=list)
     rank_rule: str = ""
     allocation: dict[str, Any] | None = None  # rank_rule budget: budget.Allocation.to_dict()
+    latency: dict[str, Any] | None = None  # select.latency_aware: latency.LatencySelection.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class Inspection:
             "layers": [p.to_dict() for p in self.layers],
             "tensors": self.tensors,
             "allocation": self.allocation,
+            "latency": self.latency,
         }
 
 
@@ -84,12 +87,15 @@ def inspect_checkpoint(
     arch: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     spectrum: bool = False,
+    layer_timer: LayerTimer | None = None,
 ) -> Inspection:
     """Inspect a checkpoint (or an architecture with random weights when `path` is None).
 
     Without an architecture only the header is read (lazily); with one, the model is built,
     the checkpoint loaded strictly and MACs counted before and after factorization.
     `spectrum` computes each candidate's singular values to report the energy kept.
+    With `select.latency_aware`, each planned layer is timed (`layer_timer`, default
+    `bench.time_linear_layers`) and those not faster factorized stay dense.
     """
     header = read_header(path) if path is not None else None
     manifest = header.manifest if header is not None else None
@@ -102,6 +108,7 @@ def inspect_checkpoint(
         return _inspect_factorized(path, header, manifest, arch, kwargs)
 
     if arch is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
+        _no_latency_without_arch(recipe, path)
         with contextlib.ExitStack() as stack:
             spec = None
             if needs_spectrum:
@@ -118,10 +125,24 @@ def inspect_checkpoint(
     alloc = allocate_for_model(model, plans, recipe, spec).to_dict() if budget else None
     before = count_params(model)
     macs = count_macs(model)
+    latency = None
+    if recipe.select.latency_aware:
+        sel = LatencySelection(recipe.select, macs.linear_rows, layer_timer)
+        sel.decide(plans)
+        latency = sel.to_dict()
     return Inspection(
         str(path) if path else None, arch, model_kwargs_of(model, kwargs), False,
         before, before - _saved(plans), macs.macs, macs.macs_after(plans), plans, _tensor_rows(header, model), _rule_label(recipe), alloc,
+        latency,
     )
+
+
+def _no_latency_without_arch(recipe: Recipe, path) -> None:
+    if recipe.select.latency_aware:
+        raise LowrankError(
+            f"{path}: select.latency_aware needs an architecture to know each layer's token count; "
+            "pass --model ARCH (or set 'model:' in the recipe), or turn latency_aware off"
+        )
 
 
 def _saved(plans: list[LayerPlan]) -> int:
@@ -131,22 +152,28 @@ def _saved(plans: list[LayerPlan]) -> int:
 def _inspect_factorized(path, header: CheckpointHeader, manifest: dict, arch: str | None, kwargs: dict) -> Inspection:
     """A checkpoint written by `factorize`: report the ranks it was factorized with."""
     layers = manifest["layers"]
+    latency = manifest.get("latency")  # written by a latency-aware factorize: timings and decisions
+    timed = (latency or {}).get("layers", {})
     plans = [
-        LayerPlan(name, e["d_in"], e["d_out"], e["bias"], True, e["rank"], e.get("rule"), None)
+        LayerPlan(name, e["d_in"], e["d_out"], e["bias"], True, e["rank"], e.get("rule"), None, latency=timed.get(name))
         for name, e in layers.items()
     ]
     rule = (manifest.get("recipe") or {}).get("factorize", {}).get("rank_rule", "")
     if manifest.get("architecture") is None:
         after = sum(t.numel for t in header.tensors.values() if t.dtype in {"F64", "F32", "F16", "BF16"})
-        return Inspection(str(path), None, {}, True, after + _saved(plans), after, None, None, plans, _tensor_rows(header, None), rule)
+        return Inspection(str(path), None, {}, True, after + _saved(plans), after, None, None, plans, _tensor_rows(header, None), rule, latency=latency)
     model, _ = build_model(path, arch, kwargs)
-    dense = [LayerPlan(c.name, c.d_in, c.d_out, c.bias, False, None, None, c.skip or "left dense when factorized") for c in linear_candidates(model)]
+    dense = [
+        LayerPlan(c.name, c.d_in, c.d_out, c.bias, False, None, None,
+                  (timed.get(c.name) or {}).get("reason") or c.skip or "left dense when factorized", latency=timed.get(c.name))
+        for c in linear_candidates(model)
+    ]
     after = count_params(model)
     macs = count_macs(model)
     macs_before = macs.macs + sum(macs.linear_rows.get(f"{p.name}.down", 0) * p.macs_per_token_saved for p in plans)
     return Inspection(
         str(path), manifest["architecture"], manifest.get("model_kwargs", {}), True,
-        after + _saved(plans), after, macs_before, macs.macs, plans + dense, _tensor_rows(header, None), rule,
+        after + _saved(plans), after, macs_before, macs.macs, plans + dense, _tensor_rows(header, None), rule, latency=latency,
     )
 
 
@@ -179,9 +206,12 @@ def default_output(path: str | os.PathLike | None, arch: str | None) -> Path:
     return Path(f"{arch}.lowrank.safetensors")
 
 
-def build_manifest(arch: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe, source: str | os.PathLike | None, method: str = "svd") -> dict[str, Any]:
-    """The `lowrank` manifest stored in a factorized checkpoint's metadata."""
-    return {
+def build_manifest(
+    arch: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe, source: str | os.PathLike | None,
+    method: str = "svd", latency: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `lowrank` manifest stored in a factorized checkpoint's metadata (with `latency` when latency-aware)."""
+    manifest = {
         "format_version": FORMAT_VERSION,
         "lowrank_version": __version__,
         "architecture": arch,
@@ -190,6 +220,9 @@ def build_manifest(arch: str | None, model_kwargs: dict[str, Any], plans: list[L
         "recipe": recipe.to_dict(),
         "source": None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)},
     }
+    if latency is not None:
+        manifest["latency"] = latency
+    return manifest
 
 
 def factorize_checkpoint(
@@ -202,6 +235,7 @@ def factorize_checkpoint(
     progress: Callable[[int], Progress] | None = None,
     calib_data: str | None = None,
     calib_samples: int | None = None,
+    layer_timer: LayerTimer | None = None,
 ) -> FactorizeResult:
     """Factorize a checkpoint by truncated SVD and write it, with its manifest, to `out`.
 
@@ -210,6 +244,8 @@ def factorize_checkpoint(
     factorized from the file alone. `progress(total)` returns a per-layer callback.
     `calib_data` (a folder, `digits` or `synthetic`) and `calib_samples` override the
     recipe's calibration settings, which `factorize.method: whitened | asvd` needs.
+    With `select.latency_aware`, layers not faster factorized (timed by `layer_timer`,
+    default `bench.time_linear_layers`) stay dense; the manifest records the timings.
     """
     recipe = _with_calibration(recipe, calib_data, calib_samples)
     method = recipe.factorize.method
@@ -234,6 +270,7 @@ def factorize_checkpoint(
         )
 
     if arch is None:
+        _no_latency_without_arch(recipe, path)
         plans = plan_layers(weight_candidates(header), recipe)
         alloc = None
         with open_tensors(path) as f:
@@ -258,12 +295,14 @@ def factorize_checkpoint(
         f = recipe.factorize
         calibration = calibration_batches(f.calib_data, model, f.calib_samples, f.calib_batch_size)
     allocs: list = []
-    plans = factorize_model(model, recipe, progress(todo) if progress else None, calibration, allocs.append)
-    manifest = build_manifest(arch, kwargs, plans, recipe, path, method)
+    latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
+    plans = factorize_model(model, recipe, progress(todo) if progress else None, calibration, allocs.append, latency)
+    timings = latency.to_dict() if latency is not None else None
+    manifest = build_manifest(arch, kwargs, plans, recipe, path, method, timings)
     save_checkpoint(out, model.state_dict(), manifest, force=force, inputs=inputs)
     insp = Inspection(
         str(path) if path else None, arch, kwargs, False, before, count_params(model),
-        macs.macs, macs.macs_after(plans), plans, [], _rule_label(recipe), allocs[0].to_dict() if allocs else None,
+        macs.macs, macs.macs_after(plans), plans, [], _rule_label(recipe), allocs[0].to_dict() if allocs else None, timings,
     )
     return FactorizeResult(out, insp, manifest)
 

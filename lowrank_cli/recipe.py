@@ -53,6 +53,15 @@ class SelectConfig(_Strict):
     exclude: list[str] = Field(default_factory=lambda: ["norm", "head", "patch_embed", "downsample"])
     min_out_features: int = Field(default=10, ge=1)
     overrides: list[Override] = Field(default_factory=list)
+    # latency-aware selection (latency.py): time each planned layer dense vs factorized at its
+    # rank on the target device, at the model's token count and `latency_batch` images, and
+    # keep dense those whose factorized form is not `latency_margin`× faster
+    latency_aware: bool = False
+    latency_margin: float = Field(default=1.1, gt=0)
+    latency_batch: int = Field(default=8, ge=1)
+    latency_device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")  # None: cuda if available, else cpu
+    latency_threads: int | None = Field(default=None, ge=1)  # None: torch's current number
+    latency_runtime: Literal["torch", "onnxruntime"] = "torch"
 
 
 class FactorizeConfig(_Strict):
@@ -194,6 +203,14 @@ class Recipe(_Strict):
         recipe = self.model_copy(deep=True)
         # one copy with all three changed: assigning them one by one would fail validation
         recipe.factorize = recipe.factorize.model_copy(update={"rank_rule": "kappa", "kappa": float(kappa), "target_params": None, "target_macs": None})
+        return recipe
+
+    def with_latency_aware(self, on: bool = False) -> "Recipe":
+        """A copy with `--latency-aware` applied (`select.latency_aware: true`); unchanged when off."""
+        if not on:
+            return self
+        recipe = self.model_copy(deep=True)
+        recipe.select = recipe.select.model_copy(update={"latency_aware": True})
         return recipe
 
     def to_dict(self) -> dict[str, Any]:

@@ -126,6 +126,24 @@ def allocation_table(alloc: dict) -> Table:
     return table
 
 
+def latency_table(lat: dict) -> Table:
+    """`select.latency_aware`: the layers kept dense because factorized was not faster by the margin, with their times."""
+    table = Table(
+        title=f"Latency-aware selection: kept dense ({lat['runtime']} on {lat['device']}, batch {lat['batch']}, "
+              f"{lat['threads']} threads, margin {lat['margin']:.2f}×)",
+        title_justify="left",
+    )
+    for col in ("layer", "d_in→d_out", "rank", "rows", "dense", "factorized", "speedup", "params given up"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
+    for name in lat["kept_dense"]:
+        e = lat["layers"][name]
+        table.add_row(name, f"{e['d_in']}→{e['d_out']}", str(e["rank"]), str(e["rows"]), _ms(e["dense_s"]), _ms(e["factorized_s"]),
+                      f"{e['speedup']:.2f}×", fmt_count(e["params_given_up"]))
+    table.caption = (f"{len(lat['kept_dense'])} of {len(lat['layers'])} timed layers kept dense ({lat['shapes_timed']} shapes timed); "
+                     f"parameters given up: {fmt_count(lat['params_given_up'])}, MACs / image given up: {fmt_count(lat['macs_given_up'])}")
+    return table
+
+
 def print_inspection(insp: Inspection, spectrum: bool = False) -> None:
     head = insp.checkpoint or "(random weights)"
     arch = f" — {insp.architecture}" if insp.architecture else " — weight-only (no architecture; pass --model for MACs)"
@@ -134,6 +152,8 @@ def print_inspection(insp: Inspection, spectrum: bool = False) -> None:
     console.print(layers_table(insp, spectrum))
     if insp.allocation is not None:
         console.print(allocation_table(insp.allocation))
+    if insp.latency is not None:
+        console.print(latency_table(insp.latency))
     console.print(summary_table(insp))
 
 

@@ -45,6 +45,7 @@ class LayerPlan:
     rule: str | None
     reason: str | None = None
     energy_kept: float | None = None
+    latency: dict | None = None  # select.latency_aware: this layer's timings and decision (latency.py)
 
     @property
     def params_before(self) -> int:

@@ -90,6 +90,7 @@ def factorize_model_data_aware(
     calibration: Iterable | None,
     progress: Progress | None = None,
     on_allocation: Callable | None = None,
+    decide: Callable[[LayerPlan], object] | None = None,
 ) -> list[LayerPlan]:
     """Factorize the planned layers of `model` in place with the recipe's `whitened` or `asvd` method.
 
@@ -98,6 +99,7 @@ def factorize_model_data_aware(
     are taken on the *original* model's inputs; the layers are swapped for `LowRankLinear`s
     only after all passes. With `rank_rule: budget`, ranks are allocated on the spectra of
     `W·M` (output-error energy) and the allocation is given to `on_allocation`.
+    `decide(plan)` (latency-aware selection) may turn a planned layer dense once its rank is known.
     """
     fac = recipe.factorize
     if calibration is None:
@@ -148,6 +150,8 @@ def factorize_model_data_aware(
 
     for plan in todo:
         U, _ = bases.pop(plan.name)
+        if decide is not None and plan.factorized:
+            decide(plan)
         if not plan.factorized:
             continue
         linear = model.get_submodule(plan.name)
