@@ -220,3 +220,15 @@ def test_demo_trains_the_teacher_once_and_reports_recovery(cli, tmp_path, monkey
     assert r.code == 0, r.err
     assert "cached" in r.out and "κ = 3" in r.out
     assert teacher.stat().st_mtime_ns == mtime
+    # PC-LoRA from the same cached teacher to the same ranks: the same parameter count as PELA's
+    r = cli("demo", "--method", "pclora", "--out", tmp_path / "demo-pclora", "--epochs", "1", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    pc = json.loads(r.out)
+    assert pc["teacher_training"]["cached"] is True and pc["teacher_training"]["file"] == str(teacher)
+    assert pc["method"] == "pclora" and first["method"] == "pela"
+    assert (pc["params_after"], pc["macs_after"]) == (first["params_after"], first["macs_after"])
+    assert pc["train"]["steps"] == 5 and pc["pclora"]["zero_at_step"] == 2  # decay_end 0.5 of 5 steps, rounded
+    assert pc["accuracy"]["svd"] == first["accuracy"]["svd"]  # the same SVD-only reference
+    assert teacher.stat().st_mtime_ns == mtime
+    r = cli("demo", "--method", "lora", "--out", tmp_path / "x")
+    _one_line_error(r, "--method 'lora'", "accepted: pela, pclora")
