@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.select import LayerPlan, energy_kept, rank_for_kappa, rule_of
+from lowrank_cli.select import LayerPlan, energy_kept, rank_for_kappa, rule_of, set_rank
 
 
 def max_shrinking_rank(d_in: int, d_out: int) -> int:
@@ -104,8 +104,8 @@ def allocate_ranks(
 
     `spectrum(name)` gives a layer's singular values (descending). `rows` (input rows per
     image of each linear: tokens × batch, from `flops.count_macs`) is needed for MACs.
-    Selected layers with another rule (per-pattern overrides) keep their rank; their cost
-    counts against the budget. Raises `LowrankError` when the floors alone exceed it.
+    Selected layers with another rule (per-pattern overrides) keep their rank (an energy
+    rule's is set here from `spectrum`); their cost counts against the budget. Raises `LowrankError` when the floors alone exceed it.
     """
     budgeted = [p for p in plans if p.rule is not None and p.rule.startswith("budget")]
     if not budgeted:
@@ -118,6 +118,9 @@ def allocate_ranks(
     weight = {p.name: (rows.get(p.name, 0) if target == "macs" else 1) for p in plans}
     selected = [p for p in plans if p.rule is not None]
     fixed = [p for p in selected if not p.rule.startswith("budget")]
+    for p in fixed:  # an energy-rule override's rank follows from its spectrum: known now, so that it counts at its real cost
+        if p.factorized and p.rank is None:
+            set_rank(p, *rule_of(p), spectrum(p.name).detach().cpu())
     base = sum(_cost(p, None, weight[p.name], with_bias) for p in selected)
     budget = fraction * base
     fixed_cost = sum(_plan_cost(p, weight[p.name], with_bias) for p in fixed)

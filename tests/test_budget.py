@@ -124,3 +124,27 @@ def test_kappa_on_the_command_line_replaces_a_budget_rule():
     recipe = recipe_from_dict({"factorize": {"rank_rule": "budget", "target_macs": 0.5}}).with_kappa(3)
     f = recipe.factorize
     assert (f.rank_rule, f.kappa, f.target_macs, f.rule_label()) == ("kappa", 3.0, None, "kappa=3")
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_energy_override_counts_at_its_rank_in_the_budget(method):
+    # an energy-rule override's rank is known only from its spectrum: the budget must count it
+    # at that rank (not dense), and the whitened path must factorize it at that rank
+    from lowrank_cli.calibrate import calibration_batches
+    from lowrank_cli.factorize import factorize_model
+
+    model = tiny_vit()
+    recipe = recipe_from_dict({
+        "factorize": {"rank_rule": "budget", "target_params": 0.6, "method": method},
+        "select": {"overrides": [{"pattern": "blocks.0.mlp.fc1", "energy": 0.5}]},
+    })
+    calib = calibration_batches("synthetic", model, 8, 4) if method == "whitened" else None
+    allocs = []
+    plans = factorize_model(model, recipe, calibration=calib, on_allocation=allocs.append)
+    fc1 = next(p for p in plans if p.name == "blocks.0.mlp.fc1")
+    assert fc1.factorized and fc1.rank is not None and model.get_submodule(fc1.name).rank == fc1.rank
+    sel = [p for p in plans if p.rule is not None]
+    after = sum(p.params_after for p in sel)
+    assert allocs[0].cost == after
+    step = max(p.d_in + p.d_out for p in sel)
+    assert 0.6 * allocs[0].base_cost - step < after <= 0.6 * allocs[0].base_cost
