@@ -135,6 +135,13 @@ def test_unknown_key_in_distill_section(cli, tmp_path, vit_ckpt):
     assert not out.exists()
 
 
+def test_too_few_images_for_one_step_writes_no_run(cli, tmp_path, vit_ckpt):
+    out = tmp_path / "run"
+    r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, batch_size=128), "--out", out, "--device", "cpu")
+    _one_line_error(r, "64 images, fewer than one step of 128")
+    assert not out.exists()  # a half-written run would block both a new run and --resume there
+
+
 def test_resume_without_a_run_or_with_another_recipe(cli, tmp_path, vit_ckpt, recipe_path):
     out = tmp_path / "run"
     r = cli("compress", vit_ckpt, "--recipe", recipe_path, "--out", out, "--resume", "--device", "cpu")

@@ -26,7 +26,7 @@ from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
 from lowrank_cli.distill.rundir import RunDir, load_training_state, write_json
-from lowrank_cli.distill.train import Position, TrainResult, rng_state, total_steps, train
+from lowrank_cli.distill.train import Position, TrainResult, check_steps, rng_state, total_steps, train
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.flops import count_macs, count_params
@@ -204,6 +204,7 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
     env, run, cfg = p.env, p.run, p.recipe.distill
     note = note if (note is not None and env.is_main) else (lambda _msg: None)
     device = env.device
+    check_steps(len(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
     torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
     teacher = freeze(p.teacher).to(device)
     pclora = cfg.method == "pclora"

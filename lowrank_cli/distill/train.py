@@ -86,6 +86,13 @@ def total_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> int:
     return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
 
 
+def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
+    """A LowrankError unless `n_images` make at least one optimizer step (checked before a run writes anything)."""
+    if ((n_images // world) // cfg.batch_size) // cfg.accum_steps == 0:
+        global_batch = cfg.batch_size * world * cfg.accum_steps
+        raise LowrankError(f"the training split has {n_images} images, fewer than one step of {global_batch} (batch_size × processes × accum_steps)")
+
+
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule)."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -161,8 +168,7 @@ def train(
     sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
     steps_per_epoch = sampler.batches // cfg.accum_steps
     global_batch = cfg.batch_size * env.world * cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise LowrankError(f"the training split has {len(dataset)} images, fewer than one step of {global_batch} (batch_size × processes × accum_steps)")
+    check_steps(len(dataset), cfg, env.world)
     total = total_steps(len(dataset), cfg, env.world)
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     peak = learning_rate(cfg, global_batch)
