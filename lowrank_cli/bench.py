@@ -372,7 +372,9 @@ def bench_checkpoint(
     with timm.layers.set_exportable(runtime == "onnxruntime"):  # the ONNX path wants export-friendly modules
         fact, _ = build_model(path)
         if baseline is not None:
-            dense, _ = build_model(Path(baseline), manifest["architecture"], manifest.get("model_kwargs", {}))
+            dense, base_header = build_model(Path(baseline), manifest["architecture"], manifest.get("model_kwargs", {}))
+            if base_header is not None and base_header.manifest is not None:  # timing low rank against low rank says nothing
+                raise LowrankError(f"--baseline {baseline}: is a factorized checkpoint; give the dense original, or omit --baseline to time MODEL merged dense")
         else:
             dense = merge_model(copy.deepcopy(fact))
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)

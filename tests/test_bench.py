@@ -67,6 +67,12 @@ def test_bench_against_teacher_baseline_table(cli, ckpts):
     assert "1.78× ideal" in r.out.replace("\n", " ")  # 1942400 / 1093760 MACs
 
 
+def test_bench_refuses_a_factorized_baseline(cli, ckpts):
+    _, fact = ckpts
+    _one_line_error(cli("bench", fact, "--baseline", fact, "--batch", "1", "--repeats", "1", "--warmup", "0"),
+                    "--baseline", "is a factorized checkpoint", "give the dense original")
+
+
 def test_bench_onnxruntime(ckpts):
     _, fact = ckpts
     res = bench_checkpoint(fact, batch=2, threads=1, runtime="onnxruntime", repeats=2, warmup=1)
