@@ -29,35 +29,11 @@ from lowrank_cli.flops import model_input_size
 CalibrationSource = str  # a folder of images, "digits" or "synthetic"
 
 
-def _normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    import timm.data
-
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return torch.tensor(cfg["mean"]).view(1, -1, 1, 1), torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-
-
-def digits_images(size: tuple[int, int, int], mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's 1797 8×8 digits as float images of `size` (C, H, W), and their labels.
-
-    Grey levels 0..16 become 0..1, are resized bilinearly, repeated over the channels and
-    normalized with `mean`/`std` (per channel) when given.
-    """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    c, h, w = size
-    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).repeat(1, c, 1, 1)
-    if mean is not None and std is not None:
-        x = (x - mean) / std
-    return x, torch.tensor(d.target, dtype=torch.long)
-
-
 def calibration_batches(source: CalibrationSource, model: nn.Module, n_samples: int = 256, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
     """`n_samples` images for calibration, in batches of `batch_size`, at the model's input size.
 
-    `source`: `synthetic` (standard normal images, seeded), `digits` (sklearn's digits,
-    a seeded random subset, normalized with the model's mean/std), or a folder of images
+    `source`: `synthetic` (standard normal images, seeded), `digits` (a seeded random
+    subset of the training split of sklearn's digits, as `distill.data.digits` makes it), or a folder of images
     that timm's `create_dataset` reads (class sub-folders), with the model's eval
     transforms. Returned as a list so that it can be passed over more than once; it holds
     `n_samples·C·H·W` floats (256 images at 224² take 154 MB).
@@ -67,7 +43,10 @@ def calibration_batches(source: CalibrationSource, model: nn.Module, n_samples: 
     if source == "synthetic":
         images = torch.randn(n_samples, *size, generator=gen)
     elif source == "digits":
-        x, _ = digits_images(size, *_normalization(model))
+        # the training split only: `evaluate --data digits` reports on the other images
+        from lowrank_cli.distill.data import digits  # not at the top: distill imports this module
+
+        x = digits(model).train.images
         images = x[torch.randperm(len(x), generator=gen)[:n_samples]]
     else:
         images = _folder_images(Path(source), model, n_samples, gen)

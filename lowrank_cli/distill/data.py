@@ -69,8 +69,10 @@ class TensorImages(Dataset):
         return x, self.labels[i]
 
 
-def digits(model: nn.Module) -> ImageData:
-    """scikit-learn's handwritten digits at the model's input size, normalized like its data."""
+def digits_tensors(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 of scikit-learn's 8×8 handwritten digits as (images, labels): grey levels
+    0..16 scaled to 0..1, resized bilinearly to the model's input size, repeated over its
+    channels and normalized with its mean and std."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -79,7 +81,12 @@ def digits(model: nn.Module) -> ImageData:
     x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).repeat(1, c, 1, 1)
     mean, std = normalization(model)
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def digits(model: nn.Module) -> ImageData:
+    """scikit-learn's handwritten digits at the model's input size, normalized like its data."""
+    x, y = digits_tensors(model)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, val = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
     return ImageData("digits", TensorImages(x[train], y[train], max_shift=2), TensorImages(x[val], y[val]), 10)

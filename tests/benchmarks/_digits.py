@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_cli.calibrate import _normalization, collect_input_stats, digits_images
+from lowrank_cli.calibrate import collect_input_stats
+from lowrank_cli.distill.data import digits_tensors
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3, "num_classes": 10}
@@ -31,7 +32,7 @@ def new_model() -> nn.Module:
 
 def digits_split(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): a fixed shuffle of the 1797 digits, 1200 / 597."""
-    x, y = digits_images((3, KWARGS["img_size"], KWARGS["img_size"]), *_normalization(model))
+    x, y = digits_tensors(model)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(123))
     x, y = x[perm], y[perm]
     n = TRAIN["n_train"]
