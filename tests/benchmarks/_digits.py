@@ -7,6 +7,7 @@ teacher was trained and is evaluated on.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
@@ -19,10 +20,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_cli.calibrate import collect_input_stats
-from lowrank_cli.distill.data import digits_tensors
+from lowrank_cli.distill.data import TensorImages, digits_tensors
+from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.distill.objective import DistillationObjective
+from lowrank_cli.distill.train import total_steps, train
+from lowrank_cli.recipe import DistillConfig
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3, "num_classes": 10}
+# the distillation budget the benchmarks give every factorized student (same steps, lr, seed)
+DISTILL = {"batch_size": 64, "lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "alpha": 1.0, "beta": 0.0, "seed": 0, "max_shift": 1}
 TRAIN = {"epochs": 60, "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "n_train": 1200, "seed": 0}
 
 
@@ -96,3 +103,30 @@ def output_error(dense: nn.Module, factorized: nn.Module, name: str, gram: torch
     wp = (layer.up.weight.double() @ layer.down.weight.double()).detach() if hasattr(layer, "up") else layer.weight.detach().double()
     d = w - wp
     return float(torch.trace(d @ gram @ d.T) / torch.trace(w @ gram @ w.T)) ** 0.5
+
+
+def distill_settings(epochs: int, n_train: int) -> str:
+    cfg = distill_config(epochs)
+    return (f"PELA distillation (lowrank_cli.distill.train + DistillationObjective, base loss ce + α·feature KD, α={cfg.alpha:g}, "
+            f"β={cfg.beta:g}): {epochs} epochs = {total_steps(n_train, cfg)} steps of batch {cfg.batch_size} on the {n_train} training images "
+            f"(±{DISTILL['max_shift']} px shifts), lr {cfg.lr:g} (warm-up {cfg.warmup_epochs:g} epoch, cosine to {cfg.min_lr:g}), "
+            f"AdamW wd {cfg.weight_decay:g}, clip {cfg.clip_grad:g}, seed {cfg.seed}")
+
+
+def distill_config(epochs: int) -> DistillConfig:
+    d = {k: v for k, v in DISTILL.items() if k != "max_shift"}
+    return DistillConfig(epochs=epochs, amp="none", log_every=10**6, **d)
+
+
+def distill(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    """PELA-distil `student` (factorized, trained in place) against the frozen dense `teacher`
+    on the training images `x`, `y` with the library's training loop; the same budget and
+    seed for every student. The teacher is copied, so the caller's stays trainable/unchanged."""
+    cfg = distill_config(epochs)
+    torch.manual_seed(cfg.seed)  # the shifts draw from the global RNG; the data order from cfg.seed
+    objective = DistillationObjective(student, copy.deepcopy(teacher), cfg, base="ce")
+    try:
+        train(student, objective, TensorImages(x, y, max_shift=DISTILL["max_shift"]), cfg, DistEnv())
+    finally:
+        objective.close()
+    return student.eval()
