@@ -192,13 +192,29 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _launch(nproc: Optional[int], argv: List[str]) -> bool:
+_ARGV: List[str] = []  # the arguments `main` parsed, for relaunching a command under torchrun
+
+
+def _argv_without_nproc() -> List[str]:
+    """This command's arguments as given, less `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for arg in _ARGV:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _launch(nproc: Optional[int]) -> bool:
     """With `--nproc N` (N > 1) outside torchrun: relaunch this command under torchrun."""
     from lowrank_cli.distill.distributed import launch_torchrun, under_torchrun
 
     if nproc is None or nproc == 1 or under_torchrun():
         return False
-    code = launch_torchrun(nproc, argv)
+    code = launch_torchrun(nproc, _argv_without_nproc())
     if code:
         raise LowrankError(f"torchrun with {nproc} processes failed (exit status {code}); see the messages above")
     return True
@@ -241,12 +257,7 @@ def compress(
     kwargs = parse_model_args(model_arg)
     if nproc is not None and nproc > 1:
         prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
-        argv = ["compress"] + ([str(checkpoint)] if checkpoint else []) + (["--recipe", recipe] if recipe else [])
-        argv += (["--model", model] if model else []) + [a for m in (model_arg or []) for a in ("--model-arg", m)]
-        argv += (["--kappa", str(kappa)] if kappa is not None else []) + (["--data", data] if data else [])
-        argv += (["--out", str(out)] if out else []) + (["--epochs", str(epochs)] if epochs else [])
-        argv += (["--resume"] if resume else []) + ["--device", device] + (["--json"] if as_json else [])
-        if _launch(nproc, argv):
+        if _launch(nproc):
             return
     main_process = _is_main_process()
     with training_progress("distill", enabled=main_process) as log:
@@ -277,10 +288,7 @@ def distill(
     r = load_recipe(recipe) if recipe else None
     if nproc is not None and nproc > 1:
         prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
-        argv = ["distill", str(factorized), "--teacher", str(teacher)] + (["--recipe", recipe] if recipe else [])
-        argv += (["--data", data] if data else []) + (["--out", str(out)] if out else []) + (["--epochs", str(epochs)] if epochs else [])
-        argv += (["--resume"] if resume else []) + ["--device", device] + (["--json"] if as_json else [])
-        if _launch(nproc, argv):
+        if _launch(nproc):
             return
     with training_progress("distill", enabled=_is_main_process()) as log:
         report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
@@ -371,6 +379,7 @@ def demo(
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
+    _ARGV[:] = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         rv = app(args=argv, standalone_mode=False)
     except LowrankError as e:

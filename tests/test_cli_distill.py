@@ -239,3 +239,10 @@ def test_demo_trains_the_teacher_once_and_reports_recovery(cli, tmp_path, monkey
     assert teacher.stat().st_mtime_ns == mtime
     r = cli("demo", "--method", "lora", "--out", tmp_path / "x")
     _one_line_error(r, "--method 'lora'", "accepted: pela, pclora")
+
+
+def test_nproc_relaunch_keeps_every_argument_but_nproc():
+    from lowrank_cli import cli as cli_module
+
+    cli_module._ARGV[:] = ["compress", "--recipe", "demo", "--nproc", "2", "--model-arg", "depth=2", "--nproc=4", "--json"]
+    assert cli_module._argv_without_nproc() == ["compress", "--recipe", "demo", "--model-arg", "depth=2", "--json"]

@@ -23,7 +23,33 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class DistillationObjective:
+class _AgainstTeacher:
+    """What both distillation objectives share: a frozen teacher, block hooks on both models,
+    and one forward of each per step giving the base (task) term and the feature KD term."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, base: str, logit_weight: float):
+        self.teacher = freeze(teacher)
+        self.base, self.logit_weight = base, logit_weight
+        self.student_blocks = BlockOutputs(student)
+        self.teacher_blocks = BlockOutputs(teacher)
+        if self.student_blocks.names != self.teacher_blocks.names:
+            raise ValueError("student and teacher blocks differ")
+
+    def base_and_feature_terms(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        teacher_feats = self.teacher_blocks.take()
+        logits = model(images)
+        student_feats = self.student_blocks.take()
+        base = base_loss(self.base, logits, labels, teacher_logits) * (self.logit_weight if self.base == "logits" else 1.0)
+        return base, feature_distill_loss(student_feats, teacher_feats)
+
+    def close(self) -> None:
+        self.student_blocks.remove()
+        self.teacher_blocks.remove()
+
+
+class DistillationObjective(_AgainstTeacher):
     """`L = L_base + α·L_fd + β·L_rwp` against a frozen teacher, one student forward per step.
 
     `base` is `ce`, `logits` or `none` (`auto` is resolved by the caller from whether the
@@ -31,35 +57,20 @@ class DistillationObjective:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str):
-        self.teacher = freeze(teacher)
-        self.cfg, self.base = cfg, base
-        self.student_blocks = BlockOutputs(student)
-        self.teacher_blocks = BlockOutputs(teacher)
-        if self.student_blocks.names != self.teacher_blocks.names:
-            raise ValueError("student and teacher blocks differ")
+        super().__init__(student, teacher, base, cfg.logit_weight)
+        self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        teacher_feats = self.teacher_blocks.take()
-        logits = model(images)
-        student_feats = self.student_blocks.take()
-        terms = {
-            "base": base_loss(self.base, logits, labels, teacher_logits) * (self.cfg.logit_weight if self.base == "logits" else 1.0),
-            "fd": feature_distill_loss(student_feats, teacher_feats),
-        }
+        base, fd = self.base_and_feature_terms(model, images, labels)
+        terms = {"base": base, "fd": fd}
         if self.cfg.beta > 0:
             terms["rwp"] = weight_perturbation_loss(self.pairs, self.cfg.epsilon, self.cfg.rwp_form)
         loss = terms["base"] + self.cfg.alpha * terms["fd"] + self.cfg.beta * terms.get("rwp", 0.0)
         return loss, {k: v.detach() for k, v in terms.items()}
 
-    def close(self) -> None:
-        self.student_blocks.remove()
-        self.teacher_blocks.remove()
 
-
-class ProgressiveObjective:
+class ProgressiveObjective(_AgainstTeacher):
     """PC-LoRA: `L = α_task·L_task + (1 − α_task)·L_featKD` against a frozen teacher (ALGORITHMS.md §3).
 
     The same terms as PELA's (`base_loss`, `feature_distill_loss` over every block), with a
@@ -68,29 +79,13 @@ class ProgressiveObjective:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, logit_weight: float = 1.0):
-        self.teacher = freeze(teacher)
-        self.task_weight, self.base, self.logit_weight = task_weight, base, logit_weight
-        self.student_blocks = BlockOutputs(student)
-        self.teacher_blocks = BlockOutputs(teacher)
-        if self.student_blocks.names != self.teacher_blocks.names:
-            raise ValueError("student and teacher blocks differ")
+        super().__init__(student, teacher, base, logit_weight)
+        self.task_weight = task_weight
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        teacher_feats = self.teacher_blocks.take()
-        logits = model(images)
-        student_feats = self.student_blocks.take()
-        terms = {
-            "task": base_loss(self.base, logits, labels, teacher_logits) * (self.logit_weight if self.base == "logits" else 1.0),
-            "kd": feature_distill_loss(student_feats, teacher_feats),
-        }
-        loss = self.task_weight * terms["task"] + (1.0 - self.task_weight) * terms["kd"]
-        return loss, {k: v.detach() for k, v in terms.items()}
-
-    def close(self) -> None:
-        self.student_blocks.remove()
-        self.teacher_blocks.remove()
+        task, kd = self.base_and_feature_terms(model, images, labels)
+        loss = self.task_weight * task + (1.0 - self.task_weight) * kd
+        return loss, {"task": task.detach(), "kd": kd.detach()}
 
 
 class SupervisedObjective:
