@@ -1,4 +1,4 @@
-from lowrank_cli.cli import main
+from lowrank_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

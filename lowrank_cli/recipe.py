@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ class SelectConfig(_Strict):
     exclude: list[str] = Field(default_factory=lambda: ["norm", "head", "patch_embed", "downsample"])
     min_out_features: int = Field(default=10, ge=1)
     overrides: list[Override] = Field(default_factory=list)
-    # latency-aware selection (latency.py): time each planned layer dense vs factorized at its
+    # latency-aware selection (plan/latency.py): time each planned layer dense vs factorized at its
     # rank on the target device, at the model's token count and `latency_batch` images, and
     # keep dense those whose factorized form is not `latency_margin`× faster
     latency_aware: bool = False
@@ -72,11 +73,11 @@ class FactorizeConfig(_Strict):
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
     # rank_rule 'budget': ranks allocated across layers to keep this fraction of the
-    # selected layers' parameters (or MACs), greedily by truncation error (see budget.py)
+    # selected layers' parameters (or MACs), greedily by truncation error (see plan/budget.py)
     target_params: float | None = Field(default=None, gt=0, le=1)
     target_macs: float | None = Field(default=None, gt=0, le=1)
     min_rank: int = Field(default=1, ge=1)
-    # 'whitened' and 'asvd' minimise the output error on calibration inputs (ALGORITHMS §4)
+    # 'whitened' and 'asvd' minimise the output error on calibration inputs (docs/algorithms.md §4)
     method: Literal["svd", "whitened", "asvd"] = "svd"
     asvd_alpha: float = Field(default=0.5, gt=0)
     calib_data: str | None = None  # a folder of images, 'digits' or 'synthetic'
@@ -119,7 +120,7 @@ class DataConfig(_Strict):
 
 
 class PCLoRAConfig(_Strict):
-    """PC-LoRA progressive compression (ALGORITHMS.md §3): `distill.method: pclora`.
+    """PC-LoRA progressive compression (docs/algorithms.md §3): `distill.method: pclora`.
 
     The adapters' ranks come from the recipe's `factorize:` rule (κ or a fixed rank), so a
     PC-LoRA and a PELA student of the same recipe have the same structure and size. λ
@@ -134,7 +135,7 @@ class PCLoRAConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """PELA intermediate pre-training: `L = L_base + alpha·L_fd + beta·L_rwp` (ALGORITHMS.md §2).
+    """PELA intermediate pre-training: `L = L_base + alpha·L_fd + beta·L_rwp` (docs/algorithms.md §2).
 
     `batch_size` is per process; the learning rate is `lr` when given, else `lr_base`
     scaled (linearly or by the square root) from `lr_base_size` to the global batch
@@ -195,11 +196,11 @@ class Recipe(_Strict):
         return self
 
     def with_kappa(self, kappa: float | None) -> "Recipe":
-        """A copy with `--kappa` applied: it sets the rank rule to κ for every layer."""
+        """A copy with the rank rule set to κ for every layer (the command line's `--kappa`)."""
         if kappa is None:
             return self
-        if not kappa > 0:
-            raise LowrankError(f"--kappa must be a number > 0 (got {kappa})")
+        if not (math.isfinite(kappa) and kappa > 0):
+            raise LowrankError(f"kappa must be a finite number > 0 (got {kappa})", param="kappa")
         recipe = self.model_copy(deep=True)
         # one copy with all three changed: assigning them one by one would fail validation
         recipe.factorize = recipe.factorize.model_copy(update={"rank_rule": "kappa", "kappa": float(kappa), "target_params": None, "target_macs": None})

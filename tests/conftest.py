@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import save_file
 
 os.environ.setdefault("COLUMNS", "200")  # Rich tables unwrapped in captured output
 
-from lowrank_cli.cli import main  # noqa: E402
+from lowrank_cli.cli.app import main  # noqa: E402
+from lowrank_cli.data import calibration_batches  # noqa: E402
+from lowrank_cli.io import Manifest, read_header  # noqa: E402
+from lowrank_cli.measure import count_macs  # noqa: E402
+from lowrank_cli.models import get_family  # noqa: E402
+from lowrank_cli.plan import LatencySelection  # noqa: E402
 
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
@@ -28,6 +34,49 @@ def model_args(kwargs: dict) -> list[str]:
     for k, v in kwargs.items():
         out += ["--model-arg", f"{k}={v}"]
     return out
+
+
+def macs_of(model: torch.nn.Module):
+    """`count_macs` of a timm model at batch 1, on the family's example inputs."""
+    return count_macs(model, get_family("timm").example_inputs(model))
+
+
+def manifest_of(path) -> dict | None:
+    """The `lowrank` manifest of a checkpoint as a dict (None when it has none)."""
+    m = Manifest.from_header(read_header(path))
+    return None if m is None else m.to_dict()
+
+
+def calibration(source: str, model: torch.nn.Module, n: int, batch: int):
+    """`calibration_batches` at a timm model's input size."""
+    return calibration_batches(source, get_family("timm").data_config(model), n, batch)
+
+
+def latency_selection(model: torch.nn.Module, config, timer):
+    """A `LatencySelection` with the token counts of a timm model's linears."""
+    return LatencySelection(config, macs_of(model).linear_rows, timer)
+
+
+def tiny_recipe(tmp_path: Path, **distill) -> Path:
+    """A recipe for the tiny ViT on synthetic data: 2 epochs of 4 steps."""
+    cfg = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "warmup_epochs": 1, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 10, **distill}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS,
+        "factorize": {"kappa": 3}, "data": {"source": "synthetic", "synthetic_size": 64, "num_workers": 0}, "distill": cfg,
+    }))
+    return path
+
+
+def one_line_error(r, *needles, code=1):
+    """Assert a CLI result is one `error: ...` line on stderr with the exit `code`, holding every needle; returns the line."""
+    assert r.code == code, (r.code, r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    assert "Traceback" not in r.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
 
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:

@@ -27,8 +27,11 @@ def test_kappa_override_and_path(tmp_path):
     r2 = r.with_kappa(3)
     assert (r2.factorize.rank_rule, r2.factorize.kappa) == ("kappa", 3.0)
     assert r.factorize.rank_rule == "rank"  # the original is untouched
-    with pytest.raises(LowrankError, match=r"--kappa must be a number > 0 \(got 0"):
+    with pytest.raises(LowrankError, match=r"kappa must be a finite number > 0 \(got 0") as e:
         r.with_kappa(0)
+    assert e.value.param == "kappa"  # the library names its argument; the CLI adds its flag
+    with pytest.raises(LowrankError, match=r"got inf"):
+        r.with_kappa(float("inf"))
 
 
 @pytest.mark.parametrize("text,message", [

@@ -36,18 +36,6 @@ class DistEnv:
         return self.world > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without CUDA is an error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise LowrankError(f"--device '{name}': expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise LowrankError(f"--device cuda: CUDA is not available on this machine ({why}); use --device cpu or --device auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -84,35 +72,13 @@ def all_gather_strings(env: DistEnv, value: str) -> list[str]:
     return out
 
 
-def broadcast_flag(env: DistEnv, flag: bool) -> bool:
-    """Rank 0's `flag` on every process (e.g. 'stop now')."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=env.device if env.device.type == "cuda" else "cpu")
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run `python -m torch.distributed.run --standalone --nproc_per_node N -m lowrank_cli ARGV`.
 
     `argv` is the command line without `--nproc`. Returns torchrun's exit status.
     """
     if nproc < 1:
-        raise LowrankError(f"--nproc must be at least 1 (got {nproc})")
+        raise LowrankError(f"nproc must be at least 1 (got {nproc})", param="nproc")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lowrank_cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     return subprocess.call(cmd, env=env)
-
-
-def strip_nproc(argv: list[str]) -> list[str]:
-    """The command line with `--nproc N` / `--nproc=N` removed."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out

@@ -1,4 +1,4 @@
-"""PELA's training objective: `L = L_base + α·L_fd + β·L_rwp` (ALGORITHMS.md §2).
+"""PELA's training objective: `L = L_base + α·L_fd + β·L_rwp` (docs/algorithms.md §2).
 
 - `feature_distill_loss`: every transformer block's token features, student against teacher,
   captured with forward hooks (`BlockOutputs`) during the one forward pass each model makes.
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
@@ -17,39 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.factorize import LowRankLinear
+from lowrank_cli.nn.lowrank import LowRankLinear
 
 RwpForm = Literal["hinge", "squared", "paper"]
 BaseLoss = Literal["ce", "logits", "none"]
 
-# A transformer block is a module named `...blocks.<i>`: `blocks.3` in ViT/DeiT,
-# `layers.2.blocks.5` in Swin. Factorization never changes these names.
-_BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
-
-
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's transformer blocks in forward order, found by name (`blocks.<i>`)."""
-    blocks = [(name, m) for name, m in model.named_modules() if _BLOCK_NAME.search(name)]
-    if not blocks:
-        raise LowrankError(
-            f"{type(model).__name__}: no transformer blocks found (modules named 'blocks.<i>'); "
-            "feature distillation supports timm ViT/DeiT/Swin-style models"
-        )
-    return blocks
-
-
 class BlockOutputs:
     """Forward hooks that keep each transformer block's output from the last forward pass.
 
-    ViT/DeiT blocks output (B, N, C) tokens, Swin blocks (B, H, W, C): the loss does not
-    care, it compares student and teacher tensors of the same shape. `take()` returns the
-    outputs in block order and forgets them, so nothing is kept across steps.
+    `blocks` are the model's transformer blocks in forward order, as its family finds them
+    (`ModelFamily.blocks`). ViT/DeiT blocks output (B, N, C) tokens, Swin blocks (B, H, W, C):
+    the loss does not care, it compares student and teacher tensors of the same shape.
+    `take()` returns the outputs in block order and forgets them, so nothing is kept across steps.
     """
 
-    def __init__(self, model: nn.Module):
-        self.names = [name for name, _ in transformer_blocks(model)]
+    def __init__(self, blocks: list[tuple[str, nn.Module]]):
+        self.names = [name for name, _ in blocks]
         self._outputs: list[torch.Tensor] = []
-        self._handles = [m.register_forward_hook(self._keep) for _, m in transformer_blocks(model)]
+        self._handles = [m.register_forward_hook(self._keep) for _, m in blocks]
 
     def _keep(self, module: nn.Module, inputs, output) -> None:
         self._outputs.append(output[0] if isinstance(output, tuple) else output)

@@ -1,18 +1,24 @@
 """What one training step minimises: PELA distillation, PC-LoRA, or plain supervised training.
 
-An objective is called with the (possibly DDP-wrapped) student, a batch of images and its
+An objective is called with the (possibly DDP-wrapped) student, a batch of inputs and its
 labels, and returns the loss to back-propagate and its terms (detached, on the device: the
-loop reads them only when it logs, so no step waits on the device).
+loop reads them only when it logs, so no step waits on the device). The model's family
+says how a model is called (`forward`) and which blocks feature distillation compares.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, weight_perturbation_loss
+from lowrank_cli.models.family import Inputs, ModelFamily, call_model
 from lowrank_cli.recipe import DistillConfig
+
+Forward = Callable[[nn.Module, Inputs], torch.Tensor]
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -27,19 +33,20 @@ class _AgainstTeacher:
     """What both distillation objectives share: a frozen teacher, block hooks on both models,
     and one forward of each per step giving the base (task) term and the feature KD term."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, base: str, logit_weight: float):
+    def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float):
         self.teacher = freeze(teacher)
+        self.forward: Forward = family.forward
         self.base, self.logit_weight = base, logit_weight
-        self.student_blocks = BlockOutputs(student)
-        self.teacher_blocks = BlockOutputs(teacher)
+        self.student_blocks = BlockOutputs(family.blocks(student))
+        self.teacher_blocks = BlockOutputs(family.blocks(teacher))
         if self.student_blocks.names != self.teacher_blocks.names:
             raise ValueError("student and teacher blocks differ")
 
-    def base_and_feature_terms(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def base_and_feature_terms(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
+            teacher_logits = self.forward(self.teacher, inputs)
         teacher_feats = self.teacher_blocks.take()
-        logits = model(images)
+        logits = self.forward(model, inputs)
         student_feats = self.student_blocks.take()
         base = base_loss(self.base, logits, labels, teacher_logits) * (self.logit_weight if self.base == "logits" else 1.0)
         return base, feature_distill_loss(student_feats, teacher_feats)
@@ -56,13 +63,13 @@ class DistillationObjective(_AgainstTeacher):
     data's labels match the model's classes).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str):
-        super().__init__(student, teacher, base, cfg.logit_weight)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily):
+        super().__init__(student, teacher, family, base, cfg.logit_weight)
         self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        base, fd = self.base_and_feature_terms(model, images, labels)
+    def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        base, fd = self.base_and_feature_terms(model, inputs, labels)
         terms = {"base": base, "fd": fd}
         if self.cfg.beta > 0:
             terms["rwp"] = weight_perturbation_loss(self.pairs, self.cfg.epsilon, self.cfg.rwp_form)
@@ -71,19 +78,19 @@ class DistillationObjective(_AgainstTeacher):
 
 
 class ProgressiveObjective(_AgainstTeacher):
-    """PC-LoRA: `L = α_task·L_task + (1 − α_task)·L_featKD` against a frozen teacher (ALGORITHMS.md §3).
+    """PC-LoRA: `L = α_task·L_task + (1 − α_task)·L_featKD` against a frozen teacher (docs/algorithms.md §3).
 
     The same terms as PELA's (`base_loss`, `feature_distill_loss` over every block), with a
     separate forward of the frozen teacher; the KD term stays in the graph, so it trains
     the adapters (a third-party implementation detached it through `torch.tensor(list)`).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, logit_weight: float = 1.0):
-        super().__init__(student, teacher, base, logit_weight)
+    def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0):
+        super().__init__(student, teacher, family, base, logit_weight)
         self.task_weight = task_weight
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        task, kd = self.base_and_feature_terms(model, images, labels)
+    def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        task, kd = self.base_and_feature_terms(model, inputs, labels)
         loss = self.task_weight * task + (1.0 - self.task_weight) * kd
         return loss, {"task": task.detach(), "kd": kd.detach()}
 
@@ -91,11 +98,12 @@ class ProgressiveObjective(_AgainstTeacher):
 class SupervisedObjective:
     """Cross-entropy on labels (with label smoothing): how the demo trains its teacher."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, forward: Forward = call_model):
         self.label_smoothing = label_smoothing
+        self.forward = forward
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=self.label_smoothing)
+    def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = F.cross_entropy(self.forward(model, inputs).float(), labels, label_smoothing=self.label_smoothing)
         return loss, {"ce": loss.detach()}
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -24,33 +24,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lowrank_cli.distill.data import EpochSampler, train_loader
+from lowrank_cli.data.loaders import EpochSampler, train_loader
 from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.rundir import Position, TrainingState
+from lowrank_cli.models.family import Inputs, inputs_to
 from lowrank_cli.recipe import DistillConfig
 
 
 class Objective(Protocol):
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-@dataclass
-class Position:
-    """Where training stands: optimizer steps done, and micro-batches consumed in `epoch`."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-
-@dataclass
-class TrainingState:
-    """What a resumed run needs besides the weights: optimizer, scaler, position and RNG."""
-
-    position: Position
-    optimizer: dict[str, Any]
-    scaler: dict[str, Any] = field(default_factory=dict)
-    rng: dict[str, Any] = field(default_factory=dict)
+    def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -90,7 +73,7 @@ def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
     """A LowrankError unless `n_images` make at least one optimizer step (checked before a run writes anything)."""
     if ((n_images // world) // cfg.batch_size) // cfg.accum_steps == 0:
         global_batch = cfg.batch_size * world * cfg.accum_steps
-        raise LowrankError(f"the training split has {n_images} images, fewer than one step of {global_batch} (batch_size × processes × accum_steps)")
+        raise LowrankError(f"the training split has {n_images} examples, fewer than one step of {global_batch} (distill.batch_size × processes × distill.accum_steps)")
 
 
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
@@ -197,12 +180,12 @@ def train(
             terms_sum: dict[str, torch.Tensor] = {}
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.accum_steps):
-                images, labels = next(batches)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                inputs, labels = next(batches)
+                inputs, labels = inputs_to(inputs, device, non_blocking=True), labels.to(device, non_blocking=True)
                 sync = model.no_sync() if env.distributed and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
                 with sync:
                     with _autocast(device, cfg.amp):
-                        loss, terms = objective(model, images, labels)
+                        loss, terms = objective(model, inputs, labels)
                     scaler.scale(loss / cfg.accum_steps).backward()
                 loss_sum += loss.detach().float() / cfg.accum_steps
                 for k, v in terms.items():
@@ -221,7 +204,7 @@ def train(
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
                     raise LowrankError(
                         f"the loss became {float(loss_sum)} at step {pos.step + 1} ({shown}){where}; "
-                        "lower the learning rate (distill.lr / lr_base) or set distill.clip_grad"
+                        "lower the learning rate (distill.lr / distill.lr_base) or set distill.clip_grad"
                     )
 
             if cfg.clip_grad is not None:

@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_cli.calibrate import collect_input_stats
-from lowrank_cli.distill.data import TensorImages, digits_tensors
+from lowrank_cli.data import TensorImages, digits_tensors
 from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.distill.objective import DistillationObjective
 from lowrank_cli.distill.train import total_steps, train
+from lowrank_cli.factorize import collect_input_stats
+from lowrank_cli.models import get_family
 from lowrank_cli.recipe import DistillConfig
 
 ARCH = "vit_tiny_patch16_224"
@@ -39,7 +40,7 @@ def new_model() -> nn.Module:
 
 def digits_split(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): a fixed shuffle of the 1797 digits, 1200 / 597."""
-    x, y = digits_tensors(model)
+    x, y = digits_tensors(get_family("timm").data_config(model))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(123))
     x, y = x[perm], y[perm]
     n = TRAIN["n_train"]
@@ -124,7 +125,7 @@ def distill(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Te
     seed for every student. The teacher is copied, so the caller's stays trainable/unchanged."""
     cfg = distill_config(epochs)
     torch.manual_seed(cfg.seed)  # the shifts draw from the global RNG; the data order from cfg.seed
-    objective = DistillationObjective(student, copy.deepcopy(teacher), cfg, base="ce")
+    objective = DistillationObjective(student, copy.deepcopy(teacher), cfg, base="ce", family=get_family("timm"))
     try:
         train(student, objective, TensorImages(x, y, max_shift=DISTILL["max_shift"]), cfg, DistEnv())
     finally:

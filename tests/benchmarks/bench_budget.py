@@ -17,11 +17,10 @@ import copy
 import time
 
 import torch
+from _digits import accuracy, digits_split, digits_teacher, distill, distill_settings, input_grams, output_error, selected_names
 
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.recipe import recipe_from_dict
-
-from _digits import accuracy, digits_split, distill, distill_settings, digits_teacher, input_grams, output_error, selected_names
 
 
 def main() -> None:
@@ -46,19 +45,15 @@ def main() -> None:
     print(f"\n{'target':>6} {'method':>8} {'rule':>17} | {'params kept':>11} {'rel. trunc. err':>15} {'held-out err':>12} {'top-1':>6} {'+KD':>6}")
     for target in args.targets:
         for method in ("svd", "whitened"):
-            allocs = []
             budget = copy.deepcopy(teacher)
             fac = {"method": method, "rank_rule": "budget", "target_params": target}
-            factorize_model(budget, recipe_from_dict({"factorize": fac}), calibration=calib, on_allocation=allocs.append)
-            a = allocs[0]
+            a = factorize_model(budget, recipe_from_dict({"factorize": fac}), calibration=calib).allocation
             uniform = copy.deepcopy(teacher)
             factorize_model(uniform, recipe_from_dict({"factorize": {"method": method, "kappa": a.uniform_kappa}}), calibration=calib)
             # and the allocation at exactly the uniform rule's parameters (it often keeps a little less)
-            allocs2 = []
             same = copy.deepcopy(teacher)
             fac2 = {**fac, "target_params": a.uniform_cost / a.base_cost}
-            factorize_model(same, recipe_from_dict({"factorize": fac2}), calibration=calib, on_allocation=allocs2.append)
-            b = allocs2[0]
+            b = factorize_model(same, recipe_from_dict({"factorize": fac2}), calibration=calib).allocation
             for label, m, cost, dropped in (
                 ("budget", budget, a.cost, a.dropped),
                 (f"uniform κ={a.uniform_kappa:g}", uniform, a.uniform_cost, a.uniform_dropped),

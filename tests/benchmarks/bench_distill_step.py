@@ -18,11 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lowrank_cli.distill.distributed import resolve_device
+from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.objective import DistillationObjective
 from lowrank_cli.distill.train import _autocast, create_optimizer
 from lowrank_cli.factorize import factorize_model
-from lowrank_cli.models import create_model
+from lowrank_cli.models import create_model, get_family
 from lowrank_cli.recipe import load_recipe
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     student = copy.deepcopy(dense).cpu()
     factorize_model(student, recipe)
     student = student.to(device).train()
-    objective = DistillationObjective(student, teacher, cfg, base="none")
+    objective = DistillationObjective(student, teacher, cfg, base="none", family=get_family("timm"))
     opt_dense, opt_student = create_optimizer(dense, cfg, 1e-5), create_optimizer(student, cfg, 1e-5)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)

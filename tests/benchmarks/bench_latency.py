@@ -1,7 +1,7 @@
 """Benchmark: latency of factorized vs dense models, eager PyTorch and onnxruntime, in one run.
 
 Factorizes `--arch` (random weights: time does not depend on values) with a recipe at κ,
-then runs `lowrank_cli.bench.bench_checkpoint` for each runtime: the dense baseline (the
+then runs `lowrank_cli.pipelines.bench.bench_checkpoint` for each runtime: the dense baseline (the
 same model merged back, W = up·down) and the factorized model are timed interleaved after
 warm-up. Prints measured speedup, the ideal one (MAC ratio) and efficiency = measured/ideal.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.bench import bench_checkpoint
-from lowrank_cli.pipeline import factorize_checkpoint
+from lowrank_cli.pipelines.bench import bench_checkpoint
+from lowrank_cli.pipelines.factorize import factorize_checkpoint
 from lowrank_cli.recipe import load_recipe, recipe_from_dict
 
 

@@ -4,7 +4,7 @@ For each model (random weights: time does not depend on values), batch 8, eager 
 the CPU: the plan of every selected linear at κ = 2 ("all"), and the plan with
 `select.latency_aware: true` ("latency-aware": each layer timed dense vs factorized at its
 rank and real token count, kept dense unless `latency_margin`× faster). Both plans come from
-`pipeline.inspect_checkpoint`, the same code `lowrank inspect/factorize` run; the structures
+`pipelines.inspect.inspect_checkpoint`, the same code `lowrank inspect/factorize` run; the structures
 are built with random factors. Dense, all and latency-aware models are then timed
 interleaved in the same process (`bench.time_interleaved`), after warm-up.
 
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from lowrank_cli.bench import time_interleaved
-from lowrank_cli.factorize import apply_manifest_structure, manifest_layers
-from lowrank_cli.flops import count_macs, count_params
-from lowrank_cli.models import create_model
-from lowrank_cli.pipeline import inspect_checkpoint
+from lowrank_cli.io import Manifest
+from lowrank_cli.measure import count_macs, count_params, time_interleaved
+from lowrank_cli.models import create_model, get_family
+from lowrank_cli.pipelines.inspect import inspect_checkpoint
+from lowrank_cli.plan import manifest_layers
 from lowrank_cli.recipe import load_recipe, recipe_from_dict
 
 MODELS = {
@@ -67,7 +67,7 @@ def main() -> None:
             dense = create_model(arch, {}).eval()
             models = {"dense": dense}
             for label, insp in (("all", plain), ("latency-aware", aware)):
-                models[label] = apply_manifest_structure(copy.deepcopy(dense), manifest_layers(insp.layers)).eval()
+                models[label] = Manifest(manifest_layers(insp.layers)).apply(copy.deepcopy(dense)).eval()
             x = torch.randn(args.batch, 3, 224, 224)
 
             def call(m):
@@ -77,7 +77,7 @@ def main() -> None:
                 return run
 
             tm = time_interleaved({k: call(m) for k, m in models.items()}, warmup=2, repeats=args.repeats)
-            macs = {k: count_macs(m).macs for k, m in models.items()}
+            macs = {k: count_macs(m, get_family("timm").example_inputs(m)).macs for k, m in models.items()}
             params = {k: count_params(m) for k, m in models.items()}
             n_all = sum(p.factorized for p in plain.layers)
             row = {

@@ -14,9 +14,11 @@ import time
 import timm
 import torch
 
-from lowrank_cli.factorize import factorize_model, svd_device
+from lowrank_cli.decompose import svd_device
+from lowrank_cli.factorize import factorize_model
+from lowrank_cli.models import linear_candidates
+from lowrank_cli.plan import plan_layers
 from lowrank_cli.recipe import load_recipe
-from lowrank_cli.select import linear_candidates, plan_layers
 
 
 def main() -> None:

@@ -17,11 +17,10 @@ import statistics
 import time
 
 import torch
+from _digits import accuracy, digits_split, digits_teacher, distill, distill_settings, input_grams, output_error, selected_names
 
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.recipe import recipe_from_dict
-
-from _digits import accuracy, digits_split, distill, distill_settings, digits_teacher, input_grams, output_error, selected_names
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The `lowrank` command line (`app.py`), one module per command under `commands/`, Rich rendering."""

@@ -1,0 +1,127 @@
+"""The `lowrank` command line: parse, call a pipeline, render. No algorithm lives here.
+
+Commands are registered by name and imported only when one is run (click's lazy-loading
+pattern), so that `lowrank --version` and `lowrank --help` import neither torch nor timm, and
+each command imports only what it needs. Every `LowrankError` (and every usage error) becomes
+one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from lowrank_cli._version import __version__
+from lowrank_cli.errors import LowrankError
+
+# name -> (module under lowrank_cli.cli.commands, one-line help shown by `lowrank --help`)
+COMMANDS = {
+    "inspect": ("inspect", "What is in a checkpoint, which linear layers can be factorized, and what each saves."),
+    "factorize": ("factorize", "Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."),
+    "convert": ("convert", "Convert a pickled PyTorch state dict to safetensors, loading it with weights_only=True."),
+    "compress": ("compress", "Factorize a checkpoint, then distill it against the original (PELA or PC-LoRA)."),
+    "distill": ("distill", "Distill an already factorized checkpoint against its dense original."),
+    "evaluate": ("evaluate", "Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."),
+    "export": ("export", "Deployable artifacts: verified ONNX, dense weights, or a dtype-cast factorized checkpoint."),
+    "bench": ("bench", "Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."),
+    "demo": ("demo", "Train a small ViT on handwritten digits, factorize it, distill it, and report the accuracy recovered."),
+}
+
+ARGV: List[str] = []  # the arguments `main` parsed, for relaunching a command under torchrun (`launch.py`)
+
+# The command-line option for each library argument or recipe key that errors name (`LowrankError.param`).
+FLAGS = {
+    "model": "--model", "model_kwargs": "--model-arg", "kappa": "--kappa", "factorize.kappa": "--kappa",
+    "out": "--out", "force": "--force", "device": "--device", "data": "--data", "calib_data": "--calib-data",
+    "calib_samples": "--calib-samples", "epochs": "--epochs", "teacher": "--teacher", "nproc": "--nproc",
+    "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
+    "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
+    "method": "--method", "recipe": "--recipe",
+}
+
+
+def render_error(e: LowrankError) -> str:
+    """The one line printed for a library error, naming the command-line option it is about.
+
+    A message that starts with the argument's name gets the option in its place
+    (`kappa must be ...` → `--kappa must be ...`); another gets `(option --kappa)` appended.
+    """
+    msg = str(e)
+    flag = FLAGS.get(e.param or "")
+    if flag is None or flag in msg:
+        return msg
+    for lead in (f"{e.param} ", f"{e.param}:"):
+        if msg.startswith(lead):
+            return flag + msg[len(e.param):]
+    return f"{msg} (option {flag})"
+
+
+class _Listed(TyperCommand):
+    """A command's name and one-line help, for `--help`, before its module is imported."""
+
+
+def load_command(name: str) -> TyperCommand:
+    """The command `name`, imported now."""
+    module = importlib.import_module(f"lowrank_cli.cli.commands.{COMMANDS[name][0]}")
+    command = typer.main.get_command(module.app)
+    command.name = name
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """Lists every command from `COMMANDS` (for `--help`) and imports one only when it is run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (_, short) in COMMANDS.items():
+            self.commands.setdefault(name, _Listed(name, help=short, short_help=short))
+
+    def resolve_command(self, ctx, args: List[str]):
+        if args and args[0] in COMMANDS and isinstance(self.commands[args[0]], _Listed):
+            self.commands[args[0]] = load_command(args[0])
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(
+    name="lowrank",
+    cls=LazyGroup,
+    help="Make transformer checkpoints smaller and faster by low-rank factorization (PELA, PC-LoRA).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"lowrank {__version__}")
+        raise typer.Exit()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
+    ARGV[:] = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except LowrankError as e:
+        print(f"error: {render_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors (typer vendors click: matched by shape, not by class)
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(0)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            print("error: aborted", file=sys.stderr)
+            sys.exit(130)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,55 @@
+"""`lowrank compress`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowrank_cli.cli import options as opt
+from lowrank_cli.cli.commands._json import print_json
+from lowrank_cli.cli.launch import is_main_process, relaunch
+from lowrank_cli.cli.render import console, err_console
+from lowrank_cli.cli.render_training import compress_table, training_progress
+from lowrank_cli.pipelines.compress import compress_checkpoint, prepare_compress, with_run_options
+
+app = typer.Typer(add_completion=False)
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    """The run's report (rank 0 only: other processes have none)."""
+    if not report:
+        return
+    if as_json:
+        print_json(report)
+    else:
+        console.print(compress_table(report, title=f"Compressed → {report['student']}"))
+
+
+@app.command()
+def compress(
+    checkpoint: Optional[Path] = typer.Argument(None, help="The dense .safetensors checkpoint (default: the recipe's 'checkpoint')."),
+    recipe: Optional[str] = opt.RecipeOpt,
+    model: Optional[str] = opt.ModelOpt,
+    model_arg: opt.ModelArgs = opt.ModelArgOpt,
+    kappa: Optional[float] = opt.KappaOpt,
+    data: Optional[str] = opt.DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    epochs: Optional[int] = opt.EpochsOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = opt.DeviceOpt,
+    nproc: Optional[int] = opt.NprocOpt,
+    as_json: bool = opt.JsonOpt,
+) -> None:
+    """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
+    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs)
+    kwargs = opt.parse_model_args(model_arg)
+    if nproc is not None and nproc > 1:
+        prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
+        if relaunch(nproc):
+            return
+    with training_progress("distill", enabled=is_main_process()) as log:
+        report = compress_checkpoint(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device,
+                                     log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+    print_report(report, as_json)

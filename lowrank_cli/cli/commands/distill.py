@@ -1,0 +1,43 @@
+"""`lowrank distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowrank_cli.cli import options as opt
+from lowrank_cli.cli.commands.compress import print_report
+from lowrank_cli.cli.launch import is_main_process, relaunch
+from lowrank_cli.cli.render import err_console
+from lowrank_cli.cli.render_training import training_progress
+from lowrank_cli.pipelines.compress import distill_checkpoint, prepare_distill
+from lowrank_cli.recipe import load_recipe
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def distill(
+    factorized: Path = typer.Argument(..., help="A checkpoint written by `lowrank factorize`."),
+    teacher: Path = typer.Option(..., "--teacher", "-t", help="The original dense checkpoint it was factorized from."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe for the distill:/data: settings (default: the one in the checkpoint's manifest)."),
+    data: Optional[str] = opt.DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    epochs: Optional[int] = opt.EpochsOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = opt.DeviceOpt,
+    nproc: Optional[int] = opt.NprocOpt,
+    as_json: bool = opt.JsonOpt,
+) -> None:
+    """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
+    r = load_recipe(recipe) if recipe else None
+    if nproc is not None and nproc > 1:
+        prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
+        if relaunch(nproc):
+            return
+    with training_progress("distill", enabled=is_main_process()) as log:
+        report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
+                                    log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+    print_report(report, as_json)

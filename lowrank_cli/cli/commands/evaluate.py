@@ -1,0 +1,36 @@
+"""`lowrank evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowrank_cli.cli import options as opt
+from lowrank_cli.cli.commands._json import print_json
+from lowrank_cli.cli.render import console
+from lowrank_cli.cli.render_training import evaluation_table
+from lowrank_cli.pipelines.evaluate import evaluate_checkpoint
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A dense or factorized .safetensors checkpoint."),
+    data: str = typer.Option(..., "--data", "-d", help="Image folder (its val/ split is used), 'digits' or 'synthetic'."),
+    model: Optional[str] = opt.ModelOpt,
+    model_arg: opt.ModelArgs = opt.ModelArgOpt,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="A dense checkpoint of the same architecture: also report feature cosine similarity to it."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
+    device: str = opt.DeviceOpt,
+    as_json: bool = opt.JsonOpt,
+) -> None:
+    """Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."""
+    result = evaluate_checkpoint(checkpoint, data, arch=model, model_kwargs=opt.parse_model_args(model_arg), teacher=teacher,
+                                 batch_size=batch_size, device=device)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(evaluation_table({str(checkpoint): result}, title=f"Evaluation on {result['data']} (val)"))

@@ -1,0 +1,34 @@
+"""`lowrank export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowrank_cli.cli import options as opt
+from lowrank_cli.cli.commands._json import print_json
+from lowrank_cli.cli.render import console, export_table
+from lowrank_cli.pipelines.export import export_checkpoint
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def export(
+    model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | dense | safetensors"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the input)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="ONNX input image size (default: the model's)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset version."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (dense and safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
+    as_json: bool = opt.JsonOpt,
+) -> None:
+    """Deployable artifacts: verified ONNX, dense weights, or a dtype-cast factorized checkpoint."""
+    result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        console.print(export_table(result))

@@ -1,0 +1,29 @@
+"""Casting a checkpoint's floating-point tensors to another dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_cli.errors import LowrankError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`float32`, `float16` or `bfloat16` as a torch dtype, or a LowrankError naming those."""
+    if name not in DTYPES:
+        raise LowrankError(f"dtype '{name}' is not supported; accepted: {', '.join(DTYPES)}", param="dtype")
+    return DTYPES[name]
+
+
+def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor in `dtype` (None: unchanged); integer tensors are kept."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    """`float32`, or `bfloat16+float32` for mixed checkpoints (floating-point tensors only)."""
+    kinds = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values() if v.is_floating_point()})
+    return "+".join(kinds) or "none"

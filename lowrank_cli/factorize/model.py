@@ -1,0 +1,174 @@
+"""Factorizing a model in place: each selected `nn.Linear` becomes a `LowRankLinear`.
+
+Plain truncated SVD (PELA §3.1, docs/algorithms.md §1), or the data-aware methods (whitened
+SVD, ASVD: §4) that minimise each layer's output error on calibration inputs. Which layers and
+which ranks come from the plan (`plan/`); the factors from `decompose/`; the module swap is
+`nn.replace_modules`, one layer at a time, so that peak memory stays near one layer's SVD
+beyond the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lowrank_cli.decompose.ranks import max_shrinking_rank
+from lowrank_cli.decompose.svd import svd, svd_device
+from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitened_basis
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
+from lowrank_cli.measure.macs import count_macs
+from lowrank_cli.models.family import ModelFamily, call_model, linear_candidates
+from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.nn.surgery import named_in, replace_modules
+from lowrank_cli.plan.budget import Allocation, allocate_ranks
+from lowrank_cli.plan.latency import LatencySelection
+from lowrank_cli.plan.select import LayerPlan, plan_layers, rule_of, set_rank
+from lowrank_cli.recipe import Recipe
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Factorization:
+    """What `factorize_model` decided: every candidate's plan (dense ones with their reason), the
+    budget allocation (`rank_rule: budget`) and the latency-aware selection's timings."""
+
+    plans: list[LayerPlan]
+    allocation: Allocation | None = None
+    latency: LatencySelection | None = None
+
+    @property
+    def factorized(self) -> list[LayerPlan]:
+        return [p for p in self.plans if p.factorized]
+
+
+def linear_rows(model: nn.Module, family: ModelFamily | None) -> dict[str, int]:
+    """Input rows per example of each linear (tokens), from one forward pass at batch 1."""
+    if family is None:
+        raise LowrankError("counting each layer's tokens needs the model's family (argument `family`)", param="family")
+    return count_macs(model, family.example_inputs(model), family.forward).linear_rows
+
+
+def factorize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    family: ModelFamily | None = None,
+    progress: Progress | None = None,
+    calibration: Iterable | None = None,
+    latency: LatencySelection | None = None,
+    rows: dict[str, int] | None = None,
+) -> Factorization:
+    """Replace, in place, each linear the recipe selects by a `LowRankLinear` of its factors.
+
+    `family` gives the candidates (default: every plain `nn.Linear`) and the example inputs
+    for counting tokens. `factorize.method: whitened | asvd` needs `calibration` (input
+    batches, e.g. `data.calibration_batches`). With `select.latency_aware`, `latency` (built
+    from the recipe when not given) times each layer once its rank is known and keeps dense
+    those not faster factorized. `rows` (input rows per example of each linear) are counted
+    when the MAC budget or the latency selection need them and are not given.
+    `progress(name)` is called after each layer.
+    """
+    candidates = family.linear_candidates(model) if family is not None else linear_candidates(model)
+    plans = plan_layers(candidates, recipe)
+    fac = recipe.factorize
+    needs_rows = recipe.select.latency_aware and latency is None or fac.rank_rule == "budget" and fac.target_macs is not None
+    if needs_rows and rows is None:
+        rows = linear_rows(model, family)
+    if latency is None and recipe.select.latency_aware:
+        latency = LatencySelection(recipe.select, rows)
+    call = family.forward if family is not None else call_model
+    if fac.method != "svd":
+        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call)
+
+    allocation = None
+    if fac.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
+        spectrum = lambda n: torch.linalg.svdvals(model.get_submodule(n).weight.detach().to(svd_device()).float())  # noqa: E731
+        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows)
+    if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
+        for plan in latency.decide(plans):
+            if progress is not None:
+                progress(plan.name)
+    todo = {p.name: p for p in plans if p.factorized}
+
+    def swap(name: str, linear: nn.Module) -> nn.Module | None:
+        plan = todo[name]
+        factors = svd(linear.weight)
+        set_rank(plan, *rule_of(plan), factors[1].cpu())
+        if latency is not None and plan.factorized:  # the energy rule's rank is known only now
+            latency.decide([plan])
+        new = LowRankLinear.from_linear(linear, plan.rank, factors) if plan.factorized else None
+        del factors
+        if progress is not None:
+            progress(name)
+        return new
+
+    replace_modules(model, swap, named_in(todo))
+    return Factorization(plans, allocation, latency)
+
+
+def _factorize_data_aware(
+    model: nn.Module,
+    recipe: Recipe,
+    plans: list[LayerPlan],
+    calibration: Iterable | None,
+    progress: Progress | None,
+    latency: LatencySelection | None,
+    rows: dict[str, int] | None,
+    call,
+) -> Factorization:
+    """The `whitened` / `asvd` methods (see `decompose.whiten`).
+
+    The calibration batches go through the dense model once per group of Grams (see
+    `calibrate.gram_groups`): every layer's statistics are taken on the *original* model's
+    inputs, and the layers are swapped for `LowRankLinear`s only after all passes. With
+    `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy).
+    """
+    fac = recipe.factorize
+    if calibration is None:
+        raise LowrankError(f"factorize.method '{fac.method}' needs calibration data (recipe key factorize.calib_data, "
+                           "argument `calibration`): a folder of images, 'digits' or 'synthetic'", param="calib_data")
+    todo = {p.name: p for p in plans if p.factorized}
+    whitened = fac.method == "whitened"
+    budget = fac.rank_rule == "budget"
+    groups = gram_groups(model, list(todo), fac.calib_max_gram_mb * 2**20) if whitened else [list(todo)]
+    if len(groups) > 1 and iter(calibration) is calibration:  # a one-shot iterator: keep it for the next passes
+        calibration = list(calibration)
+
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for group in groups:
+        stats = collect_input_stats(model, group, calibration, gram=whitened, call=call)
+        for name in group:
+            plan, w = todo[name], model.get_submodule(name).weight.detach()
+            st = stats.pop(name)
+            U, sigma = whitened_basis(w, st.gram) if whitened else asvd_basis(w, st.abs_mean, fac.asvd_alpha)
+            if budget:  # keep the basis up to the largest rank that could still shrink the layer
+                keep = max_shrinking_rank(plan.d_in, plan.d_out)
+            else:
+                set_rank(plan, *rule_of(plan), sigma.cpu())
+                keep = plan.rank if plan.factorized else 0
+            bases[name] = (U[:, :keep].clone(), sigma.cpu())
+            del U, st
+            if progress is not None:
+                progress(name)
+        del stats
+
+    allocation = allocate_ranks(plans, lambda n: bases[n][1], fac.min_rank, rows, spectrum_kind=fac.method) if budget else None
+
+    def swap(name: str, linear: nn.Module) -> nn.Module | None:
+        plan = todo[name]
+        U, _ = bases.pop(name)
+        if latency is not None and plan.factorized:
+            latency.decide([plan])
+        if not plan.factorized:
+            return None
+        up, down = projection_factors(linear.weight, U[:, : plan.rank])
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return LowRankLinear.from_factors(up.to(linear.weight.device), down.to(linear.weight.device), bias)
+
+    replace_modules(model, swap, named_in(todo))
+    return Factorization(plans, allocation, latency)

@@ -1,0 +1,65 @@
+"""Outputs that appear whole or not at all, and the one check every output path goes through."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from lowrank_cli.errors import LowrankError
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output path before any long work: an input (always), an existing file (unless
+    `force`), a directory, or a missing parent directory. `atomic_output` checks again at the write."""
+    path = Path(path)
+    for inp in inputs:
+        if Path(inp).exists() and path.exists() and path.resolve() == Path(inp).resolve():
+            raise LowrankError(f"{path}: refusing to overwrite the input checkpoint; choose another output path", param="out")
+    if path.exists() and path.is_dir():
+        raise LowrankError(f"{path}: is a directory, expected a file path", param="out")
+    if path.exists() and not force:
+        raise LowrankError(f"{path}: already exists; overwrite it with force=True", param="force")
+    if not path.parent.exists():
+        raise LowrankError(f"{path.parent}: output directory does not exist", param="out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    The path is checked by `check_output`. On any error the temporary file is removed, so no
+    partial output is ever left behind.
+    """
+    path = check_output(path, force=force, inputs=inputs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make it 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write (or replace) a text file atomically."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write JSON atomically (a temporary file renamed into place)."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

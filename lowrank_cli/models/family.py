@@ -1,0 +1,147 @@
+"""The model-family seam: what depends on the library a model comes from, behind one interface.
+
+Everything else in lowrank (planning, factorization, distillation, counting, export) asks a
+`ModelFamily` for what it needs to know about a model: how to build it from an architecture
+name and settings, which linears it has, which transformer blocks feature distillation
+compares, example inputs (for MAC counting, calibration, export and benchmarks), how to call
+it, and how its data is prepared. `timm` is the first family (`models/timm_family.py`).
+
+Inputs are a tensor (images, `(B, C, H, W)`) or a mapping of tensors (a text model's
+`input_ids` and `attention_mask`); `family.forward(model, inputs)` calls the model either way
+and returns the tensor the model's task reads (logits, or the last hidden states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, ContextManager, Mapping, Union
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.safetensors import CheckpointHeader
+from lowrank_cli.nn.lowrank import LowRankLinear
+
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A linear layer (or a 2-D weight) that could be factorized; `skip` says why not when it cannot be."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+    skip: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How a vision model's images are prepared: `(C, H, W)`, per-channel mean/std, resizing."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+
+
+def linear_candidates(model: nn.Module) -> list[Candidate]:
+    """Every `nn.Linear` of a model, with the ones that must not be replaced marked.
+
+    The `down`/`up` halves of an already factorized layer are not candidates.
+    """
+    out: list[Candidate] = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.Linear):
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(parent, LowRankLinear):
+            continue
+        skip = None
+        if isinstance(parent, nn.MultiheadAttention):
+            skip = "part of an nn.MultiheadAttention, which uses its weight directly"
+        elif type(module) is not nn.Linear:
+            skip = f"a subclass of nn.Linear ({type(module).__name__}), not replaced"
+        out.append(Candidate(name, module.in_features, module.out_features, module.bias is not None, skip))
+    return out
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """`model(x)` for a tensor, `model(**inputs)` for a mapping (works through DDP wrappers too)."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def inputs_to(inputs: Inputs, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Inputs:
+    """Move a batch's inputs to `device`; `dtype` applies to floating-point tensors only."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype=dtype if dtype is not None and t.is_floating_point() else None, non_blocking=non_blocking)
+
+    return {k: move(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else move(inputs)
+
+
+def batch_size(inputs: Inputs) -> int:
+    """The number of examples in a batch of inputs."""
+    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
+    return int(first.shape[0])
+
+
+class ModelFamily(ABC):
+    """What lowrank needs to know about one library's models (see the module docstring)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def create(self, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+        """The architecture with random weights (no download), or a LowrankError naming what is wrong."""
+
+    def complete_kwargs(self, architecture: str, header: CheckpointHeader | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` plus the settings a checkpoint's tensors imply (e.g. a classifier's number of classes)."""
+        return dict(kwargs)
+
+    def recorded_kwargs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The settings to record in a manifest so that the model can be rebuilt."""
+        return dict(kwargs)
+
+    def linear_candidates(self, model: nn.Module) -> list[Candidate]:
+        """The layers factorization may replace."""
+        return linear_candidates(model)
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The transformer blocks, in forward order, whose outputs feature distillation compares."""
+
+    @abstractmethod
+    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None) -> Inputs:
+        """Random inputs of the model's own size, on the CPU, for counting, calibration checks, export and timing."""
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """Call the model and return the tensor its task reads (logits for classifiers)."""
+        return call_model(model, inputs)
+
+    @abstractmethod
+    def data_config(self, model: nn.Module) -> ImageConfig:
+        """How the model's data is prepared."""
+
+    def exportable(self) -> ContextManager[None]:
+        """A context in which models are built in their export-friendly form (for ONNX)."""
+        return contextlib.nullcontext()
+
+
+# The families, by name, with the module that implements each: imported when first used, so
+# that a command that needs no model (or another family) does not pay for the library's import.
+FAMILIES = {"timm": "lowrank_cli.models.timm_family"}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called `name` (`timm`), or a LowrankError listing those there are."""
+    module = FAMILIES.get(name)
+    if module is None:
+        raise LowrankError(f"model family '{name}' is not supported; accepted: {', '.join(FAMILIES)}", param="family")
+    return importlib.import_module(module).FAMILY

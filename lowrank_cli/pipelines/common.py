@@ -1,0 +1,69 @@
+"""What several pipelines share: finding the model a command works on, and default output paths."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import CheckpointHeader, read_header
+
+RUNS_DIR = Path("runs")
+STUDENT_FILE = "student.safetensors"
+
+
+def output_beside(path: Path, suffix: str) -> Path:
+    """`<stem><suffix>` beside `path` (`.safetensors` dropped from the stem): `deit.safetensors` → `deit.lowrank.safetensors`."""
+    return path.with_name(path.name.removesuffix(".safetensors") + suffix)
+
+
+def _has_manifest(path: Path) -> bool:
+    try:
+        return Manifest.from_header(read_header(path)) is not None
+    except LowrankError:
+        return False
+
+
+def checkpoint_in_run(run: Path) -> Path:
+    """The checkpoint a run directory holds: `student.safetensors`, else its newest factorized `*.safetensors`."""
+    student = run / STUDENT_FILE
+    if student.is_file():
+        return student
+    candidates = sorted((p for p in run.glob("*.safetensors") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in candidates:
+        if _has_manifest(p):
+            return p
+    raise LowrankError(f"{run}: no {STUDENT_FILE} and no factorized *.safetensors (one with a lowrank manifest) in this run directory")
+
+
+def resolve_model_path(model: str | os.PathLike | None, runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+    """A checkpoint file as given; a run directory's checkpoint; or, with None, the newest run's under `runs_dir`."""
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise LowrankError(f"{path}: no such file or run directory")
+        return checkpoint_in_run(path) if path.is_dir() else path
+    runs = Path(runs_dir)
+    if not runs.is_dir():
+        raise LowrankError(f"no model given and no {runs}/ directory here; give a factorized checkpoint or a run directory", param="model_path")
+    dirs = sorted((d for d in runs.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs:
+        with contextlib.suppress(LowrankError):
+            return checkpoint_in_run(d)
+    raise LowrankError(f"no model given and no run under {runs}/ holds a {STUDENT_FILE} or a factorized checkpoint", param="model_path")
+
+
+def require_manifest(path: Path, purpose: str, need_architecture: bool) -> tuple[CheckpointHeader, Manifest]:
+    """The header and manifest of a factorized checkpoint, or a sentence saying why it is not one."""
+    header = read_header(path)
+    manifest = Manifest.from_header(header)
+    if manifest is None:
+        raise LowrankError(f"{path}: is not a factorized checkpoint (no lowrank manifest); {purpose} needs the output of `lowrank factorize` or of a training run")
+    if need_architecture and manifest.weight_only:
+        raise LowrankError(
+            f"{path}: was factorized weight-only (no architecture recorded), so {purpose} cannot build it; "
+            "export it as dense or safetensors"
+        )
+    return header, manifest

@@ -1,0 +1,355 @@
+"""`compress` (factorize, then distill) and `distill` (a checkpoint already factorized).
+
+Both go through the same steps:
+
+1. Check every input before anything is written: data, teacher, run folder, device.
+2. Evaluate the teacher and the SVD-only student.
+3. Train the student against the frozen teacher (`distill.train`: PELA or PC-LoRA).
+4. Save the final student in the format `lowrank factorize` writes, with a `distill` record
+   in its manifest; evaluate it; write `report.json`.
+
+Under torchrun, every process trains; rank 0 alone evaluates, writes and reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowrank_cli.data.images import ImageData, load_image_data
+from lowrank_cli.device import resolve_device
+from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
+from lowrank_cli.distill.evaluate import Evaluation, evaluate
+from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
+from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.factorize.pclora import apply_pclora
+from lowrank_cli.io.atomic import write_json
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.rundir import Position, RunDir, load_training_state
+from lowrank_cli.io.safetensors import load_tensors, read_header, save_checkpoint, sha256_file
+from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.models.build import build_model, load_state_dict_strict
+from lowrank_cli.models.family import ModelFamily
+from lowrank_cli.nn.pclora import decay_lambda, finalize, set_lambda
+from lowrank_cli.pipelines.factorize import build_manifest
+from lowrank_cli.recipe import Recipe, recipe_from_dict
+
+Log = Callable[[dict[str, Any]], None]
+
+
+def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None) -> Recipe:
+    """The recipe with the data source and the number of epochs given (a copy)."""
+    recipe = recipe.model_copy(deep=True)
+    if data is not None:
+        recipe.data = recipe.data.model_copy(update={"source": str(data)})
+    if epochs is not None:
+        if epochs < 1:
+            raise LowrankError(f"epochs must be at least 1 (got {epochs})", param="epochs")
+        recipe.distill = recipe.distill.model_copy(update={"epochs": int(epochs)})
+    return recipe
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and built, nothing written yet."""
+
+    recipe: Recipe
+    family: ModelFamily
+    teacher: nn.Module
+    student: nn.Module
+    manifest: Manifest
+    data: ImageData
+    run: RunDir
+    env: DistEnv
+    base: str
+    teacher_file: Path | None
+    resume_from: tuple[Path, Path] | None = None
+    labels_match: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_base(recipe: Recipe, model: nn.Module, data: ImageData) -> tuple[str, bool]:
+    classes = getattr(model, "num_classes", None)
+    match = classes == data.num_classes
+    kind = recipe.distill.base_loss
+    if kind == "auto":
+        kind = "ce" if match else "logits"
+    if kind == "ce" and not match:
+        raise LowrankError(
+            f"distill.base_loss 'ce': the data '{data.source}' has {data.num_classes} classes but the model has {classes} outputs; "
+            "use base_loss: logits (match the teacher's logits) or none"
+        )
+    return kind, match
+
+
+def _run_dir(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
+    run = RunDir(out or Path("runs") / recipe.name)
+    if resume:
+        return run, run.check_resumable(recipe)
+    run.check_new()
+    return run, None
+
+
+def _data(recipe: Recipe, family: ModelFamily, model: nn.Module) -> ImageData:
+    return load_image_data(recipe.data.source, family.data_config(model), getattr(model, "num_classes", 10), recipe.data.synthetic_size)
+
+
+def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
+                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
+    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
+    dev = resolve_device(device)
+    arch = arch or recipe.model
+    if checkpoint is None and recipe.checkpoint:
+        checkpoint = recipe.checkpoint
+    if checkpoint is None:
+        raise LowrankError("give the checkpoint to compress (argument `checkpoint`, recipe key `checkpoint`)", param="checkpoint")
+    if arch is None:
+        raise LowrankError(f"{checkpoint}: name its architecture (argument `arch`, recipe key `model`)", param="model")
+    header = read_header(checkpoint)
+    if Manifest.from_header(header) is not None:
+        raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or use `lowrank distill {checkpoint} --teacher ORIGINAL`")
+    built = build_model(checkpoint, arch, {**recipe.model_kwargs, **(model_kwargs or {})})
+    teacher, family = built.model, built.family
+    data = _data(recipe, family, teacher)
+    run, resume_from = _run_dir(recipe, out, resume)
+    student = copy.deepcopy(teacher)
+    pclora = recipe.distill.method == "pclora"
+    # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
+    if pclora:
+        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family)
+    else:
+        plans = factorize_model(student, recipe, family=family).plans
+    if not any(p.factorized for p in plans):
+        raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
+    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else "svd")
+    base, match = _resolve_base(recipe, teacher, data)
+    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match)
+
+
+def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
+                    resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
+                    env: DistEnv | None = None) -> PreparedRun:
+    """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
+    dev = resolve_device(device)
+    manifest = Manifest.from_header(read_header(factorized))
+    if manifest is None:
+        raise LowrankError(f"{factorized}: is not factorized (no lowrank manifest); run `lowrank compress` on it, or `lowrank factorize` first")
+    if manifest.weight_only:
+        raise LowrankError(f"{factorized}: was factorized weight-only (no architecture); distillation needs a model architecture")
+    recipe = recipe or recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
+    recipe = with_run_options(recipe, data, epochs)
+    if recipe.distill.method == "pclora":
+        raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
+                           "run `lowrank compress ORIGINAL --recipe ...` instead")
+    if Manifest.from_header(read_header(teacher_file)) is not None:
+        raise LowrankError(f"teacher {teacher_file}: is a factorized checkpoint; the teacher is the original dense model", param="teacher")
+    student = build_model(factorized)
+    arch = manifest.architecture
+    try:
+        teacher = build_model(teacher_file, arch, manifest.model_kwargs, family=manifest.family)
+    except LowrankError as e:
+        raise LowrankError(f"teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
+    data_ = _data(recipe, teacher.family, teacher.model)
+    run, resume_from = _run_dir(recipe, out, resume)
+    manifest = manifest.replace(recipe=recipe.to_dict())
+    base, match = _resolve_base(recipe, teacher.model, data_)
+    return PreparedRun(recipe, teacher.family, teacher.model, student.model, manifest, data_, run, env or DistEnv(device=dev), base,
+                       Path(teacher_file), resume_from, match,
+                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}})
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (keys and bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _distill_record(p: PreparedRun, result_steps: int | None = None) -> dict[str, Any]:
+    cfg = p.recipe.distill
+    teacher = {"file": p.teacher_file.name, "sha256": sha256_file(p.teacher_file)} if p.teacher_file else None
+    if cfg.method == "pclora":
+        losses = {"method": "pclora", **cfg.pclora.model_dump(), **({"decay_steps": p.info["pclora"]["decay_steps"]} if "pclora" in p.info else {})}
+    else:
+        losses = {"method": "pela", "alpha": cfg.alpha, "beta": cfg.beta, "epsilon": cfg.epsilon, "rwp_form": cfg.rwp_form}
+    return {"teacher": teacher, "data": p.data.source, "epochs": cfg.epochs, **losses, "base_loss": p.base,
+            **({"steps": result_steps} if result_steps else {})}
+
+
+def decay_steps(p: PreparedRun) -> int:
+    """PC-LoRA's q: the step from which λ = 0, `decay_end` × the run's total optimizer steps (≥ 1).
+
+    A resumed run keeps the q it started with (run.json), whatever the number of epochs says now.
+    """
+    cfg = p.recipe.distill
+    total = total_steps(len(p.data.train), cfg, p.env.world)
+    if p.resume_from is not None:
+        q = int(p.run.run_info().get("pclora", {}).get("decay_steps", 0))
+        if q > total:
+            raise LowrankError(f"{p.run.root}: λ reaches 0 at step {q} in this run, but the run now has only {total} steps; "
+                               "resume with at least the epochs it was started with", param="epochs")
+        if q:
+            return q
+    return max(1, min(total, round(cfg.pclora.decay_end * total)))
+
+
+def lambda_course(schedule: str, q: int, points: int = 5) -> list[tuple[int, float]]:
+    """λ at `points` steps evenly spaced from 0 to q (where it is exactly 0)."""
+    return [(round(q * i / (points - 1)), decay_lambda(schedule, round(q * i / (points - 1)), q)) for i in range(points)]
+
+
+def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
+                     step_hook: Callable[[Position], None] | None = None) -> dict[str, Any]:
+    """Train the prepared student against its teacher; returns the report (also written, by rank 0)."""
+    env, run, cfg, family = p.env, p.run, p.recipe.distill, p.family
+    note = note if (note is not None and env.is_main) else (lambda _msg: None)
+    device = env.device
+    check_steps(len(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
+    torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
+    teacher = freeze(p.teacher).to(device)
+    pclora = cfg.method == "pclora"
+    if pclora:
+        p.info["pclora"] = {"decay_steps": decay_steps(p)}
+    manifest = p.manifest.replace(distill=_distill_record(p))
+    t0 = time.perf_counter()
+
+    def accuracy(model: nn.Module, with_teacher: bool) -> Evaluation | None:
+        if not p.labels_match:
+            return None
+        return evaluate(model, p.data.val, family, device, teacher=teacher if with_teacher else None, num_workers=p.recipe.data.num_workers)
+
+    resume = None
+    if p.resume_from is not None:
+        student_file, state_file = p.resume_from
+        load_state_dict_strict(p.student, load_tensors(student_file), student_file, manifest.architecture)
+        resume = load_training_state(state_file)
+        baseline = run.run_info().get("baseline", {})
+        note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
+    else:
+        baseline = {}
+        if env.is_main:
+            note("evaluating the teacher and the SVD-only student")
+            # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
+            svd = p.student
+            if pclora:
+                svd = copy.deepcopy(p.teacher)
+                factorize_model(svd, p.recipe, family=family)
+            t, s = accuracy(teacher, False), accuracy(svd, True)
+            baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
+            run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
+                                  "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
+        barrier(env)
+
+    def save(pos: Position, optimizer, scaler) -> str:
+        path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
+        if env.is_main:
+            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(), cfg.keep_checkpoints)
+        return str(path)
+
+    def log_metrics(record: dict[str, Any]) -> None:
+        if env.is_main:
+            run.append_metrics(record)
+            if log is not None:
+                log(record)
+
+    schedule = None
+    if pclora:
+        q = p.info["pclora"]["decay_steps"]
+
+        def schedule(step: int) -> dict[str, float]:
+            lam = decay_lambda(cfg.pclora.schedule, step, q)
+            set_lambda(p.student, lam)
+            return {"lam": lam}
+
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight)
+    else:
+        objective = DistillationObjective(p.student, teacher, cfg, p.base, family)
+    try:
+        result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook, schedule=schedule)
+    finally:
+        objective.close()
+    digests = all_gather_strings(env, weights_digest(p.student))
+    if len(set(digests)) != 1:
+        raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
+    if pclora:  # λ is 0 from step q ≤ total on: the frozen branch contributes nothing and is dropped
+        finalize(p.student).eval()
+    report: dict[str, Any] = {}
+    if env.is_main:
+        manifest = manifest.replace(distill=_distill_record(p, result.steps))
+        save_checkpoint(run.student_file, p.student.state_dict(), manifest.metadata(), force=True)
+        note("evaluating the distilled student")
+        final = accuracy(p.student, True)
+        report = _report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
+        write_json(run.report_file, report)
+    barrier(env)
+    return report
+
+
+def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
+    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back."""
+    if teacher is None or svd is None or distilled is None or teacher - svd <= 1e-12:
+        return None
+    return (distilled - svd) / (teacher - svd)
+
+
+def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluation | None, result: TrainResult,
+            digests: list[str], seconds: float) -> dict[str, Any]:
+    example = p.family.example_inputs(teacher)
+    macs_t, macs_s = count_macs(teacher, example, p.family.forward), count_macs(p.student, example, p.family.forward)
+    top1 = lambda d: (d or {}).get("top1")  # noqa: E731
+    return {
+        "run": str(p.run.root),
+        "student": str(p.run.student_file),
+        "architecture": p.manifest.architecture,
+        "params_before": count_params(teacher), "params_after": count_params(p.student),
+        "macs_before": macs_t.macs, "macs_after": macs_s.macs,
+        "accuracy": {"teacher": baseline.get("teacher"), "svd": baseline.get("svd"), "distilled": final.to_dict() if final else None},
+        "recovered_fraction": recovered_fraction(top1(baseline.get("teacher")), top1(baseline.get("svd")), final.top1 if final else None),
+        "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
+                  "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
+                  "base_loss": p.base},
+        "method": p.recipe.distill.method,
+        **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
+        "world_size": p.env.world,
+        "rank_weight_sha256": digests,
+        "seconds": seconds,
+    }
+
+
+def _pclora_report(p: PreparedRun, result: TrainResult) -> dict[str, Any]:
+    cfg, q = p.recipe.distill.pclora, p.info["pclora"]["decay_steps"]
+    return {"schedule": cfg.schedule, "init": cfg.init, "task_weight": cfg.task_weight, "decay_end": cfg.decay_end,
+            "decay_steps": q, "zero_at_step": q, "total_steps": result.total_steps,
+            "lambda_final": decay_lambda(cfg.schedule, result.steps, q), "course": lambda_course(cfg.schedule, q)}
+
+
+def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log: Log | None = None, note=None, step_hook=None, **kw) -> dict[str, Any]:
+    """Factorize `checkpoint` by the recipe and distill it; the library form of `lowrank compress`."""
+    env = init_distributed(resolve_device(device))
+    try:
+        p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
+        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+    finally:
+        close_distributed()
+
+
+def distill_checkpoint(factorized, teacher, recipe: Recipe | None = None, *, device: str = "auto", log: Log | None = None, note=None, step_hook=None, **kw) -> dict[str, Any]:
+    """Distill an already factorized checkpoint against its original; the library form of `lowrank distill`."""
+    env = init_distributed(resolve_device(device))
+    try:
+        p = prepare_distill(factorized, teacher, recipe, device=device, env=env, **kw)
+        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+    finally:
+        close_distributed()

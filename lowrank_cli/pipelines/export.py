@@ -1,0 +1,182 @@
+"""`lowrank export`: a factorized checkpoint (or a run's student) as a deployable artifact.
+
+- `onnx`: the model built in its family's export-friendly form, exported by the dynamo
+  exporter with a dynamic batch axis, checked and verified against PyTorch (`export.onnx`).
+- `dense`: every `<layer>.down/up` pair merged back into `<layer>.weight = up · down`: a plain
+  state dict that the model's library loads strictly (timm: `create_model(arch, checkpoint_path=...)`).
+- `safetensors`: the factorized checkpoint and its manifest, cast to another dtype.
+
+Every output is written to a temporary file and renamed into place only when it is complete
+and verified, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.export.cast import cast_tensors, dtype_name, parse_dtype
+from lowrank_cli.export.dense import merge_state_dict
+from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
+from lowrank_cli.io.atomic import check_output
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import load_tensors, read_header, save_checkpoint
+from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.models.build import Built, build_model, load_state_dict_strict
+from lowrank_cli.models.family import ModelFamily, get_family
+from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.pipelines.common import RUNS_DIR, output_beside, require_manifest, resolve_model_path
+
+FORMATS = ("onnx", "dense", "safetensors")
+
+
+@dataclass
+class ExportResult:
+    """What `lowrank export` wrote. Sizes in bytes, MACs per example (None without an architecture)."""
+
+    format: str
+    source: str
+    out: str
+    bytes_before: int
+    bytes_after: int
+    params: int
+    macs: int | None
+    dtype: str
+    architecture: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    factorized_layers: int = 0
+    verification: dict[str, Any] | None = None  # what was checked, and its max abs diff
+    onnx_ops: dict[str, int] | None = None  # MatMul / Gemm node counts of an ONNX export
+    extra_files: list[str] = field(default_factory=list)  # e.g. the ONNX external data file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_output(path: Path, fmt: str, dtype: str) -> Path:
+    """`<stem>.onnx`, `<stem>.dense.safetensors` or `<stem>.<dtype>.safetensors` beside the input."""
+    return output_beside(path, {"onnx": ".onnx", "dense": ".dense.safetensors", "safetensors": f".{dtype}.safetensors"}[fmt])
+
+
+@torch.no_grad()
+def _max_abs_diff(family: ModelFamily, a: nn.Module, b: nn.Module, seed: int = 0) -> float:
+    x = family.example_inputs(a, 2, generator=torch.Generator().manual_seed(seed))
+    return (family.forward(a, x).float() - family.forward(b, x).float()).abs().max().item()
+
+
+def _macs(built_model: nn.Module, family: ModelFamily) -> int:
+    return count_macs(built_model, family.example_inputs(built_model), family.forward).macs
+
+
+def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool = False) -> ExportResult:
+    """Merge every factorized layer back to one dense weight and write a plain state dict.
+
+    With an architecture, the result is loaded strictly into the family's freshly built model
+    and its outputs compared with the factorized model's (the verification in the report).
+    """
+    _, manifest = require_manifest(path, "export as dense", need_architecture=False)
+    check_output(out, force=force, inputs=(path,))
+    cast = parse_dtype(dtype) if dtype else None
+    dense_sd = cast_tensors(merge_state_dict(load_tensors(path), manifest.layers), cast)
+    params, macs, verification = sum(v.numel() for v in dense_sd.values() if v.is_floating_point()), None, None
+    if not manifest.weight_only:
+        factorized = build_model(path)
+        family = factorized.family
+        dense = family.create(manifest.architecture, manifest.model_kwargs).eval()
+        load_state_dict_strict(dense, dense_sd, out, manifest.architecture)  # exactly what the library's strict load will see
+        dense.float()
+        diff = _max_abs_diff(family, factorized.model.float(), dense)
+        params, macs = count_params(dense), _macs(dense, family)
+        verification = {"check": f"strict load into a new {family.name} model; outputs vs the factorized model", "max_abs_diff": diff}
+    save_checkpoint(out, dense_sd, None, force=force, inputs=(path,))
+    return ExportResult(
+        "dense", str(path), str(out), path.stat().st_size, out.stat().st_size, params, macs, dtype_name(dense_sd),
+        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification,
+    )
+
+
+def export_safetensors(path: Path, out: Path, *, dtype: str = "float32", force: bool = False) -> ExportResult:
+    """The factorized checkpoint with its manifest, every floating-point tensor cast to `dtype`."""
+    header, manifest = require_manifest(path, "export as safetensors", need_architecture=False)
+    check_output(out, force=force, inputs=(path,))
+    tensors = cast_tensors(load_tensors(path), parse_dtype(dtype))
+    save_checkpoint(out, tensors, manifest.metadata(), force=force, inputs=(path,))
+    check = read_header(out)  # the written file is what a user will load: its dtypes and manifest
+    written = sorted({t.dtype for t in check.tensors.values()})
+    verification = {"check": "re-read header: dtypes and manifest", "dtypes": written, "manifest_kept": Manifest.from_header(check) == manifest}
+    return ExportResult(
+        "safetensors", str(path), str(out), path.stat().st_size, out.stat().st_size,
+        sum(t.numel for t in header.tensors.values()), None, dtype,
+        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification,
+    )
+
+
+def build_exportable(path: Path, img_size: int | None = None) -> Built:
+    """The factorized model, built in its family's export-friendly form, in fp32, at `img_size` when given."""
+    manifest = Manifest.from_header(read_header(path))
+    family = get_family(manifest.family) if manifest is not None and manifest.family else get_family("timm")
+    with family.exportable():
+        built = build_model(path)
+    model = built.model.float().eval()
+    if img_size is not None and tuple(family.data_config(model).input_size[1:]) != (img_size, img_size):
+        if not hasattr(model, "set_input_size"):
+            raise LowrankError(f"img_size {img_size}: {type(model).__name__} cannot change its input size after building", param="img_size")
+        try:
+            model.set_input_size(img_size=img_size)  # resamples position embeddings / window masks
+        except Exception as e:  # noqa: BLE001 - timm raises assorted errors for impossible sizes
+            raise LowrankError(f"img_size {img_size}: not a valid input size for this model ({e})", param="img_size") from None
+    return built
+
+
+def export_onnx(path: Path, out: Path, *, img_size: int | None = None, opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
+    """Export to ONNX, check it, verify it against PyTorch, and only then move it to `out`."""
+    _, manifest = require_manifest(path, "export as onnx", need_architecture=True)
+    check_output(out, force=force, inputs=(path,))
+    check_opset(opset)
+    built = build_exportable(path, img_size)
+    model, family = built.model, built.family
+    written = write_verified_onnx(
+        model, out, lambda b, g: family.example_inputs(model, b, generator=g), family.forward,
+        opset=opset, force=force, inputs=(path,), source=str(path),
+    )
+    size_after = out.stat().st_size + sum(Path(p).stat().st_size for p in written.extra_files)
+    n_factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    return ExportResult(
+        "onnx", str(path), str(out), path.stat().st_size, size_after, count_params(model), _macs(model, family), "float32",
+        manifest.architecture, manifest.model_kwargs, n_factorized, written.verification, written.ops, written.extra_files,
+    )
+
+
+def export_checkpoint(
+    model: str | os.PathLike | None,
+    fmt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    img_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    dtype: str | None = None,
+    force: bool = False,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+) -> ExportResult:
+    """Export a factorized checkpoint (or a run directory's, or the newest run's) as `fmt`."""
+    if fmt not in FORMATS:
+        raise LowrankError(f"format '{fmt}' is not supported; accepted: {', '.join(FORMATS)}", param="format")
+    if dtype is not None:
+        parse_dtype(dtype)
+    if fmt == "onnx" and dtype not in (None, "float32"):
+        raise LowrankError(f"dtype {dtype} is not supported for the onnx format (exports are float32 and verified at 1e-3)", param="dtype")
+    path = resolve_model_path(model, runs_dir)
+    out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32")
+    if fmt == "onnx":
+        return export_onnx(path, out_path, img_size=img_size, opset=opset, force=force)
+    if img_size is not None:
+        raise LowrankError(f"img_size applies to the onnx format only, not {fmt}", param="img_size")
+    if fmt == "dense":
+        return export_dense(path, out_path, dtype=dtype, force=force)
+    return export_safetensors(path, out_path, dtype=dtype or "float32", force=force)

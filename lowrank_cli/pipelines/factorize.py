@@ -1,0 +1,132 @@
+"""`lowrank factorize`: a checkpoint in, a factorized checkpoint (with its manifest) out.
+
+1. Check the input (not already factorized) and the output path, before any long work.
+2. With an architecture: build the model, load the checkpoint strictly, factorize it in place
+   (plain SVD or data-aware with calibration data), and write its state dict. Without one:
+   factorize every selected 2-D weight from the file alone, one tensor at a time.
+3. Write the result with its manifest, atomically; return what was saved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lowrank_cli.data.calibration import calibration_batches
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.factorize.state_dict import factorize_state_dict
+from lowrank_cli.io.atomic import check_output
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import open_tensors, read_header, save_checkpoint, sha256_file
+from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.models.build import build_model
+from lowrank_cli.pipelines.common import output_beside
+from lowrank_cli.pipelines.inspect import Inspection, header_params, plan_weight_only
+from lowrank_cli.plan.latency import LatencySelection, LayerTimer
+from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_layers
+from lowrank_cli.recipe import Recipe
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class FactorizeResult:
+    """What `lowrank factorize` wrote and saved."""
+
+    out: Path
+    inspection: Inspection
+    manifest: Manifest
+
+
+def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int | None) -> Recipe:
+    """A copy with the given calibration settings, so that the manifest records what was used."""
+    if calib_data is None and calib_samples is None:
+        return recipe
+    if calib_samples is not None and calib_samples < 1:
+        raise LowrankError(f"calib_samples must be at least 1 (got {calib_samples})", param="calib_samples")
+    recipe = recipe.model_copy(deep=True)
+    update = {k: v for k, v in (("calib_data", None if calib_data is None else str(calib_data)), ("calib_samples", calib_samples)) if v is not None}
+    recipe.factorize = recipe.factorize.model_copy(update=update)
+    return recipe
+
+
+def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe,
+                   source: str | os.PathLike | None, method: str = "svd", latency: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of a checkpoint factorized from `source` by `recipe` (with `latency` when latency-aware)."""
+    return Manifest(
+        layers=manifest_layers(plans, method), architecture=arch, family=family, model_kwargs=model_kwargs, recipe=recipe.to_dict(),
+        source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency,
+    )
+
+
+def factorize_checkpoint(
+    path: str | os.PathLike | None,
+    recipe: Recipe,
+    out: str | os.PathLike | None = None,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: Callable[[int], Progress] | None = None,
+    calib_data: str | None = None,
+    calib_samples: int | None = None,
+    layer_timer: LayerTimer | None = None,
+) -> FactorizeResult:
+    """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`).
+
+    `progress(total)` returns a per-layer callback. `calib_data` (a folder, `digits` or
+    `synthetic`) and `calib_samples` override the recipe's calibration settings, which
+    `factorize.method: whitened | asvd` needs. With `select.latency_aware`, layers not faster
+    factorized (timed by `layer_timer`) stay dense; the manifest records the timings.
+    """
+    recipe = with_calibration(recipe, calib_data, calib_samples)
+    method = recipe.factorize.method
+    header = read_header(path) if path is not None else None
+    if header is not None and Manifest.from_header(header) is not None:
+        raise LowrankError(f"{path}: is already factorized (it has a lowrank manifest); factorize the original checkpoint")
+    arch = arch or recipe.model
+    kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
+    out = Path(out) if out is not None else output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch}.lowrank.safetensors")
+    inputs = (path,) if path is not None else ()
+    check_output(out, force=force, inputs=inputs)  # before the (long) SVDs; again atomically at the write
+    if method != "svd" and arch is None:
+        raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through "
+                           "(argument `arch`, recipe key `model`)", param="model")
+    if method != "svd" and recipe.factorize.calib_data is None:
+        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic' "
+                           "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
+
+    if arch is None:  # weight-only: from the file alone
+        plans, alloc = plan_weight_only(header, recipe, need_spectrum=False)
+        with open_tensors(path) as f:
+            todo = sum(p.factorized for p in plans)
+            tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
+        manifest = build_manifest(None, None, {}, plans, recipe, path)
+        save_checkpoint(out, tensors, manifest.metadata(), force=force, inputs=inputs)
+        after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+        insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc)
+        return FactorizeResult(out, insp, manifest)
+
+    built = build_model(path, arch, kwargs)
+    model, family = built.model, built.family
+    before = count_params(model)
+    macs = count_macs(model, family.example_inputs(model), family.forward)
+    todo = sum(p.factorized for p in plan_layers(family.linear_candidates(model), recipe))
+    calibration = None
+    if method != "svd":
+        f = recipe.factorize
+        calibration = calibration_batches(f.calib_data, family.data_config(model), f.calib_samples, f.calib_batch_size)
+    latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
+    result = factorize_model(model, recipe, family=family, progress=progress(todo) if progress else None, calibration=calibration,
+                             latency=latency, rows=macs.linear_rows)
+    timings = latency.to_dict() if latency is not None else None
+    manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings)
+    save_checkpoint(out, model.state_dict(), manifest.metadata(), force=force, inputs=inputs)
+    insp = Inspection(
+        str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
+        macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
+        allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
+    )
+    return FactorizeResult(out, insp, manifest)

@@ -1,0 +1,179 @@
+"""`lowrank inspect`: what is in a checkpoint, which layers can be factorized, and what each rank saves.
+
+Without an architecture only the header is read (and, for spectra, one weight at a time):
+no model is built. With one, the model is built, the checkpoint loaded strictly and MACs
+counted before and after factorization. A factorized checkpoint reports the ranks it was
+factorized with. Returns plain data (`Inspection`) that the CLI renders and `--json` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header
+from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.models.build import Built, build_model
+from lowrank_cli.plan.budget import allocate_ranks
+from lowrank_cli.plan.latency import LatencySelection, LayerTimer
+from lowrank_cli.plan.select import LayerPlan, plan_layers, saved_params, weight_candidates
+from lowrank_cli.recipe import Recipe
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass
+class Inspection:
+    """What `inspect` (or `factorize`) found. MACs per example; None without an architecture."""
+
+    checkpoint: str | None
+    layers: list[LayerPlan]
+    params_before: int
+    params_after: int
+    architecture: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    factorized_checkpoint: bool = False
+    macs_before: int | None = None
+    macs_after: int | None = None
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    rank_rule: str = ""
+    allocation: dict[str, Any] | None = None  # rank_rule budget: plan.Allocation.to_dict()
+    latency: dict[str, Any] | None = None  # select.latency_aware: plan.LatencySelection.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "architecture": self.architecture,
+            "model_kwargs": self.model_kwargs,
+            "factorized_checkpoint": self.factorized_checkpoint,
+            "rank_rule": self.rank_rule,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "layers": [p.to_dict() for p in self.layers],
+            "tensors": self.tensors,
+            "allocation": self.allocation,
+            "latency": self.latency,
+        }
+
+
+def header_params(header: CheckpointHeader) -> int:
+    """Floating-point parameters of a checkpoint, from its header alone."""
+    return sum(t.numel for t in header.tensors.values() if t.dtype in FLOAT_DTYPES)
+
+
+def tensor_rows(header: CheckpointHeader) -> list[dict[str, Any]]:
+    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "params": t.numel} for t in header.tensors.values()]
+
+
+def model_tensor_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
+    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "params": v.numel()} for k, v in model.state_dict().items()]
+
+
+def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bool) -> tuple[list[LayerPlan], dict | None]:
+    """Plans for a checkpoint without an architecture: every 2-D weight from the header, spectra read one weight at a time."""
+    no_latency_without_arch(recipe, header.path)
+    budget = recipe.factorize.rank_rule == "budget"
+    with contextlib.ExitStack() as stack:
+        spec = None
+        if need_spectrum or budget:
+            f = stack.enter_context(open_tensors(header.path))
+            spec = functools.cache(lambda name: torch.linalg.svdvals(f.get_tensor(f"{name}.weight").float()))
+        plans = plan_layers(weight_candidates(header), recipe, spec if need_spectrum else None)
+        alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank).to_dict() if budget else None
+    return plans, alloc
+
+
+def no_latency_without_arch(recipe: Recipe, path) -> None:
+    if recipe.select.latency_aware:
+        raise LowrankError(
+            f"{path}: select.latency_aware needs an architecture to know each layer's token count; "
+            "name the architecture (argument `arch`, recipe key `model`), or turn select.latency_aware off", param="model"
+        )
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike | None,
+    recipe: Recipe,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    spectrum: bool = False,
+    layer_timer: LayerTimer | None = None,
+) -> Inspection:
+    """Inspect a checkpoint (or an architecture with random weights when `path` is None).
+
+    `spectrum` computes each candidate's singular values to report the energy kept. With
+    `select.latency_aware`, each planned layer is timed (`layer_timer`, default
+    `measure.time_linear_layers`) and those not faster factorized stay dense.
+    """
+    header = read_header(path) if path is not None else None
+    manifest = Manifest.from_header(header) if header is not None else None
+    kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
+    if manifest is not None:
+        return _inspect_factorized(header, manifest, arch, kwargs)
+    arch = arch or recipe.model
+    needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
+    if arch is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
+        plans, alloc = plan_weight_only(header, recipe, needs_spectrum)
+        before = header_params(header)
+        return Inspection(str(path), plans, before, before - saved_params(plans), tensors=tensor_rows(header),
+                          rank_rule=recipe.factorize.rule_label(), allocation=alloc)
+    return _inspect_model(build_model(path, arch, kwargs), recipe, needs_spectrum, layer_timer)
+
+
+def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None) -> Inspection:
+    model, family = built.model, built.family
+    spec = functools.cache(lambda name: torch.linalg.svdvals(model.get_submodule(name).weight.detach().float())) if needs_spectrum else None
+    plans = plan_layers(family.linear_candidates(model), recipe, spec)
+    macs = count_macs(model, family.example_inputs(model), family.forward)
+    alloc = None
+    if recipe.factorize.rank_rule == "budget":  # allocated on σ(W): inspect has no calibration data
+        alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank, macs.linear_rows).to_dict()
+    latency = None
+    if recipe.select.latency_aware:
+        sel = LatencySelection(recipe.select, macs.linear_rows, layer_timer)
+        sel.decide(plans)
+        latency = sel.to_dict()
+    before = count_params(model)
+    header = built.header
+    return Inspection(
+        str(header.path) if header is not None else None, plans, before, before - saved_params(plans),
+        architecture=built.architecture, model_kwargs=built.model_kwargs, macs_before=macs.macs, macs_after=macs.macs_after(plans),
+        tensors=tensor_rows(header) if header is not None else model_tensor_rows(model), rank_rule=recipe.factorize.rule_label(),
+        allocation=alloc, latency=latency,
+    )
+
+
+def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str | None, kwargs: dict) -> Inspection:
+    """A checkpoint written by `factorize`: report the ranks it was factorized with."""
+    timed = (manifest.latency or {}).get("layers", {})  # written by a latency-aware factorize: timings and decisions
+    plans = [LayerPlan.of(name, e) for name, e in manifest.layers.items()]
+    for p in plans:
+        p.latency = timed.get(p.name)
+    rule = (manifest.recipe or {}).get("factorize", {}).get("rank_rule", "")
+    common = dict(factorized_checkpoint=True, tensors=tensor_rows(header), rank_rule=rule, latency=manifest.latency)
+    if manifest.weight_only:
+        after = header_params(header)
+        return Inspection(str(header.path), plans, after + saved_params(plans), after, **common)
+    built = build_model(header.path, arch, kwargs)
+    model, family = built.model, built.family
+    dense = [
+        LayerPlan(c.name, c.d_in, c.d_out, c.bias, False, None, None,
+                  (timed.get(c.name) or {}).get("reason") or c.skip or "left dense when factorized", latency=timed.get(c.name))
+        for c in family.linear_candidates(model)
+    ]
+    after = count_params(model)
+    macs = count_macs(model, family.example_inputs(model), family.forward)
+    macs_before = macs.macs + sum(macs.linear_rows.get(f"{p.name}.down", 0) * p.macs_per_token_saved for p in plans)
+    return Inspection(
+        str(header.path), plans + dense, after + saved_params(plans), after, architecture=manifest.architecture,
+        model_kwargs=manifest.model_kwargs, macs_before=macs_before, macs_after=macs.macs, **common,
+    )

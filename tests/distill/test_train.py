@@ -1,0 +1,110 @@
+"""The training loop: schedule, resumable data order, training state without pickles, resume, NaN."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_recipe, tiny_vit
+
+from lowrank_cli.data import EpochSampler
+from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.distill.train import create_optimizer, learning_rate, lr_at, rng_state, train
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.rundir import Position, TrainingState, load_training_state, save_training_state
+from lowrank_cli.models import load
+from lowrank_cli.pipelines.compress import compress_checkpoint
+from lowrank_cli.recipe import DistillConfig, load_recipe
+
+
+def test_learning_rate_from_global_batch():
+    cfg = DistillConfig(lr_base=5e-4, lr_base_size=512)
+    assert learning_rate(cfg, 256) == pytest.approx(2.5e-4)
+    assert learning_rate(cfg.model_copy(update={"lr_base_scale": "sqrt"}), 128) == pytest.approx(2.5e-4)
+    assert learning_rate(cfg.model_copy(update={"lr": 1e-3}), 4096) == 1e-3
+
+
+def test_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_sampler_shards_and_resumes_without_global_rng():
+    a, b = EpochSampler(50, 4, rank=0, world=2, seed=1), EpochSampler(50, 4, rank=1, world=2, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    ia, ib = list(a), list(b)
+    assert len(ia) == len(ib) == 24 and not set(ia) & set(ib)  # 25 each, 6 whole batches of 4
+    state = torch.get_rng_state()
+    a.set_epoch(3, start_batch=2)
+    assert list(a) == ia[8:]
+    assert torch.equal(torch.get_rng_state(), state)
+    a.set_epoch(4)
+    assert list(a) != ia
+
+
+def test_training_state_round_trip_is_pickle_free(tmp_path):
+    model = tiny_vit()
+    opt = create_optimizer(model, DistillConfig(), 1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    save_training_state(path, TrainingState(Position(5, 1, 2), opt.state_dict(), {}, rng_state()))
+    assert path.read_bytes()[:2] != b"PK"  # not a torch.save zip
+    back = load_training_state(path)
+    assert back.position == Position(5, 1, 2)
+    opt2 = create_optimizer(model, DistillConfig(), 1e-3)
+    opt2.load_state_dict(back.optimizer)
+    for k, v in opt.state_dict()["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt2.state_dict()["state"][k][name], v[name])
+    assert torch.equal(back.rng["torch"], torch.get_rng_state())
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint_of_good_weights():
+    model = tiny_vit().train()
+    dataset = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    calls = {"n": 0}
+
+    def objective(m, x, y):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        return (loss * float("nan") if calls["n"] == 3 else loss), {"ce": loss.detach()}
+
+    saved = []
+    with pytest.raises(LowrankError, match=r"the loss became nan at step 3 .*saved the weights before this step to ckpt-2"):
+        train(model, objective, dataset, DistillConfig(epochs=5, batch_size=8, lr=1e-3), DistEnv(),
+              checkpoint=lambda pos, opt, scaler: saved.append(pos.step) or f"ckpt-{pos.step}")
+    assert saved == [2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, vit_ckpt):
+    recipe = load_recipe(str(tiny_recipe(tmp_path)))
+    full = compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "full", device="cpu")
+    assert full["train"]["steps"] == 8
+
+    def interrupt(pos):
+        if pos.step == 5:  # after the checkpoint at step 3: steps 4 and 5 are lost and redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "cut", device="cpu", step_hook=interrupt)
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-000003.safetensors", "checkpoint-000003.state.safetensors"]
+    assert not (cut / "student.safetensors").exists()
+    resumed = compress_checkpoint(vit_ckpt, recipe, out=cut, device="cpu", resume=True)
+    assert resumed["train"]["steps"] == 8
+    a, b = load(tmp_path / "full" / "student.safetensors"), load(cut / "student.safetensors")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
+    assert resumed["rank_weight_sha256"] == full["rank_weight_sha256"]
+    # the metrics of the redone steps equal the uninterrupted run's
+    lines = lambda p: {r["step"]: r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())}  # noqa: E731
+    full_m, cut_m = lines(tmp_path / "full"), lines(cut)
+    assert set(cut_m) == set(range(1, 9))
+    assert all(math.isclose(full_m[s], cut_m[s], rel_tol=1e-6) for s in range(1, 9))
