@@ -74,24 +74,24 @@ class RunDir:
     def check_new(self) -> None:
         """A fresh run may go here: no run yet, and nothing else in the folder."""
         if self.run_file.exists() or self.checkpoints():
-            raise LowrankError(f"{self.root}: already holds a run; pass --resume to continue it, or choose another --out")
+            raise LowrankError(f"{self.root}: already holds a run; resume it (resume=True), or choose another output folder", param="resume")
         if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
-            raise LowrankError(f"{self.root}: exists and is not an empty folder; choose another --out")
+            raise LowrankError(f"{self.root}: exists and is not an empty folder; choose another output folder", param="out")
 
     def check_resumable(self, recipe: Recipe) -> tuple[Path, Path]:
         """The latest complete checkpoint (student, state) of a run of this same recipe."""
         if not self.run_file.exists() or not self.recipe_file.exists():
-            raise LowrankError(f"{self.root}: no run to resume here (no run.json); start it without --resume")
+            raise LowrankError(f"{self.root}: no run to resume here (no run.json); start it without resuming", param="resume")
         latest = self.latest()
         if latest is None:
-            raise LowrankError(f"{self.root}: the run has no complete checkpoint yet; start it again without --resume in a new --out")
+            raise LowrankError(f"{self.root}: the run has no complete checkpoint yet; start it again, without resuming, in a new output folder", param="resume")
         saved = yaml.safe_load(self.recipe_file.read_text()) or {}
         diff = _differences(saved, recipe.to_dict())
         if diff:
             key, was, now = diff[0]
             raise LowrankError(
                 f"{self.root}: holds a run of another recipe ('{saved.get('name')}', {key} = {was!r}, now {now!r}); "
-                "resume with the same recipe and options, or choose another --out"
+                "resume with the same recipe and options, or choose another output folder"
             )
         return latest
 

@@ -116,7 +116,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         raise LowrankError(f"{checkpoint}: name its architecture (argument `arch`, recipe key `model`)", param="model")
     header = read_header(checkpoint)
     if Manifest.from_header(header) is not None:
-        raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or use `lowrank distill {checkpoint} --teacher ORIGINAL`")
+        raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
     built = build_model(checkpoint, arch, {**recipe.model_kwargs, **(model_kwargs or {})})
     teacher, family = built.model, built.family
     data = _data(recipe, family, teacher)
@@ -149,7 +149,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
     recipe = with_run_options(recipe, data, epochs)
     if recipe.distill.method == "pclora":
         raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
-                           "run `lowrank compress ORIGINAL --recipe ...` instead")
+                           "compress the original checkpoint with this recipe instead")
     if Manifest.from_header(read_header(teacher_file)) is not None:
         raise LowrankError(f"teacher {teacher_file}: is a factorized checkpoint; the teacher is the original dense model", param="teacher")
     student = build_model(factorized)

@@ -93,7 +93,7 @@ def _clear_previous_demo(out: Path) -> None:
         shutil.rmtree(out)  # our own previous demo run
         return
     if any(out.iterdir()):
-        raise LowrankError(f"{out}: exists and does not hold a previous demo run; choose another --out")
+        raise LowrankError(f"{out}: exists and does not hold a previous demo run; choose another output folder", param="out")
 
 
 DEMO_RECIPES = {"pela": "demo", "pclora": "demo-pclora"}

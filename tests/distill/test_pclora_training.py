@@ -73,7 +73,7 @@ def test_distill_of_a_factorized_checkpoint_refuses_pclora(cli, tmp_path, vit_ck
     fact = tmp_path / "vit.k3.safetensors"
     assert cli("factorize", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--kappa", "3", "--out", fact).code == 0
     r = cli("distill", fact, "--teacher", vit_ckpt, "--recipe", pclora_recipe(tmp_path), "--out", tmp_path / "d", "--device", "cpu")
-    one_line_error(r, "'pclora' starts from the dense model", "lowrank compress")
+    one_line_error(r, "'pclora' starts from the dense model", "compress the original checkpoint")
     assert not (tmp_path / "d").exists()
 
 
