@@ -21,14 +21,14 @@ from lowrank_cli.errors import LowrankError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Override(_Strict):
     """A per-layer exception to the recipe's rank rule; the first matching pattern wins."""
 
     pattern: str
-    kappa: float | None = Field(default=None, gt=0)
+    kappa: float | None = Field(default=None, gt=1)  # κ ≤ 1 would keep a layer at full size
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
     skip: bool = False
@@ -69,7 +69,7 @@ class FactorizeConfig(_Strict):
     """How ranks are chosen and how the factors are computed."""
 
     rank_rule: Literal["kappa", "rank", "energy", "budget"] = "kappa"
-    kappa: float = Field(default=2.0, gt=0)
+    kappa: float = Field(default=2.0, gt=1)  # κ ≤ 1 would keep every layer at full size
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
     # rank_rule 'budget': ranks allocated across layers to keep this fraction of the
@@ -152,11 +152,11 @@ class DistillConfig(_Strict):
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
     accum_steps: int = Field(default=1, ge=1)
-    lr: float | None = Field(default=None, gt=0)
-    lr_base: float = Field(default=5e-4, gt=0)
+    lr: float | None = Field(default=None, gt=0, le=10)  # beyond 10, AdamW only overflows
+    lr_base: float = Field(default=5e-4, gt=0, le=10)
     lr_base_size: int = Field(default=512, ge=1)
     lr_base_scale: Literal["linear", "sqrt"] = "linear"
-    min_lr: float = Field(default=1e-6, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0, le=10)
     warmup_epochs: float = Field(default=5, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
     clip_grad: float | None = Field(default=5.0, gt=0)
@@ -199,8 +199,8 @@ class Recipe(_Strict):
         """A copy with the rank rule set to κ for every layer (the command line's `--kappa`)."""
         if kappa is None:
             return self
-        if not (math.isfinite(kappa) and kappa > 0):
-            raise LowrankError(f"kappa must be a finite number > 0 (got {kappa})", param="kappa")
+        if not (math.isfinite(kappa) and kappa > 1):
+            raise LowrankError(f"kappa must be a finite number > 1 (got {kappa}); κ = 2 halves a layer, κ ≤ 1 would keep it at full size", param="kappa")
         recipe = self.model_copy(deep=True)
         # one copy with all three changed: assigning them one by one would fail validation
         recipe.factorize = recipe.factorize.model_copy(update={"rank_rule": "kappa", "kappa": float(kappa), "target_params": None, "target_macs": None})
@@ -235,6 +235,8 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise LowrankError(f"recipe '{spec}': is a folder, expected a YAML recipe file", param="recipe")
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name[:-4] if path.name.endswith(".yml") else path.name
     if path.parent == Path(".") or str(path.parent) == "recipes":
         bundled = bundled_recipes_dir() / f"{name}.yaml"
@@ -252,7 +254,13 @@ def load_recipe(spec: str | Path | None) -> Recipe:
         return Recipe()
     path = resolve_recipe_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowrankError(f"{path}: a recipe must be UTF-8 text (byte {e.start} is not)") from None
+    except OSError as e:
+        raise LowrankError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

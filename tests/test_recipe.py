@@ -27,7 +27,7 @@ def test_kappa_override_and_path(tmp_path):
     r2 = r.with_kappa(3)
     assert (r2.factorize.rank_rule, r2.factorize.kappa) == ("kappa", 3.0)
     assert r.factorize.rank_rule == "rank"  # the original is untouched
-    with pytest.raises(LowrankError, match=r"kappa must be a finite number > 0 \(got 0") as e:
+    with pytest.raises(LowrankError, match=r"kappa must be a finite number > 1 \(got 0") as e:
         r.with_kappa(0)
     assert e.value.param == "kappa"  # the library names its argument; the CLI adds its flag
     with pytest.raises(LowrankError, match=r"got inf"):
@@ -38,7 +38,7 @@ def test_kappa_override_and_path(tmp_path):
     ("factorise:\n  kappa: 2\n", r"mine.yaml: unknown key 'factorise' \(did you mean 'factorize'\?\); accepted: name, description, model"),
     ("factorize:\n  kapa: 2\n", r"unknown key 'factorize.kapa' \(did you mean 'kappa'\?\)"),
     ("factorize:\n  kappa: two\n", r"factorize.kappa: Input should be a valid number.*\(got 'two'\)"),
-    ("factorize:\n  kappa: -1\n", r"factorize.kappa: Input should be greater than 0"),
+    ("factorize:\n  kappa: -1\n", r"factorize.kappa: Input should be greater than 1"),
     ("factorize:\n  rank_rule: energy\n", r"rank_rule 'energy' needs 'energy: F'"),
     ("select:\n  overrides:\n    - pattern: qkv\n", r"give one of kappa, rank, energy, or skip"),
     ("- a\n- b\n", r"a recipe must be a YAML mapping"),

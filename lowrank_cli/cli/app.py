@@ -8,8 +8,13 @@ one line on stderr and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -40,8 +45,19 @@ FLAGS = {
     "calib_samples": "--calib-samples", "epochs": "--epochs", "teacher": "--teacher", "nproc": "--nproc",
     "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
-    "method": "--method", "recipe": "--recipe", "resume": "--resume",
+    "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum",
 }
+
+
+def _one_line(msg: str) -> str:
+    """A message on one line; a LowrankError re-raised from a DataLoader worker carries the worker's traceback: keep its own text."""
+    lines = [line for line in msg.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return msg.strip()
+    for line in reversed(lines):
+        if "LowrankError: " in line:
+            return line.split("LowrankError: ", 1)[1].strip()
+    return lines[0]
 
 
 def render_error(e: LowrankError) -> str:
@@ -50,7 +66,7 @@ def render_error(e: LowrankError) -> str:
     A message that starts with the argument's name gets the option in its place
     (`kappa must be ...` → `--kappa must be ...`); another gets `(option --kappa)` appended.
     """
-    msg = str(e)
+    msg = _one_line(str(e))
     flag = FLAGS.get(e.param or "")
     if flag is None or flag in msg:
         return msg
@@ -103,9 +119,54 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+INTERNAL_ERROR = 3  # the exit status of an error lowrank did not foresee (1: the user's input, 2: usage, 130: Ctrl-C)
+
+
+def _command_name() -> str:
+    return next((a for a in ARGV if not a.startswith("-")), "")
+
+
+def _log_traceback(command: str) -> Path | None:
+    """Write the current exception's traceback to a log file; its path, or None if no folder takes it."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"lowrank-{command or 'main'}-{stamp}-{os.getpid()}.log"
+    cache = os.environ.get("LOWRANK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lowrank")
+    for folder in (Path(cache) / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(f"lowrank {__version__}, python {sys.version.split()[0]}\nargv: {ARGV}\n\n{traceback.format_exc()}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _internal_error(e: BaseException) -> None:
+    """The last line of defence: one line naming the command and the exception, the traceback in a log file."""
+    command = _command_name()
+    if os.environ.get("LOWRANK_DEBUG") == "1":
+        traceback.print_exc()
+        sys.exit(INTERNAL_ERROR)
+    log = _log_traceback(command)
+    text = (str(e).strip().splitlines() or [""])[0]
+    where = f"; traceback in {log}" if log else ""
+    print(f"error: lowrank {command} failed with {type(e).__name__}: {text} (an internal error{where}; LOWRANK_DEBUG=1 prints it)".replace("lowrank  ", "lowrank "),
+          file=sys.stderr)
+    sys.exit(INTERNAL_ERROR)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
     ARGV[:] = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(argv: Optional[List[str]]) -> None:
     try:
         rv = app(args=argv, standalone_mode=False)
     except LowrankError as e:
@@ -123,5 +184,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if type(e).__name__ == "Abort":
             print("error: aborted", file=sys.stderr)
             sys.exit(130)
-        raise
+        _internal_error(e)
+    if rv == 130:  # typer turns Ctrl-C inside a command into a silent exit status 130
+        print("error: interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -12,12 +12,12 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.recipe import Recipe, load_recipe
 
 
-def positive_finite(name: str):
-    """A typer callback that accepts a finite number > 0 (or None)."""
+def finite_above(name: str, low: float, why: str = ""):
+    """A typer callback that accepts a finite number > `low` (or None)."""
 
     def check(value: Optional[float]) -> Optional[float]:
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise typer.BadParameter(f"must be a finite number > 0 (got {value})", param_hint=f"'{name}'")
+        if value is not None and not (math.isfinite(value) and value > low):
+            raise typer.BadParameter(f"must be a finite number > {low:g} (got {value}){why}", param_hint=f"'{name}'")
         return value
 
     return check
@@ -40,7 +40,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
 ModelOpt = typer.Option(None, "--model", "-m", help="Architecture name (default: the recipe's 'model').")
 ModelArgOpt = typer.Option(None, "--model-arg", help="Architecture setting KEY=VALUE, repeatable (e.g. img_size=384).")
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe: a bundled name (deit, swin, ...) or a YAML path.")
-KappaOpt = typer.Option(None, "--kappa", "-k", callback=positive_finite("--kappa"),
+KappaOpt = typer.Option(None, "--kappa", "-k", callback=finite_above("--kappa", 1, "; κ = 2 halves a layer, κ ≤ 1 would keep it at full size"),
                         help="Compression ratio κ: rank r = floor(d_in·d_out / (κ(d_in+d_out))). Overrides the recipe.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 LatencyOpt = typer.Option(False, "--latency-aware", help="Time each planned layer dense vs factorized on this device; keep dense those not faster by select.latency_margin.")

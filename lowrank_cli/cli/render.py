@@ -46,7 +46,11 @@ def layer_progress(description: str) -> Iterator[Callable[[int], Callable[[str],
         return lambda name: progress.update(task, advance=1, layer=name)
 
     with progress:
-        yield start
+        try:
+            yield start
+        except BaseException:
+            progress.live.transient = True  # on an error the bar goes, so that the error is the one line left
+            raise
 
 
 def summary_table(insp: Any, title: str = "Savings") -> Table:

@@ -33,7 +33,11 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
                         ips=f"{record['images_per_s']:.0f}")
 
     with progress:
-        yield log
+        try:
+            yield log
+        except BaseException:
+            progress.live.transient = True  # on an error the bar goes, so that the error is the one line left
+            raise
 
 
 def _pct(x: float | None) -> str:

@@ -8,9 +8,13 @@ import torch
 
 
 def rank_for_kappa(d_in: int, d_out: int, kappa: float) -> int:
-    """PELA's rank rule: r = floor(d_in·d_out / (κ·(d_in + d_out))), at least 1."""
+    """PELA's rank rule: r = floor(d_in·d_out / (κ·(d_in + d_out))), at least 1 and at most min(d_in, d_out)."""
+    full = min(d_in, d_out)
+    r = d_in * d_out / (d_in + d_out) / kappa  # no overflow to a huge int: capped at full rank below
+    if not r < full:  # also inf, for a vanishing κ
+        return full
     # the epsilon keeps exact quotients (e.g. 288.0) from flooring to 287 through rounding
-    return max(1, math.floor(d_in * d_out / (kappa * (d_in + d_out)) + 1e-9))
+    return max(1, math.floor(r + 1e-9))
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

@@ -36,16 +36,28 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple
     partial output is ever left behind.
     """
     path = check_output(path, force=force, inputs=inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise unwritable(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make it 0600; give the usual mode
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise unwritable(path, e) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def unwritable(path: Path, e: OSError) -> LowrankError:
+    """The error for an output that cannot be written: the path and the system's reason."""
+    return LowrankError(f"{path}: cannot be written ({e.strerror or e})", param="out")
 
 
 def _umask() -> int:

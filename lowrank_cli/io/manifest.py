@@ -22,21 +22,26 @@ Keys this version does not know are kept as they are when a manifest is read and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowrank_cli._version import __version__
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.io.safetensors import CheckpointHeader
+from lowrank_cli.io.safetensors import FLOAT_DTYPES, CheckpointHeader, load_tensors, read_header, save_checkpoint
 from lowrank_cli.nn.lowrank import LowRankLinear
 from lowrank_cli.nn.surgery import named_in, replace_modules
 
 MANIFEST_KEY = "lowrank"
 FORMAT_VERSION = 1
-_KNOWN = ("format_version", "lowrank_version", "family", "architecture", "model_kwargs", "layers", "recipe", "source", "latency", "distill")
+_KNOWN = ("format_version", "lowrank_version", "family", "architecture", "model_kwargs", "layers", "recipe", "source", "latency", "distill",
+          "weights_sha256")
+METHODS = ("svd", "whitened", "asvd", "pclora")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,36 @@ class LayerEntry:
         return dataclasses.asdict(self)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _layer_entry(name: Any, e: Any, where: str) -> LayerEntry:
+    """One manifest layer entry, checked: integer rank, d_in, d_out with 1 <= rank <= min(d_in, d_out)."""
+    if not isinstance(e, dict) or not all(k in e for k in ("rank", "d_in", "d_out")):
+        raise LowrankError(f"{where} layer '{name}' is not a layer entry (rank, d_in, d_out, bias)")
+    rank, d_in, d_out = e["rank"], e["d_in"], e["d_out"]
+    if not all(_is_int(v) for v in (rank, d_in, d_out)) or d_in < 1 or d_out < 1:
+        raise LowrankError(f"{where} layer '{name}': rank, d_in and d_out must be positive integers (got {rank!r}, {d_in!r}, {d_out!r})")
+    if not 1 <= rank <= min(d_in, d_out):
+        raise LowrankError(f"{where} layer '{name}': rank {rank} is outside 1..min(d_in, d_out) = 1..{min(d_in, d_out)}")
+    bias, rule, method = e.get("bias", True), e.get("rule"), e.get("method", "svd")
+    if not isinstance(bias, bool) or not isinstance(rule, (str, type(None))) or method not in METHODS:
+        raise LowrankError(f"{where} layer '{name}': bias must be true/false, rule a string, method one of {', '.join(METHODS)}")
+    return LayerEntry(rank, d_in, d_out, bias, rule, method)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: equal digests, equal tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data if t.dim() else t.reshape(1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A factorized checkpoint's own account of itself (see the module docstring)."""
@@ -66,6 +101,7 @@ class Manifest:
     source: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     distill: dict[str, Any] | None = None
+    weights_sha256: str | None = None  # tensors_digest of the tensors written with it (absent in early files)
     format_version: int = FORMAT_VERSION
     lowrank_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +128,7 @@ class Manifest:
         }
         if self.family is not None:
             d["family"] = self.family
-        for key in ("latency", "distill"):
+        for key in ("latency", "distill", "weights_sha256"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -104,37 +140,70 @@ class Manifest:
     # -- reading ------------------------------------------------------------------------------
     @classmethod
     def from_header(cls, header: CheckpointHeader) -> "Manifest | None":
-        """The manifest of a checkpoint, or None for a file that has none (any other safetensors file)."""
+        """The manifest of a checkpoint, validated as a whole against its tensors; None for a file that has none."""
         raw = header.metadata.get(MANIFEST_KEY)
         if raw is None:
             return None
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise LowrankError(f"{header.path}: the '{MANIFEST_KEY}' metadata is not valid JSON ({e.msg})") from None
-        return cls.from_dict(data, source=str(header.path))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise LowrankError(f"{header.path}: the '{MANIFEST_KEY}' metadata is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        manifest = cls.from_dict(data, source=str(header.path))
+        manifest.check_tensors(header)
+        return manifest
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "manifest") -> "Manifest":
+        """A manifest from its JSON form, every field's type and range checked (a LowrankError naming the key otherwise)."""
+        where = f"{source}: manifest"
         if not isinstance(data, dict) or "layers" not in data:
             raise LowrankError(f"{source}: the '{MANIFEST_KEY}' metadata is not a lowrank manifest (no 'layers')")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise LowrankError(f"{source}: manifest format_version {version!r} is not supported (this lowrank reads version {FORMAT_VERSION})")
-        layers = {}
-        for name, e in data["layers"].items():
-            try:
-                layers[name] = LayerEntry(int(e["rank"]), int(e["d_in"]), int(e["d_out"]), bool(e.get("bias", True)), e.get("rule"), e.get("method", "svd"))
-            except (KeyError, TypeError, ValueError):
-                raise LowrankError(f"{source}: manifest layer '{name}' is not a layer entry (rank, d_in, d_out, bias)") from None
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise LowrankError(f"{where} format_version {version!r} is not supported (this lowrank reads version {FORMAT_VERSION})")
+        if not isinstance(data["layers"], dict):
+            raise LowrankError(f"{where} 'layers' must be a map of layer names to entries, not {type(data['layers']).__name__}")
+        layers = {name: _layer_entry(name, e, where) for name, e in data["layers"].items()}
+        for key, kinds, accepted in (("architecture", (str, type(None)), "a string or null"), ("family", (str, type(None)), "a string or null"),
+                                     ("model_kwargs", (dict, type(None)), "a map"), ("recipe", (dict, type(None)), "a map or null"),
+                                     ("source", (dict, type(None)), "a map or null"), ("latency", (dict, type(None)), "a map or null"),
+                                     ("distill", (dict, type(None)), "a map or null"), ("lowrank_version", (str, type(None)), "a string"),
+                                     ("weights_sha256", (str, type(None)), "a string or null")):
+            if not isinstance(data.get(key), kinds):
+                raise LowrankError(f"{where} '{key}' must be {accepted}, not {type(data.get(key)).__name__}")
         architecture = data.get("architecture")
         family = data.get("family") or ("timm" if architecture is not None else None)
         return cls(
             layers=layers, architecture=architecture, family=family, model_kwargs=dict(data.get("model_kwargs") or {}),
             recipe=data.get("recipe"), source=data.get("source"), latency=data.get("latency"), distill=data.get("distill"),
-            format_version=version, lowrank_version=str(data.get("lowrank_version", "")),
+            weights_sha256=data.get("weights_sha256"), format_version=version, lowrank_version=str(data.get("lowrank_version") or ""),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
+
+    def check_tensors(self, header: CheckpointHeader) -> None:
+        """Each factorized layer's tensors exist, are floating point, and have the shapes its entry gives."""
+        t = header.tensors
+        for name, e in self.layers.items():
+            expected = {f"{name}.down.weight": (e.rank, e.d_in), f"{name}.up.weight": (e.d_out, e.rank)}
+            if e.bias:
+                expected[f"{name}.up.bias"] = (e.d_out,)
+            for key, shape in expected.items():
+                if key not in t:
+                    raise LowrankError(f"{header.path}: manifest layer '{name}' has no tensor '{key}'")
+                if t[key].shape != shape:
+                    raise LowrankError(f"{header.path}: tensor '{key}' has shape {list(t[key].shape)}, but manifest layer '{name}' "
+                                       f"(rank {e.rank}, d_in {e.d_in}, d_out {e.d_out}) needs {list(shape)}")
+                if t[key].dtype not in FLOAT_DTYPES:
+                    raise LowrankError(f"{header.path}: tensor '{key}' is stored as {t[key].dtype}; factorized weights are floating point ({', '.join(sorted(FLOAT_DTYPES))})")
+            for stale in (f"{name}.weight", f"{name}.bias", f"{name}.down.bias"):
+                if stale in t:
+                    raise LowrankError(f"{header.path}: tensor '{stale}' should not exist: manifest layer '{name}' is factorized")
+
+    def check_weights(self, tensors: dict[str, torch.Tensor], path: Any) -> None:
+        """The tensors are those that were written (when the manifest records their digest)."""
+        if self.weights_sha256 is not None and tensors_digest(tensors) != self.weights_sha256:
+            raise LowrankError(f"{path}: its tensors differ from those written with its manifest (SHA-256 mismatch): "
+                               "the file was modified or damaged")
 
     # -- applying -----------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
@@ -153,3 +222,22 @@ class Manifest:
 
         replace_modules(model, empty, named_in(self.layers))
         return model
+
+
+def save_factorized(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], manifest: Manifest, *, force: bool = False,
+                    inputs: tuple[str | os.PathLike, ...] = ()) -> Manifest:
+    """Write a factorized checkpoint with its manifest, which records the digest of exactly these tensors."""
+    manifest = manifest.replace(weights_sha256=tensors_digest(state_dict))
+    save_checkpoint(path, state_dict, manifest.metadata(), force=force, inputs=inputs)
+    return manifest
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[CheckpointHeader, Manifest | None, dict[str, torch.Tensor]]:
+    """Header, manifest (validated against the tensors) and every tensor of a checkpoint, checked against the
+    digest its manifest records: a file never loads with weights that differ from what was written."""
+    header = read_header(path)
+    manifest = Manifest.from_header(header)
+    tensors = load_tensors(path)
+    if manifest is not None:
+        manifest.check_weights(tensors, path)
+    return header, manifest, tensors

@@ -13,15 +13,27 @@ runs/<name>/
 
 Everything is safetensors or JSON: nothing is pickled, so nothing is unpickled on resume.
 A checkpoint counts once its state file exists (it is written second, atomically).
+
+While a process writes a run, the folder holds `.lock` (its pid, host and start time): a
+second process refuses the folder and names the first; a lock whose process is gone (a crash,
+`kill -9`) is taken over. A run that fails before its first complete checkpoint is removed; one
+that fails later stays resumable. Resuming removes the temporary files of interrupted writes and
+cuts `metrics.jsonl` back to the checkpoint's step, so a resumed run's metrics equal an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import os
 import re
+import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,11 +42,14 @@ from safetensors.torch import load_file, save_file
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.atomic import atomic_output, write_json, write_text
-from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import read_header, save_checkpoint
+from lowrank_cli.io.manifest import Manifest, save_factorized
+from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.recipe import Recipe
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)(\.state)?\.safetensors$")
+_TEMPORARY = re.compile(r"^\..+\.tmp$")  # what atomic_output leaves behind when a process is killed mid-write
+LOCK_FILE = ".lock"
+LOCK_ENV = "LOWRANK_RUN_LOCK"  # the token of a lock held by a parent (`--nproc`) for the processes it starts
 # recipe keys that may change on --resume without changing what the run computes so far
 RESUMABLE_CHANGES = {("distill", "epochs"), ("distill", "max_steps"), ("distill", "log_every"),
                      ("distill", "checkpoint_every"), ("distill", "keep_checkpoints"), ("data", "num_workers")}
@@ -64,6 +79,7 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.lock_file = self.root / LOCK_FILE
         self.recipe_file = self.root / "recipe.yaml"
         self.run_file = self.root / "run.json"
         self.metrics_file = self.root / "metrics.jsonl"
@@ -75,7 +91,7 @@ class RunDir:
         """A fresh run may go here: no run yet, and nothing else in the folder."""
         if self.run_file.exists() or self.checkpoints():
             raise LowrankError(f"{self.root}: already holds a run; resume it (resume=True), or choose another output folder", param="resume")
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+        if self.root.exists() and (not self.root.is_dir() or any(p.name != LOCK_FILE for p in self.root.iterdir())):
             raise LowrankError(f"{self.root}: exists and is not an empty folder; choose another output folder", param="out")
 
     def check_resumable(self, recipe: Recipe) -> tuple[Path, Path]:
@@ -104,7 +120,7 @@ class RunDir:
         for p in self.root.iterdir():
             m = _CHECKPOINT.match(p.name)
             state = p.with_name(p.name.replace(".safetensors", ".state.safetensors"))
-            if m and state.exists():
+            if m and not m.group(2) and state.exists():
                 found.append((int(m.group(1)), p, state))
         return sorted(found)
 
@@ -118,12 +134,122 @@ class RunDir:
         student = self.root / f"checkpoint-{pos.step:06d}.safetensors"
         state = student.with_name(student.name.replace(".safetensors", ".state.safetensors"))
         at_step = manifest.replace(distill={**(manifest.distill or {}), "step": pos.step})
-        save_checkpoint(student, student_state, at_step.metadata(), force=True)
+        save_factorized(student, student_state, at_step, force=True)
         save_training_state(state, TrainingState(pos, optimizer.state_dict(), scaler.state_dict() if scaler.is_enabled() else {}, rng))
         for _, old, old_state in self.checkpoints()[:-keep]:
             old_state.unlink(missing_ok=True)  # the state first: a student without a state is no checkpoint
             old.unlink(missing_ok=True)
         return student
+
+    # -- one writer at a time ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder's lock for the block (created with the folder if need be).
+
+        Refuses, naming the holder, while another live process holds it; takes over a lock
+        whose process is gone. Inside a block, processes started with the lock's token in
+        their environment (`--nproc` relaunching under torchrun) share it.
+        """
+        token = os.environ.get(LOCK_ENV)
+        if token and self._holder().get("token") == token:
+            yield  # held by the process that started this one
+            return
+        created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LowrankError(f"{self.root}: cannot create the run folder ({e.strerror or e})", param="out") from None
+        token = secrets.token_hex(8)
+        self._acquire(token)
+        previous = os.environ.get(LOCK_ENV)
+        os.environ[LOCK_ENV] = token
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(LOCK_ENV, None)
+            else:
+                os.environ[LOCK_ENV] = previous
+            if self._holder().get("token") == token:
+                self.lock_file.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()  # only if nothing was written
+
+    def check_free(self) -> None:
+        """A LowrankError naming the process that holds this run's lock, if a live one does (and it is not our parent)."""
+        holder = self._holder()
+        if holder and holder.get("token") != os.environ.get(LOCK_ENV) and _alive(holder):
+            raise LowrankError(f"{self.root}: another lowrank process (pid {holder.get('pid')} on {holder.get('host')}, started "
+                               f"{holder.get('started')}) is writing this run; wait for it to finish, or choose another output folder "
+                               f"(a stale lock is {self.lock_file})", param="out")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            holder = json.loads(self.lock_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _acquire(self, token: str) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().isoformat(timespec="seconds"), "token": token}
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and not _alive(holder):  # a crashed run's lock: take it over
+                    self.lock_file.unlink(missing_ok=True)
+                    continue
+                if holder:
+                    self.check_free()
+                raise LowrankError(f"{self.root}: another lowrank process is starting to write this run; wait for it to finish, "
+                                   f"or choose another output folder (a stale lock is {self.lock_file})", param="out") from None
+            except OSError as e:
+                raise LowrankError(f"{self.root}: cannot create its lock file ({e.strerror or e})", param="out") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise LowrankError(f"{self.root}: could not take the run folder's lock {self.lock_file}", param="out")
+
+    # -- keeping the folder clean -------------------------------------------------------------
+    def remove_temporaries(self) -> list[str]:
+        """Delete what interrupted atomic writes left behind (`.<name>.<random>.tmp`); their names."""
+        if not self.root.is_dir():
+            return []
+        gone = []
+        for p in self.root.iterdir():
+            if _TEMPORARY.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+        return sorted(gone)
+
+    def truncate_metrics(self, step: int) -> int:
+        """Keep the metrics of steps up to `step` (a resumed checkpoint's); returns how many lines were dropped."""
+        if not self.metrics_file.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record_step = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError):
+                record_step = None  # a line cut by the kill
+            if isinstance(record_step, int) and record_step <= step:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            write_text(self.metrics_file, "".join(f"{line}\n" for line in keep))
+        return dropped
+
+    def discard(self) -> None:
+        """Remove a run that failed before its first complete checkpoint: every file of this layout, then the folder if empty."""
+        if not self.root.is_dir() or self.checkpoints():
+            return
+        for p in self.root.iterdir():
+            ours = p in (self.recipe_file, self.run_file, self.metrics_file, self.report_file, self.student_file)
+            if (ours or _CHECKPOINT.match(p.name) or _TEMPORARY.match(p.name)) and p.is_file():
+                p.unlink(missing_ok=True)
 
     # -- the rest ----------------------------------------------------------------------------
     def create(self, recipe: Recipe, run_info: dict[str, Any]) -> None:
@@ -137,6 +263,20 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether a lock's process still runs (assumed so for another host: it cannot be checked from here)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _differences(saved: Any, now: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:

@@ -12,24 +12,26 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.atomic import atomic_output
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "E8M0": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+_MAX_NESTING = 64  # a header is three levels deep; a deeper one is hostile (json would recurse until it fails)
+_DTYPE_BYTES = {  # what safetensors and torch read: bytes per element
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "C64": 8,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # the dtypes weights are stored in
 _PICKLE_HINT = (
     "lowrank never loads pickles; convert it once with `lowrank convert {path}` "
     "(torch.load with weights_only=True, then safetensors)"
@@ -66,11 +68,52 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+def _nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of JSON arrays/objects in `raw`, brackets inside strings ignored."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > _MAX_NESTING:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key '{k}' appears twice")
+        out[k] = v
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_header(path: str | os.PathLike) -> CheckpointHeader:
     """Read and validate the header of a safetensors file without reading its tensors.
 
-    Raises LowrankError for a missing file, a pickle, a non-safetensors file, a header that is
-    not JSON, or a file shorter than its header says (truncated download).
+    Every field is checked before anything else touches the file: the header length, JSON of
+    bounded nesting without duplicate keys, string metadata, and for each tensor a known dtype,
+    a shape of non-negative integers and two integer offsets whose byte length agrees with
+    dtype and shape; together the tensors cover the data section exactly, in order, without
+    overlap. Raises LowrankError naming the file and the entry for anything else (a missing
+    file, a pickle, a truncated download, a hostile header).
     """
     path = Path(path)
     if not path.exists():
@@ -78,60 +121,91 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
     if path.is_dir():
         raise LowrankError(f"{path}: is a directory, expected a .safetensors file")
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if _looks_like_pickle(head):
-            raise LowrankError(f"{path}: looks like a PyTorch pickle (.pth/.pt), not safetensors; " + _PICKLE_HINT.format(path=path))
-        if len(head) < 8:
-            raise LowrankError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER_BYTES or n > size - 8:
-            raise LowrankError(
-                f"{path}: not a safetensors file (its first 8 bytes give a header length of {n} "
-                f"for a file of {size} bytes)"
-            )
-        raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if _looks_like_pickle(head):
+                raise LowrankError(f"{path}: looks like a PyTorch pickle (.pth/.pt), not safetensors; " + _PICKLE_HINT.format(path=path))
+            if len(head) < 8:
+                raise LowrankError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER_BYTES or n > size - 8:
+                raise LowrankError(
+                    f"{path}: not a safetensors file (its first 8 bytes give a header length of {n} "
+                    f"for a file of {size} bytes)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise LowrankError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if _nesting_depth(raw) > _MAX_NESTING:
+        raise LowrankError(f"{path}: not a safetensors file (its header nests deeper than {_MAX_NESTING} levels)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise LowrankError(f"{path}: not a safetensors file (its header is not valid JSON)") from None
+    except ValueError as e:
+        raise LowrankError(f"{path}: not a safetensors file (in its header, {e})") from None
     if not isinstance(header, dict):
         raise LowrankError(f"{path}: not a safetensors file (its header is not a JSON object)")
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise LowrankError(f"{path}: safetensors '__metadata__' must be a map of strings")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LowrankError(f"{path}: safetensors '__metadata__' must be a map of strings to strings")
     data_bytes = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise LowrankError(f"{path}: header entry '{name}' is not a tensor description (dtype, shape, data_offsets)") from None
+        where = f"{path}: header entry '{name}'"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise LowrankError(f"{where} is not a tensor description (exactly dtype, shape, data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise LowrankError(f"{where}: dtype {dtype!r} is not one of {', '.join(_DTYPE_BYTES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise LowrankError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+            raise LowrankError(f"{where}: data_offsets {offsets!r} are not two integers 0 <= begin <= end")
+        start, end = offsets
         if end > data_bytes:
             raise LowrankError(
                 f"{path}: truncated: tensor '{name}' ends at byte {end} of the data section but the file "
                 f"holds only {data_bytes} bytes of data (an interrupted download or copy?)"
             )
-        ti = TensorInfo(name, dtype, shape)
-        if dtype in _DTYPE_BYTES and end - start != ti.numel * _DTYPE_BYTES[dtype]:
-            raise LowrankError(f"{path}: tensor '{name}' has {end - start} bytes for shape {list(shape)} of {dtype}")
+        ti = TensorInfo(name, dtype, tuple(shape))
+        if end - start != ti.numel * _DTYPE_BYTES[dtype]:
+            raise LowrankError(f"{path}: tensor '{name}' has {end - start} bytes for shape {shape} of {dtype} ({ti.numel * _DTYPE_BYTES[dtype]} expected)")
         tensors[name] = ti
-    return CheckpointHeader(path=path, tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})
+        spans.append((start, end, name))
+    position, previous = 0, None
+    for start, end, name in sorted(spans):
+        if start != position:
+            what = f"overlaps '{previous}'" if start < position else f"leaves {start - position} bytes unused before it"
+            raise LowrankError(f"{path}: tensor '{name}' starts at byte {start} of the data section and {what}")
+        position, previous = end, name
+    if position != data_bytes:
+        raise LowrankError(f"{path}: the data section holds {data_bytes} bytes but its tensors cover {position}")
+    return CheckpointHeader(path=path, tensors=tensors, metadata=dict(metadata))
 
 
 @contextlib.contextmanager
 def open_tensors(path: str | os.PathLike) -> Iterator[Any]:
     """`safe_open` on a validated file: `.get_tensor(name)` reads one tensor at a time."""
     read_header(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise LowrankError(f"{path}: cannot be read ({_first_line(e)})") from None
+    with handle as f:
         yield f
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file, with `module.` wrapper prefixes removed."""
     with open_tensors(path) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise LowrankError(f"{path}: cannot be read ({_first_line(e)})") from None
     return strip_prefix(tensors)
 
 
@@ -165,8 +239,20 @@ def save_checkpoint(
     # safetensors refuses shared or strided storage: give it plain contiguous copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() if _shares_storage(v) else v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except (SafetensorError, OSError) as e:  # a full disk reaches us as a SafetensorError from the Rust writer
+            raise LowrankError(f"{path}: cannot be written ({_first_line(e)})", param="out") from None
     return Path(path)
+
+
+def _first_line(e: BaseException) -> str:
+    """The reason in an exception, first line; for the Rust writer's IoError, its system message."""
+    text = (getattr(e, "strerror", None) or str(e)).strip()
+    system = re.search(r'message: "([^"]+)"', text) or re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", text.splitlines()[0] if text else "")
+    if system:
+        return system.group(1)
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _shares_storage(t: torch.Tensor) -> bool:

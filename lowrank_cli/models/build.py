@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, load_tensors, read_header, strip_prefix
+from lowrank_cli.io.manifest import Manifest, read_checkpoint
+from lowrank_cli.io.safetensors import CheckpointHeader, read_header, strip_prefix
 from lowrank_cli.models.family import ModelFamily, get_family
 
 DEFAULT_FAMILY = "timm"
@@ -45,6 +45,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    mismatched += [
+        f"{k}: checkpoint {str(state_dict[k].dtype).removeprefix('torch.')} vs model {str(v.dtype).removeprefix('torch.')}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape == v.shape and state_dict[k].is_floating_point() != v.is_floating_point()
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -102,7 +107,7 @@ def build_model(
         fam = get_family(family or DEFAULT_FAMILY)
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
         model = fam.create(arch, kwargs)
-    load_state_dict_strict(model, load_tensors(path), path, arch)
+    load_state_dict_strict(model, read_checkpoint(path)[2], path, arch)
     return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest)
 
 

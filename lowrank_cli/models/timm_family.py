@@ -45,8 +45,8 @@ class TimmFamily(ModelFamily):
             return timm.create_model(architecture, pretrained=False, **kwargs)
         except TypeError as e:
             raise LowrankError(f"architecture '{architecture}' does not accept these settings {kwargs}: {e}", param="model_kwargs") from None
-        except (ValueError, AssertionError, RuntimeError) as e:
-            raise LowrankError(f"architecture '{architecture}' cannot be built with {kwargs}: {e}", param="model_kwargs") from None
+        except Exception as e:  # noqa: BLE001 - a model constructor fails in many ways for bad settings (embed_dim=0: ZeroDivisionError)
+            raise LowrankError(f"architecture '{architecture}' cannot be built with {kwargs}: {type(e).__name__}: {e}", param="model_kwargs") from None
 
     def complete_kwargs(self, architecture: str, header: CheckpointHeader | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Add `num_classes` from the checkpoint's classifier weight when it is not given.

@@ -13,12 +13,13 @@ Under torchrun, every process trains; rank 0 alone evaluates, writes and reports
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,9 +34,9 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
 from lowrank_cli.io.atomic import write_json
-from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
 from lowrank_cli.io.rundir import Position, RunDir, load_training_state
-from lowrank_cli.io.safetensors import load_tensors, read_header, save_checkpoint, sha256_file
+from lowrank_cli.io.safetensors import read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily
@@ -92,11 +93,27 @@ def _resolve_base(recipe: Recipe, model: nn.Module, data: ImageData) -> tuple[st
 
 
 def _run_dir(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
+    """The run folder, checked: free of another writer, and empty (a new run) or holding this recipe's run (resume)."""
     run = RunDir(out or Path("runs") / recipe.name)
+    run.check_free()
     if resume:
         return run, run.check_resumable(recipe)
     run.check_new()
     return run, None
+
+
+@contextlib.contextmanager
+def claimed(p: PreparedRun) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0) and check it again under the lock: what `prepare_*` saw may have changed."""
+    if not p.env.is_main:
+        yield
+        return
+    with p.run.locked():
+        if p.resume_from is not None:
+            p.resume_from = p.run.check_resumable(p.recipe)
+        else:
+            p.run.check_new()
+        yield
 
 
 def _data(recipe: Recipe, family: ModelFamily, model: nn.Module) -> ImageData:
@@ -137,7 +154,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
                     resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
-                    env: DistEnv | None = None) -> PreparedRun:
+                    env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
     """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
     dev = resolve_device(device)
     manifest = Manifest.from_header(read_header(factorized))
@@ -145,6 +162,10 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         raise LowrankError(f"{factorized}: is not factorized (no lowrank manifest); run `lowrank compress` on it, or `lowrank factorize` first")
     if manifest.weight_only:
         raise LowrankError(f"{factorized}: was factorized weight-only (no architecture); distillation needs a model architecture")
+    if recipe is not None and note is not None and manifest.recipe is not None:
+        differs = [k for k in ("select", "factorize") if recipe.to_dict().get(k) != manifest.recipe.get(k)]
+        if differs:
+            note(f"the recipe's {' and '.join(differs)} sections are not used: {factorized} is already factorized (its manifest says how)")
     recipe = recipe or recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
     recipe = with_run_options(recipe, data, epochs)
     if recipe.distill.method == "pclora":
@@ -211,7 +232,21 @@ def lambda_course(schedule: str, q: int, points: int = 5) -> list[tuple[int, flo
 
 def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
                      step_hook: Callable[[Position], None] | None = None) -> dict[str, Any]:
-    """Train the prepared student against its teacher; returns the report (also written, by rank 0)."""
+    """Train the prepared student against its teacher; returns the report (also written, by rank 0).
+
+    A new run that fails before its first complete checkpoint is removed (rank 0); a later
+    failure leaves it resumable. Call it inside `claimed(p)`.
+    """
+    try:
+        return _run_distillation(p, log=log, note=note, step_hook=step_hook)
+    except BaseException:
+        if p.env.is_main and p.resume_from is None:
+            p.run.discard()
+        raise
+
+
+def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], None] | None,
+                      step_hook: Callable[[Position], None] | None) -> dict[str, Any]:
     env, run, cfg, family = p.env, p.run, p.recipe.distill, p.family
     note = note if (note is not None and env.is_main) else (lambda _msg: None)
     device = env.device
@@ -232,9 +267,13 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
     resume = None
     if p.resume_from is not None:
         student_file, state_file = p.resume_from
-        load_state_dict_strict(p.student, load_tensors(student_file), student_file, manifest.architecture)
+        load_state_dict_strict(p.student, read_checkpoint(student_file)[2], student_file, manifest.architecture)
         resume = load_training_state(state_file)
         baseline = run.run_info().get("baseline", {})
+        if env.is_main:
+            stale, cut = run.remove_temporaries(), run.truncate_metrics(resume.position.step)
+            if stale or cut:
+                note(f"removed {len(stale)} temporary files of interrupted writes and {cut} metrics lines after step {resume.position.step}")
         note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
     else:
         baseline = {}
@@ -288,7 +327,7 @@ def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[
     report: dict[str, Any] = {}
     if env.is_main:
         manifest = manifest.replace(distill=_distill_record(p, result.steps))
-        save_checkpoint(run.student_file, p.student.state_dict(), manifest.metadata(), force=True)
+        save_factorized(run.student_file, p.student.state_dict(), manifest, force=True)
         note("evaluating the distilled student")
         final = accuracy(p.student, True)
         report = _report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
@@ -340,7 +379,8 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
     env = init_distributed(resolve_device(device))
     try:
         p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
-        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+        with claimed(p):
+            return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:
         close_distributed()
 
@@ -349,7 +389,8 @@ def distill_checkpoint(factorized, teacher, recipe: Recipe | None = None, *, dev
     """Distill an already factorized checkpoint against its original; the library form of `lowrank distill`."""
     env = init_distributed(resolve_device(device))
     try:
-        p = prepare_distill(factorized, teacher, recipe, device=device, env=env, **kw)
-        return run_distillation(p, log=log, note=note, step_hook=step_hook)
+        p = prepare_distill(factorized, teacher, recipe, device=device, env=env, note=note if env.is_main else None, **kw)
+        with claimed(p):
+            return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:
         close_distributed()

@@ -36,7 +36,7 @@ from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import get_family
-from lowrank_cli.pipelines.compress import prepare_compress, run_distillation, with_run_options
+from lowrank_cli.pipelines.compress import claimed, prepare_compress, run_distillation, with_run_options
 from lowrank_cli.recipe import DistillConfig, Recipe, load_recipe
 
 # How the teacher is trained: plain supervised training, same loop as distillation.
@@ -89,6 +89,7 @@ def _clear_previous_demo(out: Path) -> None:
     run = RunDir(out)
     if not out.exists():
         return
+    run.check_free()  # never delete a demo another process is running
     if run.run_file.exists() and run.recipe_file.exists() and "name: demo" in run.recipe_file.read_text():
         shutil.rmtree(out)  # our own previous demo run
         return
@@ -119,7 +120,8 @@ def run_demo(out: Path, device: str = "auto", epochs: int | None = None, retrain
         note(f"reusing the teacher cached at {teacher_path}")
     _clear_previous_demo(out)
     prepared = prepare_compress(teacher_path, recipe, out=out, device=device, env=DistEnv(device=dev))
-    report = run_distillation(prepared, log=log, note=note)
+    with claimed(prepared):
+        report = run_distillation(prepared, log=log, note=note)
     report["teacher_training"] = {**record, "file": str(teacher_path)}
     report["wall_seconds"] = time.perf_counter() - t0
     return report

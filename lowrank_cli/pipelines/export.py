@@ -25,8 +25,8 @@ from lowrank_cli.export.cast import cast_tensors, dtype_name, parse_dtype
 from lowrank_cli.export.dense import merge_state_dict
 from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
 from lowrank_cli.io.atomic import check_output
-from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import load_tensors, read_header, save_checkpoint
+from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
+from lowrank_cli.io.safetensors import read_header, save_checkpoint
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built, build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily, get_family
@@ -83,7 +83,7 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
     _, manifest = require_manifest(path, "export as dense", need_architecture=False)
     check_output(out, force=force, inputs=(path,))
     cast = parse_dtype(dtype) if dtype else None
-    dense_sd = cast_tensors(merge_state_dict(load_tensors(path), manifest.layers), cast)
+    dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
     params, macs, verification = sum(v.numel() for v in dense_sd.values() if v.is_floating_point()), None, None
     if not manifest.weight_only:
         factorized = build_model(path)
@@ -105,11 +105,12 @@ def export_safetensors(path: Path, out: Path, *, dtype: str = "float32", force: 
     """The factorized checkpoint with its manifest, every floating-point tensor cast to `dtype`."""
     header, manifest = require_manifest(path, "export as safetensors", need_architecture=False)
     check_output(out, force=force, inputs=(path,))
-    tensors = cast_tensors(load_tensors(path), parse_dtype(dtype))
-    save_checkpoint(out, tensors, manifest.metadata(), force=force, inputs=(path,))
+    tensors = cast_tensors(read_checkpoint(path)[2], parse_dtype(dtype))
+    written_manifest = save_factorized(out, tensors, manifest, force=force, inputs=(path,))  # the digest of the cast tensors
     check = read_header(out)  # the written file is what a user will load: its dtypes and manifest
     written = sorted({t.dtype for t in check.tensors.values()})
-    verification = {"check": "re-read header: dtypes and manifest", "dtypes": written, "manifest_kept": Manifest.from_header(check) == manifest}
+    kept = Manifest.from_header(check) == written_manifest and written_manifest.replace(weights_sha256=None) == manifest.replace(weights_sha256=None)
+    verification = {"check": "re-read header: dtypes and manifest", "dtypes": written, "manifest_kept": kept}
     return ExportResult(
         "safetensors", str(path), str(out), path.stat().st_size, out.stat().st_size,
         sum(t.numel for t in header.tensors.values()), None, dtype,
@@ -159,7 +160,7 @@ def export_checkpoint(
     out: str | os.PathLike | None = None,
     *,
     img_size: int | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     dtype: str | None = None,
     force: bool = False,
     runs_dir: str | os.PathLike = RUNS_DIR,
@@ -174,9 +175,10 @@ def export_checkpoint(
     path = resolve_model_path(model, runs_dir)
     out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32")
     if fmt == "onnx":
-        return export_onnx(path, out_path, img_size=img_size, opset=opset, force=force)
-    if img_size is not None:
-        raise LowrankError(f"img_size applies to the onnx format only, not {fmt}", param="img_size")
+        return export_onnx(path, out_path, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset, force=force)
+    for name, value in (("img_size", img_size), ("opset", opset)):
+        if value is not None:
+            raise LowrankError(f"{name} applies to the onnx format only, not {fmt}", param=name)
     if fmt == "dense":
         return export_dense(path, out_path, dtype=dtype, force=force)
     return export_safetensors(path, out_path, dtype=dtype or "float32", force=force)

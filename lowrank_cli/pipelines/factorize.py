@@ -19,12 +19,12 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
 from lowrank_cli.io.atomic import check_output
-from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import open_tensors, read_header, save_checkpoint, sha256_file
+from lowrank_cli.io.manifest import Manifest, save_factorized
+from lowrank_cli.io.safetensors import open_tensors, read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import build_model
 from lowrank_cli.pipelines.common import output_beside
-from lowrank_cli.pipelines.inspect import Inspection, header_params, plan_weight_only
+from lowrank_cli.pipelines.inspect import Inspection, check_method_inputs, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_layers
 from lowrank_cli.recipe import Recipe
@@ -45,6 +45,10 @@ def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int 
     """A copy with the given calibration settings, so that the manifest records what was used."""
     if calib_data is None and calib_samples is None:
         return recipe
+    if recipe.factorize.method == "svd":
+        given = "calib_data" if calib_data is not None else "calib_samples"
+        raise LowrankError(f"{given} has no effect with factorize.method 'svd' (plain SVD uses no data); "
+                           "set factorize.method to whitened or asvd in the recipe, or leave calibration out", param=given)
     if calib_samples is not None and calib_samples < 1:
         raise LowrankError(f"calib_samples must be at least 1 (got {calib_samples})", param="calib_samples")
     recipe = recipe.model_copy(deep=True)
@@ -91,20 +95,14 @@ def factorize_checkpoint(
     out = Path(out) if out is not None else output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch}.lowrank.safetensors")
     inputs = (path,) if path is not None else ()
     check_output(out, force=force, inputs=inputs)  # before the (long) SVDs; again atomically at the write
-    if method != "svd" and arch is None:
-        raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through "
-                           "(argument `arch`, recipe key `model`)", param="model")
-    if method != "svd" and recipe.factorize.calib_data is None:
-        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic' "
-                           "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
+    check_method_inputs(recipe, arch)
 
     if arch is None:  # weight-only: from the file alone
         plans, alloc = plan_weight_only(header, recipe, need_spectrum=False)
         with open_tensors(path) as f:
             todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
-        manifest = build_manifest(None, None, {}, plans, recipe, path)
-        save_checkpoint(out, tensors, manifest.metadata(), force=force, inputs=inputs)
+        manifest = save_factorized(out, tensors, build_manifest(None, None, {}, plans, recipe, path), force=force, inputs=inputs)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc)
         return FactorizeResult(out, insp, manifest)
@@ -123,7 +121,7 @@ def factorize_checkpoint(
                              latency=latency, rows=macs.linear_rows)
     timings = latency.to_dict() if latency is not None else None
     manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings)
-    save_checkpoint(out, model.state_dict(), manifest.metadata(), force=force, inputs=inputs)
+    manifest = save_factorized(out, model.state_dict(), manifest, force=force, inputs=inputs)
     insp = Inspection(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),

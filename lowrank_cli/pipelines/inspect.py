@@ -92,6 +92,17 @@ def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bo
     return plans, alloc
 
 
+def check_method_inputs(recipe: Recipe, arch: str | None) -> None:
+    """What `factorize.method: whitened | asvd` needs, checked the same way by `inspect` and `factorize`."""
+    method = recipe.factorize.method
+    if method != "svd" and arch is None:
+        raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through "
+                           "(argument `arch`, recipe key `model`)", param="model")
+    if method != "svd" and recipe.factorize.calib_data is None:
+        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic' "
+                           "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
+
+
 def no_latency_without_arch(recipe: Recipe, path) -> None:
     if recipe.select.latency_aware:
         raise LowrankError(
@@ -118,8 +129,11 @@ def inspect_checkpoint(
     manifest = Manifest.from_header(header) if header is not None else None
     kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
     if manifest is not None:
+        if spectrum:
+            raise LowrankError(f"{path}: is already factorized; a spectrum is computed from dense weights (inspect the original)", param="spectrum")
         return _inspect_factorized(header, manifest, arch, kwargs)
     arch = arch or recipe.model
+    check_method_inputs(recipe, arch)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
     if arch is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
         plans, alloc = plan_weight_only(header, recipe, needs_spectrum)

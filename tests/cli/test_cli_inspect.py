@@ -94,7 +94,7 @@ def test_bad_inputs(cli, tmp_path, vit_ckpt):
 
     one_line_error(cli("inspect", "--model", "deit_bse_patch16_224"), "unknown timm architecture 'deit_bse_patch16_224'", "did you mean")
     one_line_error(cli("inspect", vit_ckpt, "--model", "deit_tiny_patch16_224"), "does not match architecture 'deit_tiny_patch16_224'", "shape mismatches")
-    one_line_error(cli("inspect", "--model", TINY_VIT, "--kappa", "-1"), "'--kappa'", "must be a finite number > 0", code=2)
+    one_line_error(cli("inspect", "--model", TINY_VIT, "--kappa", "-1"), "'--kappa'", "must be a finite number > 1", code=2)
     one_line_error(cli("inspect", "--model", TINY_VIT, "--kappa", "abc"), "Invalid value for '--kappa'", code=2)
     bad_recipe = tmp_path / "r.yaml"
     bad_recipe.write_text("selekt: {}\n")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import socket
 
 import pytest
 import torch
@@ -96,8 +97,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, vit_ckpt):
         compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "cut", device="cpu", step_hook=interrupt)
     cut = tmp_path / "cut"
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-000003.safetensors", "checkpoint-000003.state.safetensors"]
-    assert not (cut / "student.safetensors").exists()
+    assert not (cut / "student.safetensors").exists() and not (cut / ".lock").exists()  # the lock goes with the process
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 5  # steps 1-5, of which 4 and 5 will be redone
+    # what a kill -9 mid-write leaves: temporaries of atomic writes, and a lock whose process is gone
+    (cut / ".checkpoint-000006.safetensors.k2j3h4.tmp").write_bytes(b"half a checkpoint")
+    (cut / ".student.safetensors.x8y9z0.tmp").write_bytes(b"half a student")
+    (cut / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "earlier", "token": "dead"}))
     resumed = compress_checkpoint(vit_ckpt, recipe, out=cut, device="cpu", resume=True)
+    assert not list(cut.glob(".*.tmp")) and not (cut / ".lock").exists()
+    assert [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))  # no step twice
     assert resumed["train"]["steps"] == 8
     a, b = load(tmp_path / "full" / "student.safetensors"), load(cut / "student.safetensors")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):

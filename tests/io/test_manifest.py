@@ -18,9 +18,13 @@ V1_WITHOUT_FAMILY = {  # what lowrank 0.1.0 wrote before the family key existed
 }
 
 
-def _write(tmp_path, manifest_json: str):
+QKV = {"blocks.0.attn.qkv.down.weight": torch.zeros(24, 64), "blocks.0.attn.qkv.up.weight": torch.zeros(192, 24),
+       "blocks.0.attn.qkv.up.bias": torch.zeros(192)}
+
+
+def _write(tmp_path, manifest_json: str, tensors=None):
     path = tmp_path / "m.safetensors"
-    save_file({"x": torch.zeros(1)}, str(path), metadata={MANIFEST_KEY: manifest_json})
+    save_file(QKV if tensors is None else tensors, str(path), metadata={MANIFEST_KEY: manifest_json})
     return read_header(path)
 
 
@@ -60,3 +64,40 @@ def test_apply_swaps_the_recorded_layers_and_checks_their_shapes():
         Manifest.from_dict({**V1_WITHOUT_FAMILY, "layers": {"blocks.0.mlp.fc1": {"rank": 2, "d_in": 64, "d_out": 192}}}).apply(tiny_vit())
     with pytest.raises(LowrankError, match="not a module of the model"):
         Manifest.from_dict({**V1_WITHOUT_FAMILY, "layers": {"blocks.9.x": {"rank": 2, "d_in": 64, "d_out": 192}}}).apply(tiny_vit())
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"blocks.0.attn.qkv.down.weight": torch.zeros(23, 64)}, "has shape [23, 64], but manifest layer 'blocks.0.attn.qkv' (rank 24"),
+    ({"blocks.0.attn.qkv.up.bias": None}, "has no tensor 'blocks.0.attn.qkv.up.bias'"),
+    ({"blocks.0.attn.qkv.down.weight": torch.zeros(24, 64, dtype=torch.int32)}, "is stored as I32; factorized weights are floating point"),
+    ({"blocks.0.attn.qkv.weight": torch.zeros(192, 64)}, "'blocks.0.attn.qkv.weight' should not exist"),
+])
+def test_manifest_is_checked_against_the_tensors(tmp_path, change, needle):
+    tensors = {k: v for k, v in {**QKV, **change}.items() if v is not None}
+    with pytest.raises(LowrankError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        Manifest.from_header(_write(tmp_path, json.dumps(V1_WITHOUT_FAMILY), tensors))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("layers", [1, 2], "'layers' must be a map"),
+    ("model_kwargs", [1], "'model_kwargs' must be a map"),
+    ("architecture", 7, "'architecture' must be a string or null"),
+    ("format_version", True, "format_version True is not supported"),
+])
+def test_manifest_fields_have_their_types(tmp_path, key, value, needle):
+    with pytest.raises(LowrankError, match=needle):
+        Manifest.from_dict({**V1_WITHOUT_FAMILY, key: value})
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"rank": 0, "d_in": 64, "d_out": 192}, "rank 0 is outside 1..min"),
+    ({"rank": -3, "d_in": 64, "d_out": 192}, "rank -3 is outside"),
+    ({"rank": 65, "d_in": 64, "d_out": 192}, "rank 65 is outside 1..min\\(d_in, d_out\\) = 1..64"),
+    ({"rank": "24", "d_in": 64, "d_out": 192}, "must be positive integers"),
+    ({"rank": 24.0, "d_in": 64, "d_out": 192}, "must be positive integers"),
+    ({"rank": 24, "d_out": 192}, "is not a layer entry"),
+    ({"rank": 24, "d_in": 64, "d_out": 192, "method": "magic"}, "method one of svd"),
+])
+def test_layer_entries_are_checked(entry, needle):
+    with pytest.raises(LowrankError, match=needle):
+        Manifest.from_dict({**V1_WITHOUT_FAMILY, "layers": {"blocks.0.attn.qkv": entry}})

@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
-from lowrank_cli.cli.render import bench_tables, console
+from lowrank_cli.cli.render import bench_tables, console, err_console
 from lowrank_cli.pipelines.bench import bench_checkpoint
 
 app = typer.Typer(add_completion=False)
@@ -29,6 +29,8 @@ def bench(
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."""
+    if threads is not None and device.startswith("cuda"):
+        err_console.print("[yellow]note:[/] --threads sets CPU threads; it has no effect on the CUDA timings")
     result = bench_checkpoint(model, baseline, batch=batch, threads=threads, runtime=runtime, device=device,
                               layers=layers, warmup=warmup, repeats=repeats)
     if as_json:

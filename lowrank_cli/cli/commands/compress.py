@@ -46,9 +46,10 @@ def compress(
     r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs)
     kwargs = opt.parse_model_args(model_arg)
     if nproc is not None and nproc > 1:
-        prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
-        if relaunch(nproc):
-            return
+        prepared = prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
+        with prepared.run.locked():  # held for the processes torchrun starts
+            if relaunch(nproc):
+                return
     with training_progress("distill", enabled=is_main_process()) as log:
         report = compress_checkpoint(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device,
                                      log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))

@@ -34,9 +34,10 @@ def distill(
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
     r = load_recipe(recipe) if recipe else None
     if nproc is not None and nproc > 1:
-        prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
-        if relaunch(nproc):
-            return
+        prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
+        with prepared.run.locked():  # held for the processes torchrun starts
+            if relaunch(nproc):
+                return
     with training_progress("distill", enabled=is_main_process()) as log:
         report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
                                     log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))

@@ -21,7 +21,7 @@ def export(
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | dense | safetensors"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the input)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="ONNX input image size (default: the model's)."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset version."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset version (default 18)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (dense and safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
     as_json: bool = opt.JsonOpt,

@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
-from lowrank_cli.cli.render import print_inspection
+from lowrank_cli.cli.render import err_console, print_inspection
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.pipelines.inspect import inspect_checkpoint
 
@@ -32,6 +32,9 @@ def inspect(
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint, or an architecture with --model (e.g. --model deit_base_patch16_224)")
     insp = inspect_checkpoint(checkpoint, r, model, opt.parse_model_args(model_arg), spectrum=spectrum)
+    ignored = [flag for flag, given in (("--kappa", kappa is not None), ("--recipe", recipe is not None), ("--latency-aware", latency_aware)) if given]
+    if insp.factorized_checkpoint and ignored:
+        err_console.print(f"[yellow]note:[/] {checkpoint} is already factorized: {', '.join(ignored)} had no effect; shown are the ranks it was factorized with")
     if as_json:
         print_json(insp.to_dict())
     else:
