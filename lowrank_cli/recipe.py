@@ -116,6 +116,7 @@ class DataConfig(_Strict):
 
     source: str | None = None
     num_workers: int = Field(default=2, ge=0)
+    skip_unreadable: bool = False  # an image folder's unreadable images: an error (default), or left out and counted
     synthetic_size: int = Field(default=256, ge=8)
 
 

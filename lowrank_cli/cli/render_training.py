@@ -72,6 +72,7 @@ def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
         + (f"recovered {frac:.0%} of the top-1 accuracy SVD lost; " if frac is not None else "")
         + f"{train.get('steps')} steps at lr {train.get('lr', 0):.2e} (global batch {train.get('global_batch')}), "
         + f"{train.get('images_per_s', 0):.0f} img/s; student: {report.get('student')}"
+        + (f"; {report['data']['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if (report.get("data") or {}).get("skipped_unreadable") else "")
     )
     return table
 

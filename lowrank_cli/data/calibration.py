@@ -7,7 +7,7 @@ from pathlib import Path
 import timm.data
 import torch
 
-from lowrank_cli.data.images import digits
+from lowrank_cli.data.images import IMAGE_EXTENSIONS, ImageFiles, digits
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import ImageConfig
 
@@ -35,15 +35,14 @@ def calibration_batches(source: str, cfg: ImageConfig, n_samples: int = 256, bat
 
 
 def _folder_images(root: Path, cfg: ImageConfig, n_samples: int, gen: torch.Generator) -> torch.Tensor:
+    """`n_samples` images drawn (seeded) from every image under `root`, with the model's eval transforms."""
     if not root.is_dir():
         raise LowrankError(f"calibration data '{root}': not {CALIBRATION_SOURCES}", param="calib_data")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise LowrankError(f"calibration data '{root}': no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})", param="calib_data")
     transform = timm.data.create_transform(input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
                                            crop_pct=cfg.crop_pct, is_training=False)
-    try:
-        dataset = timm.data.create_dataset("", root=str(root), transform=transform)
-    except Exception as e:  # timm raises several types for an unreadable folder
-        raise LowrankError(f"calibration data '{root}': cannot read images from it ({e})", param="calib_data") from None
-    if len(dataset) == 0:
-        raise LowrankError(f"calibration data '{root}': no images found", param="calib_data")
-    idx = torch.randperm(len(dataset), generator=gen)[:n_samples].tolist()
-    return torch.stack([dataset[i][0] for i in idx])
+    chosen = [files[i] for i in torch.randperm(len(files), generator=gen)[:n_samples].tolist()]
+    dataset = ImageFiles([(p, 0) for p in chosen], transform)  # an unreadable one is a LowrankError naming it
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])

@@ -14,12 +14,15 @@ resizing):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm.data
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lowrank_cli.errors import LowrankError
@@ -37,6 +40,7 @@ class ImageData:
     train: Dataset
     val: Dataset
     num_classes: int
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (data.skip_unreadable)
 
 
 class TensorImages(Dataset):
@@ -122,19 +126,76 @@ def check_image_folder(root: Path) -> tuple[Path, Path, list[str]]:
     return train, val, classes
 
 
-def image_folder(root: Path, cfg: ImageConfig) -> ImageData:
-    """An image folder read by timm, with the model's input size, mean/std and interpolation."""
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read as an image (None when it can): PIL opens and verifies it."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+        return f"{type(e).__name__}: {str(e).strip() or 'unreadable'}".splitlines()[0]
+
+
+def _samples(split: Path, class_map: dict[str, int]) -> list[tuple[Path, int]]:
+    return [(p, class_map[c]) for c in sorted(class_map) for p in sorted((split / c).rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+class ImageFiles(Dataset):
+    """Images read from files with PIL (RGB) and transformed; a file that fails to decode later is a
+    LowrankError naming it, or with `skip_unreadable` is replaced by the next readable one."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform, skip_unreadable: bool = False):
+        self.samples, self.transform, self.skip_unreadable = samples, transform, skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+                return self.transform(image), label
+            except Exception as e:  # noqa: BLE001
+                if not self.skip_unreadable:
+                    raise LowrankError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); "
+                                       "fix or remove it, or set data.skip_unreadable: true") from None
+        raise LowrankError(f"no image of this split can be read (the first: {self.samples[i][0]})")
+
+
+def image_folder(root: Path, cfg: ImageConfig, skip_unreadable: bool = False) -> ImageData:
+    """An image folder with the model's input size, mean/std and interpolation (timm's transforms).
+
+    Every file is opened and verified first (in parallel): unreadable ones are a LowrankError
+    naming the first few, or, with `skip_unreadable`, left out and counted in `skipped`.
+    """
     train_dir, val_dir, classes = check_image_folder(root)
     common = dict(input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation)
     class_map = {c: i for i, c in enumerate(classes)}
-    train = timm.data.create_dataset("", root=str(train_dir), search_split=False, class_map=class_map,
-                                     transform=timm.data.create_transform(**common, is_training=True))
-    val = timm.data.create_dataset("", root=str(val_dir), search_split=False, class_map=class_map,
-                                   transform=timm.data.create_transform(**common, crop_pct=cfg.crop_pct, is_training=False))
-    return ImageData(str(root), train, val, len(classes))
+    splits = {name: _samples(d, class_map) for name, d in (("train", train_dir), ("val", val_dir))}
+    every = [p for samples in splits.values() for p, _ in samples]
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+        reasons = dict(zip(every, pool.map(_unreadable, every)))
+    bad = [p for p in every if reasons[p] is not None]
+    if bad and not skip_unreadable:
+        shown = "; ".join(f"{p} ({reasons[p]})" for p in bad[:3]) + (f"; ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise LowrankError(f"data folder '{root}': {len(bad)} of {len(every)} images cannot be read: {shown}; "
+                           "fix or remove them, or skip them (recipe key data.skip_unreadable: true)", param="data")
+    for name, samples in splits.items():
+        kept = [s for s in samples if reasons[s[0]] is None]
+        if not kept:
+            raise LowrankError(f"data folder '{root}': none of the {len(samples)} images of its {name} split can be read "
+                               f"(the first: {samples[0][0]}: {reasons[samples[0][0]]})", param="data")
+        splits[name] = kept
+    train = ImageFiles(splits["train"], timm.data.create_transform(**common, is_training=True), skip_unreadable)
+    val = ImageFiles(splits["val"], timm.data.create_transform(**common, crop_pct=cfg.crop_pct, is_training=False), skip_unreadable)
+    return ImageData(str(root), train, val, len(classes), skipped=[str(p) for p in bad])
 
 
-def load_image_data(source: str | None, cfg: ImageConfig, num_classes: int = 10, synthetic_size: int = 256) -> ImageData:
+def load_image_data(source: str | None, cfg: ImageConfig, num_classes: int = 10, synthetic_size: int = 256,
+                    skip_unreadable: bool = False) -> ImageData:
     """Train/val data from `source`: a folder, `digits` or `synthetic` (see the module doc).
 
     `num_classes` sets the random labels of `synthetic` (the model's outputs).
@@ -146,4 +207,4 @@ def load_image_data(source: str | None, cfg: ImageConfig, num_classes: int = 10,
         return digits(cfg)
     if source == "synthetic":
         return synthetic(cfg, num_classes, synthetic_size)
-    return image_folder(Path(source), cfg)
+    return image_folder(Path(source), cfg, skip_unreadable)

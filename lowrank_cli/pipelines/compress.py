@@ -117,7 +117,8 @@ def claimed(p: PreparedRun) -> Iterator[None]:
 
 
 def _data(recipe: Recipe, family: ModelFamily, model: nn.Module) -> ImageData:
-    return load_image_data(recipe.data.source, family.data_config(model), getattr(model, "num_classes", 10), recipe.data.synthetic_size)
+    return load_image_data(recipe.data.source, family.data_config(model), getattr(model, "num_classes", 10), recipe.data.synthetic_size,
+                           recipe.data.skip_unreadable)
 
 
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
@@ -361,6 +362,8 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
                   "base_loss": p.base},
         "method": p.recipe.distill.method,
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
+        "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
+                 "skipped_first": p.data.skipped[:5]},
         "world_size": p.env.world,
         "rank_weight_sha256": digests,
         "seconds": seconds,

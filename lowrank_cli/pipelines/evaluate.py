@@ -22,6 +22,7 @@ def evaluate_checkpoint(
     teacher: str | os.PathLike | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    skip_unreadable: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 of `checkpoint` on the val split of `data` (and feature cosine to `teacher`); a JSON-able report."""
     dev = resolve_device(device)
@@ -30,7 +31,7 @@ def evaluate_checkpoint(
     built = build_model(checkpoint, arch, model_kwargs)
     net, family = built.model, built.family
     classes = getattr(net, "num_classes", None)
-    images = load_image_data(data, family.data_config(net), classes or 10)
+    images = load_image_data(data, family.data_config(net), classes or 10, skip_unreadable=skip_unreadable)
     if classes != images.num_classes:
         raise LowrankError(f"{checkpoint}: the model has {classes} outputs but the data '{data}' has {images.num_classes} classes", param="data")
     teacher_net = None
@@ -40,4 +41,5 @@ def evaluate_checkpoint(
         except LowrankError as e:
             raise LowrankError(f"teacher {teacher} does not match '{built.architecture}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
     result = evaluate(net, images.val, family, dev, batch_size=batch_size, teacher=teacher_net)
-    return {"checkpoint": str(checkpoint), "data": images.source, "factorized": built.manifest is not None, **result.to_dict()}
+    return {"checkpoint": str(checkpoint), "data": images.source, "factorized": built.manifest is not None, **result.to_dict(),
+            "skipped_unreadable": len(images.skipped)}

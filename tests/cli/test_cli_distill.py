@@ -243,3 +243,54 @@ def test_nproc_relaunch_keeps_every_argument_but_nproc():
 
     argv = ["compress", "--recipe", "demo", "--nproc", "2", "--model-arg", "depth=2", "--nproc=4", "--json"]
     assert argv_without_nproc(argv) == ["compress", "--recipe", "demo", "--model-arg", "depth=2", "--json"]
+
+
+def _image_folder(root, bad: dict[str, bytes]):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in range(10):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                px = (torch.rand(20, 20, 3, generator=gen) * 255).byte().numpy()
+                Image.fromarray(px).save(root / split / f"c{c}" / f"{i}.png")
+    for rel, data in bad.items():
+        (root / rel).write_bytes(data)
+
+
+def test_unreadable_images_are_named_or_skipped_and_counted(cli, tmp_path, vit_ckpt, recipe_path):
+    root = tmp_path / "imgs"
+    _image_folder(root, {"train/c0/0.png": b"not a png at all", "train/c3/1.png": b"", "val/c1/zz.jpg": b"\xff\xd8\xff garbage"})
+    out = tmp_path / "run"
+    line = one_line_error(cli("compress", vit_ckpt, "--recipe", recipe_path, "--data", root, "--out", out, "--device", "cpu"),
+                          "3 of 61 images cannot be read", "train/c0/0.png", "train/c3/1.png", "data.skip_unreadable")
+    assert "UnidentifiedImageError" in line and not out.exists()
+    skipping = tmp_path / "skip.yaml"
+    skipping.write_text(recipe_path.read_text().replace("num_workers: 0", "num_workers: 0\n  skip_unreadable: true"))
+    r = cli("compress", vit_ckpt, "--recipe", skipping, "--data", root, "--out", out, "--epochs", "1", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert report["data"]["skipped_unreadable"] == 3 and report["data"]["train"] == 38 and report["data"]["val"] == 20
+    r = cli("evaluate", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--data", root, "--skip-unreadable", "--json")
+    assert r.code == 0 and json.loads(r.out)["skipped_unreadable"] == 3 and json.loads(r.out)["images"] == 20
+
+
+def test_an_image_folder_with_no_readable_image(cli, tmp_path, vit_ckpt, recipe_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        (root / split / "c0").mkdir(parents=True)
+        for i in range(3):
+            (root / split / "c0" / f"{i}.png").write_bytes(b"\x89PNG broken")
+    skipping = tmp_path / "skip.yaml"
+    skipping.write_text(recipe_path.read_text().replace("num_workers: 0", "num_workers: 0\n  skip_unreadable: true"))
+    one_line_error(cli("compress", vit_ckpt, "--recipe", skipping, "--data", root, "--out", tmp_path / "run", "--device", "cpu"),
+                   "none of the 3 images of its train split can be read")
+    one_line_error(cli("factorize", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--recipe", _whitened(tmp_path),
+                       "--calib-data", root, "--out", tmp_path / "w.safetensors"), "cannot be read as an image")
+
+
+def _whitened(tmp_path):
+    path = tmp_path / "whitened.yaml"
+    path.write_text("factorize:\n  method: whitened\n")
+    return path

@@ -25,11 +25,12 @@ def evaluate(
     teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="A dense checkpoint of the same architecture: also report feature cosine similarity to it."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     device: str = opt.DeviceOpt,
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Leave out images that cannot be read (and count them) instead of failing."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."""
     result = evaluate_checkpoint(checkpoint, data, arch=model, model_kwargs=opt.parse_model_args(model_arg), teacher=teacher,
-                                 batch_size=batch_size, device=device)
+                                 batch_size=batch_size, device=device, skip_unreadable=skip_unreadable)
     if as_json:
         print_json(result)
     else:
