@@ -173,12 +173,15 @@ class DistillConfig(_Strict):
 
 
 class Recipe(_Strict):
-    """A whole recipe. `model` is a timm architecture name; `checkpoint` a default input."""
+    """A whole recipe: rules for a family of models. The architecture belongs to the checkpoint: `model` is
+    used when its tensors fit it (or for random weights), else `architectures` (timm name patterns) are
+    searched for one that does. `checkpoint` is a default input."""
 
     name: str = "custom"
     description: str = ""
     model: str | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    architectures: list[str] = Field(default_factory=lambda: ["deit_*", "vit_*"])
     checkpoint: str | None = None
     select: SelectConfig = Field(default_factory=SelectConfig)
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)

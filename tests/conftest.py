@@ -92,6 +92,23 @@ def vit_ckpt(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def weights_ckpt(tmp_path: Path) -> Path:
+    """A checkpoint of no timm architecture (BERT-like names): inspected and factorized weight-only."""
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "enc.safetensors"
+    save_file({
+        "embeddings.word_embeddings.weight": torch.randn(100, 64, generator=gen),
+        "encoder.layer.0.attention.self.query.weight": torch.randn(64, 64, generator=gen),
+        "encoder.layer.0.attention.self.query.bias": torch.randn(64, generator=gen),
+        "encoder.layer.0.intermediate.dense.weight": torch.randn(256, 64, generator=gen),
+        "encoder.layer.0.intermediate.dense.bias": torch.randn(256, generator=gen),
+        "encoder.layer.0.output.dense.weight": torch.randn(64, 256, generator=gen),
+        "encoder.layer.0.output.LayerNorm.weight": torch.ones(64),
+    }, str(path))
+    return path
+
+
 @dataclass
 class Result:
     code: int

@@ -149,11 +149,17 @@ def latency_table(lat: dict) -> Table:
     return table
 
 
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
 def print_inspection(insp: Any, spectrum: bool = False) -> None:
     head = insp.checkpoint or "(random weights)"
-    arch = f" — {insp.architecture}" if insp.architecture else " — weight-only (no architecture; pass --model for MACs)"
+    arch = f" — {insp.architecture}" if insp.architecture else " — weight-only (no architecture; --model gives MACs)"
     kind = " — factorized checkpoint" if insp.factorized_checkpoint else ""
     console.print(f"[bold]{head}[/]{arch}{kind}")
+    print_notes(insp.notes)
     console.print(layers_table(insp, spectrum))
     if insp.allocation is not None:
         console.print(allocation_table(insp.allocation))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +14,15 @@ from torch import nn
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest, read_checkpoint
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, strip_prefix
-from lowrank_cli.models.family import ModelFamily, get_family
+from lowrank_cli.models.family import ModelFamily, get_family, recognizes
 
 DEFAULT_FAMILY = "timm"
 
 
 @dataclass
 class Built:
-    """A model built from a checkpoint: its family, architecture and settings, the file's header and manifest."""
+    """A model built from a checkpoint: its family, architecture and settings, the file's header and manifest,
+    and where the architecture came from (`given`, `manifest`, `config.json`, `recipe`, `search`, `random`)."""
 
     model: nn.Module
     family: ModelFamily
@@ -28,6 +30,77 @@ class Built:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # the settings to record (what rebuilds it)
     header: CheckpointHeader | None = None
     manifest: Manifest | None = None
+    source: str = "given"
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchitectureHint:
+    """Where to look for a checkpoint's architecture when none is given: a recipe's `model` (taken when the
+    tensors fit it, with its `model_kwargs`) and the patterns of its family to search (recipe key `architectures`)."""
+
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    patterns: tuple[str, ...] = ()
+
+
+class NoArchitecture(LowrankError):
+    """No architecture was given and none could be found for a checkpoint."""
+
+
+@dataclass
+class Resolved:
+    family: str
+    architecture: str
+    kwargs: dict[str, Any]
+    source: str
+    note: str | None = None
+
+
+def hub_config(path: Path) -> dict[str, Any] | None:
+    """The `config.json` beside a checkpoint, when there is one (a Hub-style folder)."""
+    cfg = path.parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowrankError(f"{cfg}: not a valid JSON config ({getattr(e, 'msg', e)})") from None
+    if not isinstance(data, dict):
+        raise LowrankError(f"{cfg}: a model config must be a JSON object")
+    return data
+
+
+def resolve_architecture(path: Path, header: CheckpointHeader, model_kwargs: dict[str, Any], hint: ArchitectureHint | None) -> Resolved:
+    """A plain checkpoint's architecture when none is given: its `config.json` (timm's Hub config), then the
+    hint's `model` if the tensors fit it, then a search of the hint's patterns. NoArchitecture otherwise."""
+    cfg = hub_config(path)
+    if cfg is not None and isinstance(cfg.get("architecture"), str):
+        model_args = cfg.get("model_args") or {}
+        if not isinstance(model_args, dict):
+            raise LowrankError(f"{path.parent / 'config.json'}: 'model_args' must be a map of settings")
+        kwargs = {**model_args, **({"num_classes": cfg["num_classes"]} if isinstance(cfg.get("num_classes"), int) else {}), **model_kwargs}
+        return Resolved("timm", cfg["architecture"], kwargs, "config.json")
+    hint = hint or ArchitectureHint()
+    if not recognizes(DEFAULT_FAMILY, header):  # decided from the header alone: timm is not even imported
+        raise NoArchitecture(f"{path}: has no lowrank manifest and no config.json, and its tensors are not a timm vision "
+                             "model's; name its architecture (argument `arch`, recipe key `model`)", param="model")
+    timm_family = get_family(DEFAULT_FAMILY)
+    if hint.model is not None:
+        kwargs = timm_family.complete_kwargs(hint.model, header, {**hint.model_kwargs, **model_kwargs})
+        if not timm_family.fits(hint.model, header, kwargs):
+            return Resolved(DEFAULT_FAMILY, hint.model, kwargs, "recipe")
+    if not hint.patterns:
+        raise NoArchitecture(f"{path}: its tensors do not fit {hint.model or 'any architecture given'}, and no architectures "
+                             "were given to search (recipe key `architectures`); name its architecture (argument `arch`)", param="model")
+    try:
+        found = timm_family.find_architecture(header, list(hint.patterns), hint.model)
+    except LowrankError as e:
+        raise NoArchitecture(str(e), param="model") from None
+    also = f"; these fit as well: {', '.join(found.also_fit[:4])}" if found.also_fit else ""
+    settings = ", ".join(f"{k}={v}" for k, v in found.kwargs.items())
+    note = f"architecture {found.architecture} ({settings}) found from the tensors among {found.tried} of {', '.join(hint.patterns)}{also}"
+    return Resolved(DEFAULT_FAMILY, found.architecture, {**found.kwargs, **model_kwargs}, "search", note)
 
 
 def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, family: str = DEFAULT_FAMILY) -> nn.Module:
@@ -72,20 +145,24 @@ def build_model(
     model_kwargs: dict[str, Any] | None = None,
     *,
     family: str | None = None,
+    hint: ArchitectureHint | None = None,
 ) -> Built:
     """Build a model and load a checkpoint into it strictly.
 
     A factorized checkpoint (with a manifest) rebuilds its own family, architecture and
     low-rank structure; `arch` then must agree with the manifest when given. A plain checkpoint
-    needs `arch`. With `path=None`, the architecture gets random weights.
+    takes `arch`, or else the architecture is found (`resolve_architecture`: config.json, the
+    hint's model, a search of the hint's patterns). With `path=None`, `arch` (or the hint's
+    model) gets random weights.
     """
     if path is None:
+        arch = arch or (hint.model if hint else None)
         if arch is None:
             raise LowrankError("give a checkpoint, or an architecture (argument `arch`, recipe key `model`)", param="model")
         fam = get_family(family or DEFAULT_FAMILY)
-        kwargs = dict(model_kwargs or {})
+        kwargs = {**(hint.model_kwargs if hint and arch == hint.model else {}), **(model_kwargs or {})}
         model = fam.create(arch, kwargs).eval()
-        return Built(model, fam, arch, fam.recorded_kwargs(model, kwargs))
+        return Built(model, fam, arch, fam.recorded_kwargs(model, kwargs), source="random")
     header = read_header(path)
     manifest = Manifest.from_header(header)
     if manifest is not None:
@@ -101,14 +178,17 @@ def build_model(
         kwargs = {**manifest.model_kwargs, **(model_kwargs or {})}
         model = fam.create(arch, kwargs)
         manifest.apply(model)
+        source, note = "manifest", None
     else:
+        source, note = "given", None
         if arch is None:
-            raise LowrankError(f"{path}: has no lowrank manifest; name its architecture (argument `arch`, recipe key `model`)", param="model")
+            found = resolve_architecture(Path(path), header, dict(model_kwargs or {}), hint)
+            arch, family, model_kwargs, source, note = found.architecture, found.family, found.kwargs, found.source, found.note
         fam = get_family(family or DEFAULT_FAMILY)
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
         model = fam.create(arch, kwargs)
     load_state_dict_strict(model, read_checkpoint(path)[2], path, arch)
-    return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest)
+    return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
 
 
 def load(path: str | os.PathLike, model: str | None = None, **model_kwargs: Any) -> nn.Module:

@@ -17,7 +17,7 @@ import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, ContextManager, Mapping, Union
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Union
 
 import torch
 from torch import nn
@@ -134,9 +134,16 @@ class ModelFamily(ABC):
         return contextlib.nullcontext()
 
 
-# The families, by name, with the module that implements each: imported when first used, so
-# that a command that needs no model (or another family) does not pay for the library's import.
+def _timm_vision(header: CheckpointHeader) -> bool:
+    """timm's vision transformers embed patches with `patch_embed.proj`, a convolution (4-D weight)."""
+    return any(k.removeprefix("module.") == "patch_embed.proj.weight" and len(v.shape) == 4 for k, v in header.tensors.items())
+
+
+# The families, by name: the module that implements each, imported when first used so that a
+# command that needs no model (or another family) does not pay for the library's import, and a
+# test of a checkpoint's header, needing no import, for whether its tensors look like the family's.
 FAMILIES = {"timm": "lowrank_cli.models.timm_family"}
+RECOGNIZERS: dict[str, Callable[[CheckpointHeader], bool]] = {"timm": _timm_vision}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -145,3 +152,8 @@ def get_family(name: str) -> ModelFamily:
     if module is None:
         raise LowrankError(f"model family '{name}' is not supported; accepted: {', '.join(FAMILIES)}", param="family")
     return importlib.import_module(module).FAMILY
+
+
+def recognizes(name: str, header: CheckpointHeader) -> bool:
+    """Whether a checkpoint's tensors look like those of family `name`'s models (worth searching for an architecture)."""
+    return RECOGNIZERS.get(name, lambda _h: False)(header)

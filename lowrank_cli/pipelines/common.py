@@ -9,9 +9,16 @@ from pathlib import Path
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header
+from lowrank_cli.models.build import ArchitectureHint
+from lowrank_cli.recipe import Recipe
 
 RUNS_DIR = Path("runs")
 STUDENT_FILE = "student.safetensors"
+
+
+def hint_of(recipe: Recipe) -> ArchitectureHint:
+    """Where a recipe says to look for a checkpoint's architecture: its `model`, then its `architectures` patterns."""
+    return ArchitectureHint(recipe.model, dict(recipe.model_kwargs), tuple(recipe.architectures))
 
 
 def output_beside(path: Path, suffix: str) -> Path:

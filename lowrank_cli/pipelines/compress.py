@@ -41,6 +41,7 @@ from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily
 from lowrank_cli.nn.pclora import decay_lambda, finalize, set_lambda
+from lowrank_cli.pipelines.common import hint_of
 from lowrank_cli.pipelines.factorize import build_manifest
 from lowrank_cli.recipe import Recipe, recipe_from_dict
 
@@ -125,18 +126,15 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
                      out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
     """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
     dev = resolve_device(device)
-    arch = arch or recipe.model
     if checkpoint is None and recipe.checkpoint:
         checkpoint = recipe.checkpoint
     if checkpoint is None:
         raise LowrankError("give the checkpoint to compress (argument `checkpoint`, recipe key `checkpoint`)", param="checkpoint")
-    if arch is None:
-        raise LowrankError(f"{checkpoint}: name its architecture (argument `arch`, recipe key `model`)", param="model")
     header = read_header(checkpoint)
     if Manifest.from_header(header) is not None:
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
-    built = build_model(checkpoint, arch, {**recipe.model_kwargs, **(model_kwargs or {})})
-    teacher, family = built.model, built.family
+    built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
+    teacher, family, arch = built.model, built.family, built.architecture
     data = _data(recipe, family, teacher)
     run, resume_from = _run_dir(recipe, out, resume)
     student = copy.deepcopy(teacher)
@@ -150,7 +148,8 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
     manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else "svd")
     base, match = _resolve_base(recipe, teacher, data)
-    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match)
+    info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
+    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match, info)
 
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
@@ -353,6 +352,8 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "run": str(p.run.root),
         "student": str(p.run.student_file),
         "architecture": p.manifest.architecture,
+        "architecture_source": p.info.get("architecture", {}).get("source", "manifest"),
+        "architecture_note": p.info.get("architecture", {}).get("note"),
         "params_before": count_params(teacher), "params_after": count_params(p.student),
         "macs_before": macs_t.macs, "macs_after": macs_s.macs,
         "accuracy": {"teacher": baseline.get("teacher"), "svd": baseline.get("svd"), "distilled": final.to_dict() if final else None},

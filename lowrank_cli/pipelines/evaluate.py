@@ -11,6 +11,8 @@ from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.evaluate import evaluate
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.build import build_model
+from lowrank_cli.pipelines.common import hint_of
+from lowrank_cli.recipe import Recipe
 
 
 def evaluate_checkpoint(
@@ -28,7 +30,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     if batch_size < 1:
         raise LowrankError(f"batch_size must be at least 1 (got {batch_size})", param="batch_size")
-    built = build_model(checkpoint, arch, model_kwargs)
+    built = build_model(checkpoint, arch, model_kwargs, hint=hint_of(Recipe()))
     net, family = built.model, built.family
     classes = getattr(net, "num_classes", None)
     images = load_image_data(data, family.data_config(net), classes or 10, skip_unreadable=skip_unreadable)

@@ -24,7 +24,7 @@ from lowrank_cli.io.safetensors import open_tensors, read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import build_model
 from lowrank_cli.pipelines.common import output_beside
-from lowrank_cli.pipelines.inspect import Inspection, check_method_inputs, header_params, plan_weight_only
+from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_layers
 from lowrank_cli.recipe import Recipe
@@ -90,25 +90,25 @@ def factorize_checkpoint(
     header = read_header(path) if path is not None else None
     if header is not None and Manifest.from_header(header) is not None:
         raise LowrankError(f"{path}: is already factorized (it has a lowrank manifest); factorize the original checkpoint")
-    arch = arch or recipe.model
-    kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
-    out = Path(out) if out is not None else output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch}.lowrank.safetensors")
+    kwargs = dict(model_kwargs or {})
+    out = Path(out) if out is not None else output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch or recipe.model}.lowrank.safetensors")
     inputs = (path,) if path is not None else ()
     check_output(out, force=force, inputs=inputs)  # before the (long) SVDs; again atomically at the write
-    check_method_inputs(recipe, arch)
+    check_calibration(recipe)
+    built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
-    if arch is None:  # weight-only: from the file alone
+    if built is None:  # weight-only: from the file alone
         plans, alloc = plan_weight_only(header, recipe, need_spectrum=False)
         with open_tensors(path) as f:
             todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
         manifest = save_factorized(out, tensors, build_manifest(None, None, {}, plans, recipe, path), force=force, inputs=inputs)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
-        insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc)
+        insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc,
+                          notes=[f"weight-only: {why}"])
         return FactorizeResult(out, insp, manifest)
 
-    built = build_model(path, arch, kwargs)
-    model, family = built.model, built.family
+    model, family, arch = built.model, built.family, built.architecture
     before = count_params(model)
     macs = count_macs(model, family.example_inputs(model), family.forward)
     todo = sum(p.factorized for p in plan_layers(family.linear_candidates(model), recipe))
@@ -126,5 +126,6 @@ def factorize_checkpoint(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
         allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
+        architecture_source=built.source, notes=[built.note] if built.note else [],
     )
     return FactorizeResult(out, insp, manifest)

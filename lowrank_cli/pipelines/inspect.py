@@ -20,7 +20,8 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import Built, build_model
+from lowrank_cli.models.build import Built, NoArchitecture, build_model
+from lowrank_cli.pipelines.common import hint_of
 from lowrank_cli.plan.budget import allocate_ranks
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import LayerPlan, plan_layers, saved_params, weight_candidates
@@ -46,6 +47,8 @@ class Inspection:
     rank_rule: str = ""
     allocation: dict[str, Any] | None = None  # rank_rule budget: plan.Allocation.to_dict()
     latency: dict[str, Any] | None = None  # select.latency_aware: plan.LatencySelection.to_dict()
+    architecture_source: str | None = None  # given, manifest, config.json, recipe, search, random
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,8 @@ class Inspection:
             "tensors": self.tensors,
             "allocation": self.allocation,
             "latency": self.latency,
+            "architecture_source": self.architecture_source,
+            "notes": self.notes,
         }
 
 
@@ -92,15 +97,24 @@ def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bo
     return plans, alloc
 
 
-def check_method_inputs(recipe: Recipe, arch: str | None) -> None:
-    """What `factorize.method: whitened | asvd` needs, checked the same way by `inspect` and `factorize`."""
+def check_calibration(recipe: Recipe) -> None:
+    """`factorize.method: whitened | asvd` needs calibration data: checked the same way by `inspect` and `factorize`."""
     method = recipe.factorize.method
-    if method != "svd" and arch is None:
-        raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through "
-                           "(argument `arch`, recipe key `model`)", param="model")
     if method != "svd" and recipe.factorize.calib_data is None:
         raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic' "
                            "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
+
+
+def build_or_weight_only(path, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> tuple[Built | None, str | None]:
+    """The model of a plain checkpoint, its architecture given or found (`models.build_model`), or None and the
+    reason when none is found: the checkpoint is then handled weight-only, from its tensors alone."""
+    try:
+        return build_model(path, arch, model_kwargs, hint=hint_of(recipe)), None
+    except NoArchitecture as e:
+        method = recipe.factorize.method
+        if method != "svd":
+            raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through: {e}", param="model") from None
+        return None, str(e)
 
 
 def no_latency_without_arch(recipe: Recipe, path) -> None:
@@ -127,20 +141,20 @@ def inspect_checkpoint(
     """
     header = read_header(path) if path is not None else None
     manifest = Manifest.from_header(header) if header is not None else None
-    kwargs = {**recipe.model_kwargs, **(model_kwargs or {})}
+    kwargs = dict(model_kwargs or {})
     if manifest is not None:
         if spectrum:
             raise LowrankError(f"{path}: is already factorized; a spectrum is computed from dense weights (inspect the original)", param="spectrum")
         return _inspect_factorized(header, manifest, arch, kwargs)
-    arch = arch or recipe.model
-    check_method_inputs(recipe, arch)
+    check_calibration(recipe)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
-    if arch is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
+    built, why = build_or_weight_only(path, arch, kwargs, recipe)
+    if built is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
         plans, alloc = plan_weight_only(header, recipe, needs_spectrum)
         before = header_params(header)
         return Inspection(str(path), plans, before, before - saved_params(plans), tensors=tensor_rows(header),
-                          rank_rule=recipe.factorize.rule_label(), allocation=alloc)
-    return _inspect_model(build_model(path, arch, kwargs), recipe, needs_spectrum, layer_timer)
+                          rank_rule=recipe.factorize.rule_label(), allocation=alloc, notes=[f"weight-only: {why}"])
+    return _inspect_model(built, recipe, needs_spectrum, layer_timer)
 
 
 def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None) -> Inspection:
@@ -162,7 +176,7 @@ def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_tim
         str(header.path) if header is not None else None, plans, before, before - saved_params(plans),
         architecture=built.architecture, model_kwargs=built.model_kwargs, macs_before=macs.macs, macs_after=macs.macs_after(plans),
         tensors=tensor_rows(header) if header is not None else model_tensor_rows(model), rank_rule=recipe.factorize.rule_label(),
-        allocation=alloc, latency=latency,
+        allocation=alloc, latency=latency, architecture_source=built.source, notes=[built.note] if built.note else [],
     )
 
 
@@ -173,7 +187,7 @@ def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str 
     for p in plans:
         p.latency = timed.get(p.name)
     rule = (manifest.recipe or {}).get("factorize", {}).get("rank_rule", "")
-    common = dict(factorized_checkpoint=True, tensors=tensor_rows(header), rank_rule=rule, latency=manifest.latency)
+    common = dict(factorized_checkpoint=True, tensors=tensor_rows(header), rank_rule=rule, latency=manifest.latency, architecture_source="manifest")
     if manifest.weight_only:
         after = header_params(header)
         return Inspection(str(header.path), plans, after + saved_params(plans), after, **common)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error, tiny_recipe
 
@@ -63,7 +64,12 @@ def test_inspect_refuses_what_factorize_refuses(cli, tmp_path, vit_ckpt):
         one_line_error(cli(command, vit_ckpt, "--model", *TINY, "--recipe", recipe, "--out" if command == "factorize" else "--json",
                            *([tmp_path / "o.safetensors"] if command == "factorize" else [])),
                        "factorize.method 'whitened' needs calibration data", "--calib-data")
-        one_line_error(cli(command, vit_ckpt, "--recipe", recipe), "needs an architecture", "--model")
+    bert = tmp_path / "bert.safetensors"  # no timm architecture: weight-only, which cannot calibrate
+    save_file({"encoder.layer.0.dense.weight": torch.randn(64, 32)}, str(bert))
+    calibrated = tmp_path / "wc.yaml"
+    calibrated.write_text("factorize:\n  method: whitened\n  calib_data: synthetic\n")
+    for command in ("inspect", "factorize"):
+        one_line_error(cli(command, bert, "--recipe", calibrated), "needs an architecture to run calibration data through", "--model")
 
 
 def test_options_without_effect_on_a_factorized_checkpoint(cli, tmp_path, vit_ckpt):

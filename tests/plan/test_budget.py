@@ -78,7 +78,7 @@ def test_tiny_vit_allocation_meets_target_just_under_and_beats_uniform(target):
         assert sum(p.params_after for p in sel) == after
 
 
-def test_budget_via_cli_inspect_and_factorize(cli, vit_ckpt, tmp_path):
+def test_budget_via_cli_inspect_and_factorize(cli, vit_ckpt, weights_ckpt, tmp_path):
     recipe = tmp_path / "b.yaml"
     recipe.write_text("factorize:\n  rank_rule: budget\n  target_params: 0.5\n  min_rank: 4\n")
     r = cli("inspect", vit_ckpt, "--recipe", recipe, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--json")
@@ -94,12 +94,12 @@ def test_budget_via_cli_inspect_and_factorize(cli, vit_ckpt, tmp_path):
     assert r.code == 0, r.err
     assert "Budget allocation vs uniform κ" in r.out and "uniform-κ rank" in r.out
     # weight-only: parameters work, MACs need an architecture
-    r = cli("factorize", vit_ckpt, "--recipe", recipe, "--out", tmp_path / "w.safetensors", "--json")
+    r = cli("factorize", weights_ckpt, "--recipe", recipe, "--out", tmp_path / "w.safetensors", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["allocation"]["budget"]["fraction"] <= 0.5
     macs = tmp_path / "m.yaml"
     macs.write_text("factorize:\n  rank_rule: budget\n  target_macs: 0.5\n")
-    one_line_error(cli("inspect", vit_ckpt, "--recipe", macs), "target_macs needs an architecture")
+    one_line_error(cli("inspect", weights_ckpt, "--recipe", macs), "target_macs needs an architecture")
 
 
 @pytest.mark.parametrize("body,needles", [

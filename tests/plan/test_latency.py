@@ -182,7 +182,7 @@ def test_real_timing_smoke(cli, vit_ckpt, tmp_path):
         l["name"] for l in planned if not l["factorized"]}
 
 
-def test_bad_latency_configs_are_one_line_errors(cli, vit_ckpt, tmp_path):
+def test_bad_latency_configs_are_one_line_errors(cli, vit_ckpt, weights_ckpt, tmp_path):
     def with_select(text):
         p = tmp_path / "bad.yaml"
         p.write_text(f"select:\n  {text}\n")
@@ -195,6 +195,6 @@ def test_bad_latency_configs_are_one_line_errors(cli, vit_ckpt, tmp_path):
     one_line_error(with_select("latency_device: tpu"), "select.latency_device", "'tpu'")
     one_line_error(with_select("latency_runtime: tensorrt"), "select.latency_runtime")
     # without an architecture there is no token count to time at
-    one_line_error(cli("inspect", vit_ckpt, "--latency-aware"), "latency_aware needs an architecture", "--model")
-    one_line_error(cli("factorize", vit_ckpt, "--latency-aware", "--out", tmp_path / "x.safetensors"), "latency_aware needs an architecture")
+    one_line_error(cli("inspect", weights_ckpt, "--latency-aware"), "latency_aware needs an architecture", "--model")
+    one_line_error(cli("factorize", weights_ckpt, "--latency-aware", "--out", tmp_path / "x.safetensors"), "latency_aware needs an architecture")
     assert not (tmp_path / "x.safetensors").exists()

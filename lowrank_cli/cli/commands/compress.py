@@ -24,6 +24,8 @@ def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print_json(report)
     else:
+        if report.get("architecture_note"):
+            console.print(f"[dim]note: {report['architecture_note']}[/]")
         console.print(compress_table(report, title=f"Compressed → {report['student']}"))
 
 

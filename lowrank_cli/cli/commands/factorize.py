@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
-from lowrank_cli.cli.render import allocation_table, console, err_console, latency_table, layer_progress, summary_table
+from lowrank_cli.cli.render import allocation_table, console, err_console, latency_table, layer_progress, print_notes, summary_table
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.pipelines.factorize import factorize_checkpoint
 
@@ -42,6 +42,7 @@ def factorize(
     if as_json:
         print_json({"out": str(result.out), **result.inspection.to_dict()})
         return
+    print_notes(result.inspection.notes)
     if result.inspection.allocation is not None:
         console.print(allocation_table(result.inspection.allocation))
     if result.inspection.latency is not None:
