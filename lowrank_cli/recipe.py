@@ -65,6 +65,25 @@ class SelectConfig(_Strict):
     latency_runtime: Literal["torch", "onnxruntime"] = "torch"
 
 
+class EmbeddingsConfig(_Strict):
+    """Factorizing embedding tables too (`V × d → V × r · r × d`, ALBERT's factorized embeddings).
+
+    Off unless given. `include` matches module names (substrings or globs); the rank is the
+    tables' own: κ (`r = floor(V·d / (κ(V + d)))`) or a fixed `rank`. Tables tied to an LM head
+    stay dense.
+    """
+
+    include: list[str] = Field(default_factory=lambda: ["word_embeddings", "wte", "embed_tokens"])
+    kappa: float | None = Field(default=None, gt=1)
+    rank: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "EmbeddingsConfig":
+        if (self.kappa is None) == (self.rank is None):
+            raise ValueError("give exactly one of kappa or rank")
+        return self
+
+
 class FactorizeConfig(_Strict):
     """How ranks are chosen and how the factors are computed."""
 
@@ -84,6 +103,7 @@ class FactorizeConfig(_Strict):
     calib_samples: int = Field(default=256, ge=1)
     calib_batch_size: int = Field(default=32, ge=1)
     calib_max_gram_mb: int = Field(default=2048, ge=1)
+    embeddings: EmbeddingsConfig | None = None  # factorize embedding tables too (off by default)
 
     @model_validator(mode="after")
     def _rule_has_value(self) -> "FactorizeConfig":
@@ -115,6 +135,7 @@ class DataConfig(_Strict):
     """
 
     source: str | None = None
+    max_length: int | None = Field(default=None, ge=1)  # text: tokens per document (default: the family's, 128, within the model's positions)
     num_workers: int = Field(default=2, ge=0)
     skip_unreadable: bool = False  # an image folder's unreadable images: an error (default), or left out and counted
     synthetic_size: int = Field(default=256, ge=8)
@@ -147,8 +168,11 @@ class DistillConfig(_Strict):
     beta: float = Field(default=0.0, ge=0)
     epsilon: float = Field(default=1e-3, ge=0)
     rwp_form: Literal["hinge", "squared", "paper"] = "hinge"
-    base_loss: Literal["auto", "ce", "logits", "none"] = "auto"
+    # auto: ce when the data's labels match the model's classes, kl for a causal LM, logits when there
+    # are classes but no matching labels, none for a model of features (an encoder without a head)
+    base_loss: Literal["auto", "ce", "logits", "lm", "kl", "none"] = "auto"
     logit_weight: float = Field(default=1.0, ge=0)
+    pooled_cosine: float = Field(default=0.0, ge=0)  # text encoders: weight of 1 − cos of the mean-pooled embeddings
     epochs: int = Field(default=50, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)

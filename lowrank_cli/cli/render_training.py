@@ -48,43 +48,79 @@ def _acc(d: dict | None, key: str) -> str:
     return _pct((d or {}).get(key))
 
 
+# The figures an evaluation may hold, how each is shown, and what the primary one is called per task.
+METRICS = (("top1", "top-1", "pct"), ("top5", "top-5", "pct"), ("mean_cosine", "embedding cosine to teacher (mean)", "num"),
+           ("min_cosine", "embedding cosine to teacher (min)", "num"), ("neighbour_agreement", "nearest-neighbour agreement", "pct"),
+           ("perplexity", "perplexity", "ppl"), ("feature_cosine", "feature cosine to teacher", "num"))
+PRIMARY = {"classification": "top-1 accuracy", "image-classification": "top-1 accuracy", "features": "embedding cosine",
+           "causal-lm": "log-perplexity"}
+
+
+def _show(value: float | None, how: str) -> str:
+    if value is None:
+        return "—"
+    return _pct(value) if how == "pct" else f"{value:.2f}" if how == "ppl" else f"{value:.3f}"
+
+
 def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
-    """Parameters and MACs before/after; accuracy of teacher, SVD-only and distilled student."""
+    """Parameters and MACs before/after; the task's figures for the teacher, the SVD-only and the distilled student."""
     table = Table(title=title, title_justify="left")
     last = "PC-LoRA" if report.get("method") == "pclora" else "distilled"
     for col, just in (("", "left"), ("teacher", "right"), ("SVD only", "right"), (last, "right")):
         table.add_column(col, justify=just)
     acc = report.get("accuracy") or {}
-    t, s, d = acc.get("teacher"), acc.get("svd"), acc.get("distilled")
+    evals = [acc.get("teacher") or {}, acc.get("svd") or {}, acc.get("distilled") or {}]
     table.add_row("parameters", fmt_count(report["params_before"]), fmt_count(report["params_after"]),
                   f"{fmt_count(report['params_after'])} ({ratio(report['params_after'], report['params_before'])})")
-    table.add_row("MACs / image", fmt_count(report["macs_before"]), fmt_count(report["macs_after"]),
+    table.add_row("MACs / example", fmt_count(report["macs_before"]), fmt_count(report["macs_after"]),
                   f"{fmt_count(report['macs_after'])} ({ratio(report['macs_after'], report['macs_before'])})")
-    table.add_row("top-1", _acc(t, "top1"), _acc(s, "top1"), _acc(d, "top1"))
-    table.add_row("top-5", _acc(t, "top5"), _acc(s, "top5"), _acc(d, "top5"))
-    table.add_row("feature cosine to teacher", "1.000", _num((s or {}).get("feature_cosine")), _num((d or {}).get("feature_cosine")))
+    for key, label, how in METRICS:
+        if any(e.get(key) is not None for e in evals):
+            table.add_row(label, *(_show(e.get(key), how) for e in evals))
     frac = report.get("recovered_fraction")
     train = report.get("train", {})
     pc = report.get("pclora")
+    data = report.get("data") or {}
     table.caption = (
         (f"PC-LoRA: λ ({pc['schedule']}) from 1 to 0 over steps 0–{pc['zero_at_step']}, 0 from step {pc['zero_at_step']} "
          f"of {pc['total_steps']} on ({' · '.join(f'{s}: {v:.2f}' for s, v in pc['course'])}); " if pc else "")
-        + (f"recovered {frac:.0%} of the top-1 accuracy SVD lost; " if frac is not None else "")
+        + (f"recovered {frac:.0%} of the {PRIMARY.get(report.get('task'), 'score')} SVD lost; " if frac is not None else "")
         + f"{train.get('steps')} steps at lr {train.get('lr', 0):.2e} (global batch {train.get('global_batch')}), "
-        + f"{train.get('images_per_s', 0):.0f} img/s; student: {report.get('student')}"
-        + (f"; {report['data']['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if (report.get("data") or {}).get("skipped_unreadable") else "")
+        + f"{train.get('images_per_s', 0):.0f} examples/s; student: {report.get('student')}"
+        + (f"; {data['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if data.get("skipped_unreadable") else "")
+        + (f"; data: {data['split']}" if data.get("split") else "")
     )
     return table
 
 
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
-
-
 def evaluation_table(rows: dict[str, dict[str, Any]], title: str = "Evaluation") -> Table:
+    """One row per model: the figures its evaluation holds."""
     table = Table(title=title, title_justify="left")
-    for col in ("model", "images", "top-1", "top-5", "feature cosine", "logit cosine"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    shown = [(key, label, how) for key, label, how in METRICS + (("logit_cosine", "logit cosine", "num"),)
+             if any(e.get(key) is not None for e in rows.values())]
+    table.add_column("model")
+    table.add_column("examples", justify="right")
+    for _, label, _ in shown:
+        table.add_column(label, justify="right")
     for name, e in rows.items():
-        table.add_row(name, str(e["images"]), _pct(e["top1"]), _pct(e["top5"]), _num(e.get("feature_cosine")), _num(e.get("logit_cosine")))
+        table.add_row(name, str(e["examples"]), *(_show(e.get(key), how) for key, _, how in shown))
+    return table
+
+
+def demo_seeds_table(report: dict[str, Any], what: str = "distillation") -> Table:
+    """Each seed's teacher / SVD-only / distilled top-1 and recovery, with their median and range."""
+    table = Table(title=f"lowrank demo over {len(report['seeds'])} seeds (teacher and distillation seeded alike)", title_justify="left")
+    for col in ("seed", "teacher", "SVD only", "distilled", "recovered", "seconds"):
+        table.add_column(col, justify="right")
+    for r in report["seeds"]:
+        table.add_row(str(r["seed"]), _pct(r["teacher"]), _pct(r["svd"]), _pct(r["distilled"]),
+                      "—" if r["recovered"] is None else f"{r['recovered']:.0%}", f"{r['seconds']:.0f}" + (" (cached teacher)" if r["teacher_cached"] else ""))
+    sp = report["spread"]
+    for label, key in (("median", "median"), ("min", "min"), ("max", "max")):
+        table.add_row(label, *(_pct(sp[k][key]) if k in sp else "—" for k in ("teacher", "svd", "distilled")),
+                      f"{sp['recovered'][key]:.0%}" if "recovered" in sp else "—", "", style="bold" if key == "median" else "dim")
+    if "recovered" in sp:
+        table.caption = (f"SVD alone lost {sp['teacher']['median'] - sp['svd']['median']:.1%} top-1 (median); {what} recovered "
+                         f"{sp['recovered']['median']:.0%} of the loss (median; range {sp['recovered']['min']:.0%}–{sp['recovered']['max']:.0%}) "
+                         f"in {report['wall_seconds']:.0f} s")
     return table

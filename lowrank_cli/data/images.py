@@ -203,6 +203,8 @@ def load_image_data(source: str | None, cfg: ImageConfig, num_classes: int = 10,
     if source is None:
         raise LowrankError("no data: give a folder (timm's train/<class>/ and val/<class>/ layout), 'digits' or 'synthetic' "
                            "(argument `data`, recipe key data.source)", param="data")
+    if source == "pydoc" or source.endswith((".txt", ".jsonl")):
+        raise LowrankError(f"data '{source}' is text, and this is an image model; give a folder of images, 'digits' or 'synthetic'", param="data")
     if source == "digits":
         return digits(cfg)
     if source == "synthetic":

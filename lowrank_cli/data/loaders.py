@@ -36,11 +36,18 @@ class EpochSampler(Sampler[int]):
 
 def train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
     """Batches of the training split in `sampler`'s order; in-memory data needs no workers."""
-    workers = 0 if isinstance(dataset, TensorImages) else num_workers
+    workers = 0 if _in_memory(dataset) else num_workers
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed * 100003 + sampler.epoch))
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed * 100003 + sampler.epoch),
+                      collate_fn=getattr(dataset, "collate", None))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    workers = 0 if isinstance(dataset, TensorImages) else num_workers
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    workers = 0 if _in_memory(dataset) else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=getattr(dataset, "collate", None))
+
+
+def _in_memory(dataset: Dataset) -> bool:
+    """Data held in memory needs no worker processes (tensors, tokenized text)."""
+    return isinstance(dataset, TensorImages) or hasattr(dataset, "collate")

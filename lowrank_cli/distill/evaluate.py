@@ -1,7 +1,8 @@
-"""Accuracy of a model on a validation split, and how close its features are to a teacher's."""
+"""How well a model does on a held-out split, by its task, and how close its features are to a teacher's."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,59 +11,127 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lowrank_cli.data.loaders import eval_loader
-from lowrank_cli.distill.losses import BlockOutputs
+from lowrank_cli.distill.losses import BlockOutputs, mean_pool, next_token_nll
 from lowrank_cli.models.family import ModelFamily, inputs_to
 
 
 @dataclass
 class Evaluation:
-    """Top-1/top-5 accuracy (fractions) over `images`; `feature_cosine`: mean cosine
-    similarity of every block's token features to the teacher's (None without a teacher)."""
+    """How well a model does on a held-out split, by what its task reads (fractions, not percents):
 
-    images: int
-    top1: float
-    top5: float | None
+    - classification (images or text with labels): `top1`, `top5`;
+    - text features (an encoder without a head): against the teacher, `mean_cosine` and
+      `min_cosine` of the mean-pooled sentence embeddings, and `neighbour_agreement`, the share
+      of documents whose nearest neighbour (by cosine, among the held-out ones) is the teacher's;
+    - causal LM: `perplexity` of the held-out text (next token, real tokens only).
+
+    With a teacher, also `feature_cosine` (every block's token features) and `logit_cosine`.
+    """
+
+    examples: int
+    top1: float | None = None
+    top5: float | None = None
     feature_cosine: float | None = None
     logit_cosine: float | None = None
+    mean_cosine: float | None = None
+    min_cosine: float | None = None
+    neighbour_agreement: float | None = None
+    perplexity: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def primary(self) -> float | None:
+        """The figure the task is judged by, larger is better: top-1, mean embedding cosine, or −log perplexity."""
+        if self.top1 is not None:
+            return self.top1
+        if self.mean_cosine is not None:
+            return self.mean_cosine
+        if self.perplexity is not None:
+            return -math.log(self.perplexity)
+        return None
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: torch.device | str = "cpu", batch_size: int = 256,
-             teacher: nn.Module | None = None, num_workers: int = 0) -> Evaluation:
-    """Evaluate `model` (dense or factorized) of `family` on `dataset`, in eval mode, in fp32."""
+             teacher: nn.Module | None = None, num_workers: int = 0, task: str | None = None) -> Evaluation:
+    """Evaluate `model` (dense or factorized) of `family` on `dataset`, in eval mode, in fp32, by its task (see `Evaluation`)."""
     device = torch.device(device)
+    task = task or family.task(model)
     was_training = model.training
     model.eval().to(device)
     hooks = None
+    same = teacher is model  # the teacher's own reference figures: one forward, compared with itself
     if teacher is not None:
         teacher.eval().to(device)
-        hooks = (BlockOutputs(family.blocks(model)), BlockOutputs(family.blocks(teacher)))
+        student_hooks = BlockOutputs(family.blocks(model))
+        hooks = (student_hooks, student_hooks if same else BlockOutputs(family.blocks(teacher)))
     n = correct1 = correct5 = 0
-    cos_sum = logit_cos_sum = 0.0
+    cos_sum = logit_cos_sum = nll = tokens = 0.0
+    classes = None
+    student_emb, teacher_emb = [], []
     try:
         for inputs, labels in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
             inputs, labels = inputs_to(inputs, device, non_blocking=True), labels.to(device, non_blocking=True)
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
             logits = family.forward(model, inputs)
-            k = min(5, logits.shape[-1])
-            top = logits.topk(k, dim=-1).indices
-            correct1 += (top[:, 0] == labels).sum().item()
-            correct5 += (top == labels[:, None]).any(-1).sum().item()
+            t_logits = logits if same else family.forward(teacher, inputs) if teacher is not None else None
+            if task in ("classification", "image-classification"):
+                classes = logits.shape[-1]
+                top = logits.topk(min(5, classes), dim=-1).indices
+                correct1 += (top[:, 0] == labels).sum().item()
+                correct5 += (top == labels[:, None]).any(-1).sum().item()
+            elif task == "causal-lm":
+                total, count = next_token_nll(logits, inputs["input_ids"], mask)
+                nll, tokens = nll + total.item(), tokens + count.item()
+            elif t_logits is not None:  # features: sentence embeddings against the teacher's
+                student_emb.append(mean_pool(logits.float(), mask).cpu())
+                teacher_emb.append(mean_pool(t_logits.float(), mask).cpu())
             if hooks is not None:
-                t_logits = family.forward(teacher, inputs)
-                s_feats, t_feats = hooks[0].take(), hooks[1].take()
-                per_block = [F.cosine_similarity(s.float(), t.float(), dim=-1).flatten(1).mean(1) for s, t in zip(s_feats, t_feats)]
+                s_feats = hooks[0].take()
+                t_feats = s_feats if same else hooks[1].take()
+                per_block = [_token_cosine(s, t, mask) for s, t in zip(s_feats, t_feats)]
                 cos_sum += torch.stack(per_block).mean(0).sum().item()
-                logit_cos_sum += F.cosine_similarity(logits.float(), t_logits.float(), dim=-1).sum().item()
+                logit_cos_sum += _token_cosine(logits, t_logits, mask).sum().item()
             n += len(labels)
     finally:
         if hooks is not None:
-            for h in hooks:
+            for h in set(hooks):
                 h.remove()
         model.train(was_training)
-    return Evaluation(
-        images=n, top1=correct1 / max(n, 1), top5=correct5 / max(n, 1) if logits.shape[-1] >= 5 else None,
-        feature_cosine=cos_sum / n if hooks is not None else None, logit_cosine=logit_cos_sum / n if hooks is not None else None,
-    )
+    out = Evaluation(examples=n, feature_cosine=cos_sum / n if hooks is not None else None, logit_cosine=logit_cos_sum / n if hooks is not None else None)
+    if task in ("classification", "image-classification"):
+        out.top1, out.top5 = correct1 / max(n, 1), correct5 / max(n, 1) if classes and classes >= 5 else None
+    elif task == "causal-lm":
+        out.perplexity = math.exp(nll / max(tokens, 1))
+    elif student_emb:
+        out.mean_cosine, out.min_cosine, out.neighbour_agreement = embedding_agreement(torch.cat(student_emb), torch.cat(teacher_emb))
+    return out
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per example: the mean cosine of feature vectors (last dimension) over tokens, real tokens only for text."""
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
+    if cos.dim() == 1:
+        return cos
+    if mask is not None and cos.dim() == 2 and tuple(cos.shape) == tuple(mask.shape):
+        m = mask.to(cos.dtype)
+        return (cos * m).sum(1) / m.sum(1).clamp_min(1)
+    return cos.flatten(1).mean(1)
+
+
+def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float, float]:
+    """(mean cosine, min cosine, nearest-neighbour agreement) of two sets of sentence embeddings (N × d).
+
+    Nearest neighbours are taken among the N documents themselves (each one's closest other), by cosine.
+    """
+    cos = F.cosine_similarity(student, teacher, dim=-1)
+    agree = float("nan")
+    if len(student) > 1:
+        def neighbours(e: torch.Tensor) -> torch.Tensor:
+            e = F.normalize(e, dim=-1)
+            sim = e @ e.T
+            sim.fill_diagonal_(-2.0)
+            return sim.argmax(-1)
+        agree = (neighbours(student) == neighbours(teacher)).float().mean().item()
+    return cos.mean().item(), cos.min().item(), agree

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.nn.lowrank import LowRankLinear, dense_weight, is_conv1d, linear_dims
 
 RwpForm = Literal["hinge", "squared", "paper"]
-BaseLoss = Literal["ce", "logits", "none"]
+BaseLoss = Literal["ce", "logits", "lm", "kl", "none"]
 
 class BlockOutputs:
     """Forward hooks that keep each transformer block's output from the last forward pass.
@@ -50,16 +50,42 @@ class BlockOutputs:
         self._handles, self._outputs = [], []
 
 
-def feature_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+def feature_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
     """`L_fd`: mean over blocks of the mean squared error of all token features, in fp32.
 
     The released PELA code's form (`mean_i mse(X_s^i, X_t^i)`); the paper's
     `1/(2N) Σ_i ‖X_s^i − X_t^i‖²` is the same up to a constant factor per model size.
+    `mask` (B, N), for text: padding tokens are left out of the mean.
     """
     if len(student) != len(teacher) or not student:
         raise ValueError(f"student has {len(student)} block outputs, teacher {len(teacher)}")
-    losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in zip(student, teacher)]
+    losses = [masked_mse(s.float(), t.detach().float(), mask) for s, t in zip(student, teacher)]
     return torch.stack(losses).mean()
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over every element, or, with a (B, N) token mask and (B, N, C) features, over the real tokens."""
+    if mask is None or a.dim() != 3 or tuple(a.shape[:2]) != tuple(mask.shape):
+        return F.mse_loss(a, b)
+    m = mask.to(a.dtype).unsqueeze(-1)
+    return ((a - b).square() * m).sum() / (m.sum() * a.shape[-1]).clamp_min(1)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of (B, N, C) token features over the real tokens: a sentence embedding."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of −log p(next token), number of predicted tokens) over the real tokens of a causal LM's batch."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    keep = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+    return (nll * keep).sum(), keep.sum()
 
 
 def factorized_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[LowRankLinear, torch.Tensor]]:
@@ -68,9 +94,9 @@ def factorized_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[LowRa
     for name, module in student.named_modules():
         if isinstance(module, LowRankLinear):
             dense = teacher.get_submodule(name)
-            if not isinstance(dense, nn.Linear) or dense.weight.shape != (module.out_features, module.in_features):
+            if not (isinstance(dense, nn.Linear) or is_conv1d(dense)) or linear_dims(dense) != (module.in_features, module.out_features):
                 raise LowrankError(f"teacher layer '{name}' is {dense!r}, not a {module.out_features}x{module.in_features} linear")
-            pairs.append((module, dense.weight))
+            pairs.append((module, dense_weight(dense)[0]))
     return pairs
 
 
@@ -92,12 +118,29 @@ def weight_perturbation_loss(pairs: list[tuple[LowRankLinear, torch.Tensor]], ep
     return torch.stack(terms).sum()
 
 
-def base_loss(kind: BaseLoss, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None) -> torch.Tensor:
-    """`L_base`: cross-entropy on labels (`ce`), MSE on the teacher's logits (`logits`), or 0."""
+def base_loss(kind: BaseLoss, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+              inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """`L_base`: cross-entropy on labels (`ce`), MSE on the teacher's logits (`logits`), a causal LM's next-token
+    loss (`lm`), the KL divergence from the teacher's next-token distribution (`kl`), or 0. Text's padding is left out."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     if kind == "ce":
         if labels is None:
             raise ValueError("base_loss 'ce' needs labels")
         return F.cross_entropy(logits.float(), labels)
     if kind == "logits":
-        return F.mse_loss(logits.float(), teacher_logits.detach().float())
+        return masked_mse(logits.float(), teacher_logits.detach().float(), mask)
+    if kind == "lm":
+        total, count = next_token_nll(logits, inputs["input_ids"], mask)
+        return total / count.clamp_min(1)
+    if kind == "kl":
+        kl = F.kl_div(torch.log_softmax(logits.float(), -1), torch.log_softmax(teacher_logits.detach().float(), -1),
+                      reduction="none", log_target=True).sum(-1)
+        keep = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+        return (kl * keep).sum() / keep.sum().clamp_min(1)
     return logits.new_zeros((), dtype=torch.float32)
+
+
+def pooled_cosine_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """1 − cosine of the mean-pooled sentence embeddings, student against teacher, averaged over the batch."""
+    s, t = mean_pool(hidden.float(), mask), mean_pool(teacher_hidden.detach().float(), mask)
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()

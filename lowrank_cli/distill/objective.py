@@ -8,13 +8,13 @@ says how a model is called (`forward`) and which blocks feature distillation com
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, weight_perturbation_loss
+from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, pooled_cosine_loss, weight_perturbation_loss
 from lowrank_cli.models.family import Inputs, ModelFamily, call_model
 from lowrank_cli.recipe import DistillConfig
 
@@ -33,10 +33,10 @@ class _AgainstTeacher:
     """What both distillation objectives share: a frozen teacher, block hooks on both models,
     and one forward of each per step giving the base (task) term and the feature KD term."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float):
+    def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float, pooled_cosine: float = 0.0):
         self.teacher = freeze(teacher)
         self.forward: Forward = family.forward
-        self.base, self.logit_weight = base, logit_weight
+        self.base, self.logit_weight, self.pooled_cosine = base, logit_weight, pooled_cosine
         self.student_blocks = BlockOutputs(family.blocks(student))
         self.teacher_blocks = BlockOutputs(family.blocks(teacher))
         if self.student_blocks.names != self.teacher_blocks.names:
@@ -48,8 +48,11 @@ class _AgainstTeacher:
         teacher_feats = self.teacher_blocks.take()
         logits = self.forward(model, inputs)
         student_feats = self.student_blocks.take()
-        base = base_loss(self.base, logits, labels, teacher_logits) * (self.logit_weight if self.base == "logits" else 1.0)
-        return base, feature_distill_loss(student_feats, teacher_feats)
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        base = base_loss(self.base, logits, labels, teacher_logits, inputs) * (self.logit_weight if self.base in ("logits", "kl") else 1.0)
+        if self.pooled_cosine:
+            base = base + self.pooled_cosine * pooled_cosine_loss(logits, teacher_logits, mask)
+        return base, feature_distill_loss(student_feats, teacher_feats, mask)
 
     def close(self) -> None:
         self.student_blocks.remove()
@@ -64,7 +67,7 @@ class DistillationObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily):
-        super().__init__(student, teacher, family, base, cfg.logit_weight)
+        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine)
         self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
@@ -85,8 +88,9 @@ class ProgressiveObjective(_AgainstTeacher):
     the adapters (a third-party implementation detached it through `torch.tensor(list)`).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0):
-        super().__init__(student, teacher, family, base, logit_weight)
+    def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0,
+                 pooled_cosine: float = 0.0):
+        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine)
         self.task_weight = task_weight
 
     def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.io.manifest import LayerEntry
+from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear
 from lowrank_cli.nn.surgery import replace_modules
 
 
-def merge_state_dict(tensors: dict[str, torch.Tensor], layers: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Each factorized `<layer>.down/up` pair of `layers` becomes `<layer>.weight = up · down` (fp32 product) and `<layer>.bias`.
-
-    Works on the state dict alone, so weight-only checkpoints merge too; key order is kept.
+def merge_state_dict(tensors: dict[str, torch.Tensor], layers: Mapping[str, LayerEntry]) -> dict[str, torch.Tensor]:
+    """Each factorized layer's pair becomes its dense tensors again, as the original module stores them:
+    `<layer>.weight = up · down` (transposed for GPT-2's Conv1D) and `<layer>.bias`; an embedding's
+    `lookup · projᵀ`. Products in fp32. Works on the state dict alone, so weight-only checkpoints
+    merge too; key order is kept.
     """
-    layers = set(layers)
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         layer, _, leaf = key.rpartition(".")
         parent, _, half = layer.rpartition(".")
-        if parent in layers and half == "down" and leaf == "weight":
-            up = tensors[f"{parent}.up.weight"]
-            out[f"{parent}.weight"] = (up.float() @ value.float()).to(value.dtype)
+        entry = layers.get(parent)
+        if entry is None or half not in ("down", "up", "lookup", "proj"):
+            out[key] = value
+        elif half == "down" and leaf == "weight":
+            w = tensors[f"{parent}.up.weight"].float() @ value.float()
+            out[f"{parent}.weight"] = (w.T.contiguous() if entry.kind == "conv1d" else w).to(value.dtype)
             if f"{parent}.up.bias" in tensors:
                 out[f"{parent}.bias"] = tensors[f"{parent}.up.bias"]
-        elif parent in layers and half in ("down", "up"):
-            continue  # folded into <parent>.weight / .bias above
-        else:
-            out[key] = value
+        elif half == "lookup" and leaf == "weight":
+            out[f"{parent}.weight"] = (value.float() @ tensors[f"{parent}.proj.weight"].float().T).to(value.dtype)
     return out
 
 
 def merge_model(model: nn.Module) -> nn.Module:
-    """Replace, in place, every `LowRankLinear` by its merged dense `nn.Linear`; returns the model."""
-    replace_modules(model, lambda _name, m: m.merge(), lambda _name, m: isinstance(m, LowRankLinear))
+    """Replace, in place, every `LowRankLinear` (`LowRankEmbedding`) by its merged dense `nn.Linear` (`nn.Embedding`); returns the model."""
+    replace_modules(model, lambda _name, m: m.merge(), lambda _name, m: isinstance(m, (LowRankLinear, LowRankEmbedding)))
     return model

@@ -23,6 +23,7 @@ from torch import nn
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import Inputs, batch_size, call_model, inputs_to
+from lowrank_cli.nn.lowrank import linear_dims
 
 
 @dataclass
@@ -56,7 +57,7 @@ def collect_input_stats(model: nn.Module, names: list[str], calibration: Iterabl
     hooks = []
     for name in names:
         layer = model.get_submodule(name)
-        d_in = layer.in_features
+        d_in = linear_dims(layer)[0]
         st = stats[name] = LayerInputStats(
             torch.zeros(d_in, d_in, dtype=torch.float64, device=param.device) if gram else None,
             torch.zeros(d_in, dtype=torch.float64, device=param.device),
@@ -91,7 +92,7 @@ def gram_groups(model: nn.Module, names: list[str], max_gram_bytes: int) -> list
     groups: list[list[str]] = [[]]
     size = 0
     for name in names:
-        d_in = model.get_submodule(name).in_features
+        d_in = linear_dims(model.get_submodule(name))[0]
         need = d_in * d_in * 8
         if groups[-1] and size + need > max_gram_bytes:
             groups.append([])

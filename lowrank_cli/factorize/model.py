@@ -21,12 +21,12 @@ from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitene
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
 from lowrank_cli.measure.macs import count_macs
-from lowrank_cli.models.family import ModelFamily, call_model, linear_candidates
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.models.family import ModelFamily, call_model, embedding_candidates, linear_candidates
+from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, dense_weight
 from lowrank_cli.nn.surgery import named_in, replace_modules
 from lowrank_cli.plan.budget import Allocation, allocate_ranks
 from lowrank_cli.plan.latency import LatencySelection
-from lowrank_cli.plan.select import LayerPlan, plan_layers, rule_of, set_rank
+from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, rule_of, set_rank
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -75,6 +75,30 @@ def factorize_model(
     """
     candidates = family.linear_candidates(model) if family is not None else linear_candidates(model)
     plans = plan_layers(candidates, recipe)
+    result = _factorize_linears(model, recipe, plans, family, progress, calibration, latency, rows)
+    if recipe.factorize.embeddings is not None:  # embedding tables: their own rule, plain SVD, after the linears
+        tables = family.embedding_candidates(model) if family is not None else embedding_candidates(model)
+        embedding_plans = plan_embeddings(tables, recipe)
+        factorize_embeddings(model, embedding_plans, progress)
+        result.plans += embedding_plans
+    return result
+
+
+def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Progress | None = None) -> None:
+    """Replace each planned `nn.Embedding` by a `LowRankEmbedding` from the truncated SVD of its table."""
+    todo = {p.name: p for p in plans if p.factorized}
+
+    def swap(name: str, table: nn.Module) -> nn.Module:
+        new = LowRankEmbedding.from_embedding(table, todo[name].rank)
+        if progress is not None:
+            progress(name)
+        return new
+
+    replace_modules(model, swap, named_in(todo))
+
+
+def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], family: ModelFamily | None, progress: Progress | None,
+                       calibration: Iterable | None, latency: LatencySelection | None, rows: dict[str, int] | None) -> Factorization:
     fac = recipe.factorize
     needs_rows = recipe.select.latency_aware and latency is None or fac.rank_rule == "budget" and fac.target_macs is not None
     if needs_rows and rows is None:
@@ -87,7 +111,7 @@ def factorize_model(
 
     allocation = None
     if fac.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
-        spectrum = lambda n: torch.linalg.svdvals(model.get_submodule(n).weight.detach().to(svd_device()).float())  # noqa: E731
+        spectrum = lambda n: torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device()).float())  # noqa: E731
         allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows)
     if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
         for plan in latency.decide(plans):
@@ -97,7 +121,7 @@ def factorize_model(
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
         plan = todo[name]
-        factors = svd(linear.weight)
+        factors = svd(dense_weight(linear)[0])
         set_rank(plan, *rule_of(plan), factors[1].cpu())
         if latency is not None and plan.factorized:  # the energy rule's rank is known only now
             latency.decide([plan])
@@ -143,7 +167,7 @@ def _factorize_data_aware(
     for group in groups:
         stats = collect_input_stats(model, group, calibration, gram=whitened, call=call)
         for name in group:
-            plan, w = todo[name], model.get_submodule(name).weight.detach()
+            plan, w = todo[name], dense_weight(model.get_submodule(name))[0]
             st = stats.pop(name)
             U, sigma = whitened_basis(w, st.gram) if whitened else asvd_basis(w, st.abs_mean, fac.asvd_alpha)
             if budget:  # keep the basis up to the largest rank that could still shrink the layer
@@ -166,9 +190,10 @@ def _factorize_data_aware(
             latency.decide([plan])
         if not plan.factorized:
             return None
-        up, down = projection_factors(linear.weight, U[:, : plan.rank])
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return LowRankLinear.from_factors(up.to(linear.weight.device), down.to(linear.weight.device), bias)
+        weight, bias = dense_weight(linear)
+        up, down = projection_factors(weight, U[:, : plan.rank])
+        bias = None if bias is None else bias.detach().clone()
+        return LowRankLinear.from_factors(up.to(weight.device).contiguous(), down.to(weight.device).contiguous(), bias)
 
     replace_modules(model, swap, named_in(todo))
     return Factorization(plans, allocation, latency)

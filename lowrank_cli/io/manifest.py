@@ -34,7 +34,7 @@ from torch import nn
 from lowrank_cli._version import __version__
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.safetensors import FLOAT_DTYPES, CheckpointHeader, load_tensors, read_header, save_checkpoint
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, is_conv1d, linear_dims
 from lowrank_cli.nn.surgery import named_in, replace_modules
 
 MANIFEST_KEY = "lowrank"
@@ -42,6 +42,7 @@ FORMAT_VERSION = 1
 _KNOWN = ("format_version", "lowrank_version", "family", "architecture", "model_kwargs", "layers", "recipe", "source", "latency", "distill",
           "weights_sha256")
 METHODS = ("svd", "whitened", "asvd", "pclora")
+KINDS = ("linear", "conv1d", "embedding")
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,22 @@ class LayerEntry:
     bias: bool = True
     rule: str | None = None
     method: str = "svd"
+    kind: str = "linear"  # linear (nn.Linear), conv1d (GPT-2's transposed Conv1D), embedding (nn.Embedding: d_in = V, d_out = d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.kind == "linear":
+            del d["kind"]  # as version-1 files of linears only have it
+        return d
+
+    def tensors(self, name: str) -> dict[str, tuple[int, ...]]:
+        """The tensors this layer is stored as, with their shapes."""
+        if self.kind == "embedding":
+            return {f"{name}.lookup.weight": (self.d_in, self.rank), f"{name}.proj.weight": (self.d_out, self.rank)}
+        shapes = {f"{name}.down.weight": (self.rank, self.d_in), f"{name}.up.weight": (self.d_out, self.rank)}
+        if self.bias:
+            shapes[f"{name}.up.bias"] = (self.d_out,)
+        return shapes
 
 
 def _is_int(x: Any) -> bool:
@@ -72,10 +86,13 @@ def _layer_entry(name: Any, e: Any, where: str) -> LayerEntry:
         raise LowrankError(f"{where} layer '{name}': rank, d_in and d_out must be positive integers (got {rank!r}, {d_in!r}, {d_out!r})")
     if not 1 <= rank <= min(d_in, d_out):
         raise LowrankError(f"{where} layer '{name}': rank {rank} is outside 1..min(d_in, d_out) = 1..{min(d_in, d_out)}")
-    bias, rule, method = e.get("bias", True), e.get("rule"), e.get("method", "svd")
-    if not isinstance(bias, bool) or not isinstance(rule, (str, type(None))) or method not in METHODS:
-        raise LowrankError(f"{where} layer '{name}': bias must be true/false, rule a string, method one of {', '.join(METHODS)}")
-    return LayerEntry(rank, d_in, d_out, bias, rule, method)
+    bias, rule, method, kind = e.get("bias", True), e.get("rule"), e.get("method", "svd"), e.get("kind", "linear")
+    if not isinstance(bias, bool) or not isinstance(rule, (str, type(None))) or method not in METHODS or kind not in KINDS:
+        raise LowrankError(f"{where} layer '{name}': bias must be true/false, rule a string, method one of {', '.join(METHODS)}, "
+                           f"kind one of {', '.join(KINDS)}")
+    if kind == "embedding" and bias:
+        raise LowrankError(f"{where} layer '{name}': an embedding has no bias")
+    return LayerEntry(rank, d_in, d_out, bias, rule, method, kind)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -184,10 +201,7 @@ class Manifest:
         """Each factorized layer's tensors exist, are floating point, and have the shapes its entry gives."""
         t = header.tensors
         for name, e in self.layers.items():
-            expected = {f"{name}.down.weight": (e.rank, e.d_in), f"{name}.up.weight": (e.d_out, e.rank)}
-            if e.bias:
-                expected[f"{name}.up.bias"] = (e.d_out,)
-            for key, shape in expected.items():
+            for key, shape in e.tensors(name).items():
                 if key not in t:
                     raise LowrankError(f"{header.path}: manifest layer '{name}' has no tensor '{key}'")
                 if t[key].shape != shape:
@@ -195,7 +209,7 @@ class Manifest:
                                        f"(rank {e.rank}, d_in {e.d_in}, d_out {e.d_out}) needs {list(shape)}")
                 if t[key].dtype not in FLOAT_DTYPES:
                     raise LowrankError(f"{header.path}: tensor '{key}' is stored as {t[key].dtype}; factorized weights are floating point ({', '.join(sorted(FLOAT_DTYPES))})")
-            for stale in (f"{name}.weight", f"{name}.bias", f"{name}.down.bias"):
+            for stale in (f"{name}.weight", f"{name}.bias", f"{name}.down.bias", f"{name}.proj.bias"):
                 if stale in t:
                     raise LowrankError(f"{header.path}: tensor '{stale}' should not exist: manifest layer '{name}' is factorized")
 
@@ -207,17 +221,23 @@ class Manifest:
 
     # -- applying -----------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
-        """Swap in empty `LowRankLinear`s where the manifest says, so that a factorized state dict loads strictly."""
+        """Swap in empty `LowRankLinear`s / `LowRankEmbedding`s where the manifest says, so that a factorized state dict loads strictly."""
         for name, entry in self.layers.items():
             try:
                 dense = model.get_submodule(name)
             except AttributeError:
                 raise LowrankError(f"manifest layer '{name}' is not a module of the model") from None
-            if not isinstance(dense, nn.Linear) or (dense.in_features, dense.out_features) != (entry.d_in, entry.d_out):
-                raise LowrankError(f"manifest layer '{name}' ({entry.d_out}x{entry.d_in}) does not match the model's {dense!r}")
+            if entry.kind == "embedding":
+                fits = isinstance(dense, nn.Embedding) and (dense.num_embeddings, dense.embedding_dim) == (entry.d_in, entry.d_out)
+            else:
+                fits = (isinstance(dense, nn.Linear) or is_conv1d(dense)) and linear_dims(dense) == (entry.d_in, entry.d_out)
+            if not fits:
+                raise LowrankError(f"manifest layer '{name}' ({entry.kind} {entry.d_in}→{entry.d_out}) does not match the model's {dense!r}")
 
-        def empty(name: str, _dense: nn.Module) -> LowRankLinear:
+        def empty(name: str, dense: nn.Module) -> nn.Module:
             e = self.layers[name]
+            if e.kind == "embedding":
+                return LowRankEmbedding(e.d_in, e.d_out, e.rank, padding_idx=dense.padding_idx)
             return LowRankLinear(e.d_in, e.d_out, e.rank, bias=e.bias)
 
         replace_modules(model, empty, named_in(self.layers))

@@ -56,11 +56,68 @@ class TensorInfo:
 
 @dataclass
 class CheckpointHeader:
-    """The header of a safetensors file: its tensors and its string metadata."""
+    """The header of a checkpoint: its tensors and its string metadata.
+
+    A checkpoint is one safetensors file, or a sharded one (a Hub folder's
+    `model.safetensors.index.json` and its shards): then `path` is the folder or the index and
+    `files` says which shard holds each tensor.
+    """
 
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def file_of(self, name: str) -> Path:
+        return self.files.get(name, self.path)
+
+    @property
+    def folder(self) -> Path | None:
+        """The Hub-style folder the checkpoint lies in (one with a config.json), if any."""
+        base = self.path if self.path.is_dir() else self.path.parent
+        return base if (base / "config.json").is_file() else None
+
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def checkpoint_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The safetensors files of a checkpoint: a file; a folder's `model.safetensors`; or the shards of a
+    `*.safetensors.index.json` (given, or in the folder). Returns (the path to name in messages, files)."""
+    path = Path(path)
+    if not path.exists():
+        raise LowrankError(f"{path}: no such file")
+    if path.is_dir():
+        single, index = path / "model.safetensors", path / f"model{INDEX_SUFFIX}"
+        if single.is_file():
+            return single, [single]
+        if index.is_file():
+            return path, _shards(index)
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
+        hint = f" (it holds {', '.join(found[:3])}: convert a pickled one with `lowrank convert`)" if found else ""
+        raise LowrankError(f"{path}: a folder without model.safetensors or model{INDEX_SUFFIX}{hint}")
+    if path.name.endswith(INDEX_SUFFIX):
+        return path, _shards(path)
+    return path, [path]
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowrankError(f"{index}: not a valid JSON index ({getattr(e, 'msg', e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LowrankError(f"{index}: its 'weight_map' must map tensor names to shard file names")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name or name in (".", ".."):
+            raise LowrankError(f"{index}: shard '{name}' is not a file name in the index's folder")
+        shard = index.parent / name
+        if not shard.is_file():
+            raise LowrankError(f"{index}: shard '{name}' is missing from the folder (listed for {sum(v == name for v in weight_map.values())} tensors)")
+        shards.append(shard)
+    return shards
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -106,7 +163,33 @@ def _is_int(x: Any) -> bool:
 
 
 def read_header(path: str | os.PathLike) -> CheckpointHeader:
-    """Read and validate the header of a safetensors file without reading its tensors.
+    """Read and validate the header of a checkpoint (a file, a Hub folder, or a sharded index) without reading its tensors.
+
+    A sharded checkpoint's headers are merged; a tensor in two shards, or one that the index
+    places in another shard than the one holding it, is a LowrankError.
+    """
+    where, files = checkpoint_files(path)
+    if len(files) == 1:
+        return read_file_header(files[0])
+    index = where if where.is_file() else where / f"model{INDEX_SUFFIX}"
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    tensors: dict[str, TensorInfo] = {}
+    owners: dict[str, Path] = {}
+    for shard in files:
+        for name, info in read_file_header(shard).tensors.items():
+            if name in tensors:
+                raise LowrankError(f"{index}: tensor '{name}' is in two shards ({owners[name].name}, {shard.name})")
+            tensors[name], owners[name] = info, shard
+    misplaced = [n for n, f in weight_map.items() if owners.get(n) is None or owners[n].name != f]
+    if misplaced or set(owners) != set(weight_map):
+        extra = sorted(set(owners) - set(weight_map))
+        raise LowrankError(f"{index}: its weight_map does not match the shards ({len(misplaced)} tensors missing or elsewhere, e.g. "
+                           f"{', '.join((misplaced or extra)[:3])})")
+    return CheckpointHeader(path=where, tensors=tensors, files=owners)
+
+
+def read_file_header(path: str | os.PathLike) -> CheckpointHeader:
+    """Read and validate the header of one safetensors file without reading its tensors.
 
     Every field is checked before anything else touches the file: the header length, JSON of
     bounded nesting without duplicate keys, string metadata, and for each tensor a known dtype,
@@ -187,25 +270,42 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
     return CheckpointHeader(path=path, tensors=tensors, metadata=dict(metadata))
 
 
+class _Tensors:
+    """`keys()` and `get_tensor(name)` over the safetensors files of one checkpoint."""
+
+    def __init__(self, header: CheckpointHeader, handles: dict[Path, Any]):
+        self.header, self.handles = header, handles
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        where = self.header.file_of(name)
+        try:
+            return self.handles[where].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise LowrankError(f"{where}: tensor '{name}' cannot be read ({_first_line(e)})") from None
+
+
 @contextlib.contextmanager
-def open_tensors(path: str | os.PathLike) -> Iterator[Any]:
-    """`safe_open` on a validated file: `.get_tensor(name)` reads one tensor at a time."""
-    read_header(path)
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise LowrankError(f"{path}: cannot be read ({_first_line(e)})") from None
-    with handle as f:
-        yield f
+def open_tensors(path: str | os.PathLike) -> Iterator[_Tensors]:
+    """The validated checkpoint, open: `.get_tensor(name)` reads one tensor at a time (from its shard)."""
+    header = read_header(path)
+    files = sorted(set(header.files.values())) or [header.path]
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for f in files:
+            try:
+                handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            except (SafetensorError, OSError) as e:
+                raise LowrankError(f"{f}: cannot be read ({_first_line(e)})") from None
+        yield _Tensors(header, handles)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file, with `module.` wrapper prefixes removed."""
     with open_tensors(path) as f:
-        try:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise LowrankError(f"{path}: cannot be read ({_first_line(e)})") from None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     return strip_prefix(tensors)
 
 
@@ -218,11 +318,13 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] 
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in 4 MiB chunks."""
+    """SHA-256 of a checkpoint's bytes, read in 4 MiB chunks (of each shard in turn, for a sharded one)."""
+    _, files = checkpoint_files(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for name in files:
+        with open(name, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from lowrank_cli.nn.lowrank import is_conv1d
+
 
 class _Saving(Protocol):
     name: str
@@ -65,7 +67,7 @@ def count_macs(model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any], A
     rows: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             def hook(mod, args, _out, name=name):
                 rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
             hooks.append(module.register_forward_hook(hook))

@@ -33,6 +33,11 @@ class Built:
     source: str = "given"
     note: str | None = None
 
+    @property
+    def folder(self) -> Path | None:
+        """The Hub-style folder the checkpoint came from (its config, tokenizer files), if any."""
+        return self.header.folder if self.header is not None else None
+
 
 @dataclass(frozen=True)
 class ArchitectureHint:
@@ -57,11 +62,11 @@ class Resolved:
     note: str | None = None
 
 
-def hub_config(path: Path) -> dict[str, Any] | None:
-    """The `config.json` beside a checkpoint, when there is one (a Hub-style folder)."""
-    cfg = path.parent / "config.json"
-    if not cfg.is_file():
+def hub_config(header: CheckpointHeader) -> dict[str, Any] | None:
+    """The `config.json` of a checkpoint's Hub-style folder, when there is one."""
+    if header.folder is None:
         return None
+    cfg = header.folder / "config.json"
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -74,13 +79,17 @@ def hub_config(path: Path) -> dict[str, Any] | None:
 def resolve_architecture(path: Path, header: CheckpointHeader, model_kwargs: dict[str, Any], hint: ArchitectureHint | None) -> Resolved:
     """A plain checkpoint's architecture when none is given: its `config.json` (timm's Hub config), then the
     hint's `model` if the tensors fit it, then a search of the hint's patterns. NoArchitecture otherwise."""
-    cfg = hub_config(path)
-    if cfg is not None and isinstance(cfg.get("architecture"), str):
+    cfg = hub_config(header)
+    if cfg is not None and "model_type" in cfg:  # a transformers model
+        return Resolved("transformers", get_family("transformers").architecture_for(cfg), {**cfg, **model_kwargs}, "config.json")
+    if cfg is not None and isinstance(cfg.get("architecture"), str):  # timm's own Hub config
         model_args = cfg.get("model_args") or {}
         if not isinstance(model_args, dict):
-            raise LowrankError(f"{path.parent / 'config.json'}: 'model_args' must be a map of settings")
+            raise LowrankError(f"{header.folder / 'config.json'}: 'model_args' must be a map of settings")
         kwargs = {**model_args, **({"num_classes": cfg["num_classes"]} if isinstance(cfg.get("num_classes"), int) else {}), **model_kwargs}
         return Resolved("timm", cfg["architecture"], kwargs, "config.json")
+    if cfg is not None:
+        raise LowrankError(f"{header.folder / 'config.json'}: neither a transformers config ('model_type') nor timm's ('architecture')")
     hint = hint or ArchitectureHint()
     if not recognizes(DEFAULT_FAMILY, header):  # decided from the header alone: timm is not even imported
         raise NoArchitecture(f"{path}: has no lowrank manifest and no config.json, and its tensors are not a timm vision "
@@ -184,10 +193,12 @@ def build_model(
         if arch is None:
             found = resolve_architecture(Path(path), header, dict(model_kwargs or {}), hint)
             arch, family, model_kwargs, source, note = found.architecture, found.family, found.kwargs, found.source, found.note
+        elif family is None and (cfg := hub_config(header)) is not None and "model_type" in cfg:  # a class named for a Hub folder's config
+            family, model_kwargs = "transformers", {**cfg, **(model_kwargs or {})}
         fam = get_family(family or DEFAULT_FAMILY)
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
         model = fam.create(arch, kwargs)
-    load_state_dict_strict(model, read_checkpoint(path)[2], path, arch)
+    load_state_dict_strict(model, fam.adapt_state_dict(model, read_checkpoint(path)[2]), path, arch)
     return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
 
 

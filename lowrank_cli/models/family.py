@@ -38,6 +38,7 @@ class Candidate:
     d_out: int
     bias: bool
     skip: str | None = None
+    kind: str = "linear"  # linear, conv1d (GPT-2's transposed linear), embedding (d_in = rows, d_out = width)
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,23 @@ class ImageConfig:
     crop_pct: float | None = None
 
 
+@dataclass(frozen=True)
+class TextConfig:
+    """How a text model's data is prepared: tokenized with the checkpoint's own tokenizer, truncated to
+    `max_length` tokens; `task` says what its output is (`features`, `classification`, `causal-lm`, ...)."""
+
+    max_length: int
+    task: str = "features"
+    num_labels: int | None = None
+
+
 def linear_candidates(model: nn.Module) -> list[Candidate]:
     """Every `nn.Linear` of a model, with the ones that must not be replaced marked.
 
     The `down`/`up` halves of an already factorized layer are not candidates.
     """
     out: list[Candidate] = []
+    holders = _shared(model)
     for name, module in model.named_modules():
         if not name or not isinstance(module, nn.Linear):
             continue
@@ -64,11 +76,36 @@ def linear_candidates(model: nn.Module) -> list[Candidate]:
         if isinstance(parent, LowRankLinear):
             continue
         skip = None
+        tied = [n for n in holders.get(id(module.weight), []) if n != name]
         if isinstance(parent, nn.MultiheadAttention):
             skip = "part of an nn.MultiheadAttention, which uses its weight directly"
         elif type(module) is not nn.Linear:
             skip = f"a subclass of nn.Linear ({type(module).__name__}), not replaced"
+        elif tied:
+            skip = f"tied to '{tied[0]}' (its weights are shared): stays dense"
         out.append(Candidate(name, module.in_features, module.out_features, module.bias is not None, skip))
+    return out
+
+
+def _shared(model: nn.Module) -> dict[int, list[str]]:
+    """For each parameter tensor, the modules that hold it (more than one: tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    return holders
+
+
+def embedding_candidates(model: nn.Module) -> list[Candidate]:
+    """Every `nn.Embedding` table (d_in = rows, d_out = width); one tied to another module (an LM head) is marked."""
+    holders = _shared(model)
+    out = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Embedding:
+            continue
+        others = [n for n in holders.get(id(module.weight), []) if n != name]
+        skip = f"tied to '{others[0]}' (its weights are shared): stays dense" if others else None
+        out.append(Candidate(name, module.num_embeddings, module.embedding_dim, False, skip, kind="embedding"))
     return out
 
 
@@ -113,21 +150,42 @@ class ModelFamily(ABC):
         """The layers factorization may replace."""
         return linear_candidates(model)
 
+    def embedding_candidates(self, model: nn.Module) -> list[Candidate]:
+        """The embedding tables factorization may replace (`factorize.embeddings`)."""
+        return embedding_candidates(model)
+
     @abstractmethod
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The transformer blocks, in forward order, whose outputs feature distillation compares."""
 
     @abstractmethod
-    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None) -> Inputs:
-        """Random inputs of the model's own size, on the CPU, for counting, calibration checks, export and timing."""
+    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> Inputs:
+        """Random inputs of the model's own size (`seq_len` tokens for a text model), on the CPU, for counting,
+        calibration checks, export and timing."""
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """Call the model and return the tensor its task reads (logits for classifiers)."""
         return call_model(model, inputs)
 
     @abstractmethod
-    def data_config(self, model: nn.Module) -> ImageConfig:
+    def data_config(self, model: nn.Module) -> ImageConfig | TextConfig:
         """How the model's data is prepared."""
+
+    def adapt_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors as this model expects them (e.g. without buffers it now computes itself)."""
+        return state_dict
+
+    def task(self, model: nn.Module) -> str:
+        """What the model's output is: `image-classification` for timm's models."""
+        return "image-classification"
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest input a text model takes (None for images)."""
+        return None
+
+    def architecture_for(self, config: dict[str, Any]) -> str:
+        """The architecture a Hub `config.json` names."""
+        raise LowrankError(f"{self.name} models are not named by a config.json", param="model")
 
     def exportable(self) -> ContextManager[None]:
         """A context in which models are built in their export-friendly form (for ONNX)."""
@@ -142,7 +200,8 @@ def _timm_vision(header: CheckpointHeader) -> bool:
 # The families, by name: the module that implements each, imported when first used so that a
 # command that needs no model (or another family) does not pay for the library's import, and a
 # test of a checkpoint's header, needing no import, for whether its tensors look like the family's.
-FAMILIES = {"timm": "lowrank_cli.models.timm_family"}
+FAMILIES = {"timm": "lowrank_cli.models.timm_family", "transformers": "lowrank_cli.models.hf_family"}
+EXTRAS = {"transformers": "pip install 'lowrank[hf]' (transformers and tokenizers)"}
 RECOGNIZERS: dict[str, Callable[[CheckpointHeader], bool]] = {"timm": _timm_vision}
 
 
@@ -151,7 +210,10 @@ def get_family(name: str) -> ModelFamily:
     module = FAMILIES.get(name)
     if module is None:
         raise LowrankError(f"model family '{name}' is not supported; accepted: {', '.join(FAMILIES)}", param="family")
-    return importlib.import_module(module).FAMILY
+    try:
+        return importlib.import_module(module).FAMILY
+    except ImportError as e:
+        raise LowrankError(f"{name} models need their library ({e.name or e}): {EXTRAS.get(name, 'install it')}") from None
 
 
 def recognizes(name: str, header: CheckpointHeader) -> bool:

@@ -147,7 +147,7 @@ class TimmFamily(ModelFamily):
             )
         return blocks
 
-    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> torch.Tensor:
         return torch.randn(batch, *input_size(model), generator=generator)
 
     def data_config(self, model: nn.Module) -> ImageConfig:

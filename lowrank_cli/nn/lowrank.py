@@ -1,4 +1,4 @@
-"""`LowRankLinear`: two thin linears standing in for one `nn.Linear` (PELA §3.1)."""
+"""`LowRankLinear` and `LowRankEmbedding`: two thin factors standing in for one dense matrix (PELA §3.1)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,25 @@ import torch
 from torch import nn
 
 from lowrank_cli.decompose.svd import Svd, truncated_factors
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D` (transformers): a linear layer whose weight is stored transposed, `(d_in, d_out)`."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, b) of a linear layer with W as `(d_out, d_in)`: an `nn.Linear`'s weight, a `Conv1D`'s transposed."""
+    if is_conv1d(module):
+        return module.weight.detach().T, module.bias
+    return module.weight.detach(), module.bias
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an `nn.Linear` or a `Conv1D`."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return module.in_features, module.out_features
 
 
 class LowRankLinear(nn.Module):
@@ -39,14 +58,15 @@ class LowRankLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, factors: Svd | None = None) -> "LowRankLinear":
-        """The best rank-`rank` factorization of `linear` by truncated SVD, in its dtype and device.
+    def from_linear(cls, linear: nn.Module, rank: int, factors: Svd | None = None) -> "LowRankLinear":
+        """The best rank-`rank` factorization of `linear` (an `nn.Linear` or a `Conv1D`) by truncated SVD, in its dtype and device.
 
-        `factors`: the weight's SVD `(U, S, Vh)` when the caller already computed it.
+        `factors`: the SVD `(U, S, Vh)` of its `(d_out, d_in)` weight when the caller already computed it.
         """
-        up, down = truncated_factors(linear.weight, rank, factors)
-        bias = None if linear.bias is None else linear.bias.detach().clone()  # never shared with `linear`
-        return cls.from_factors(up, down, bias)
+        weight, bias = dense_weight(linear)
+        up, down = truncated_factors(weight, rank, factors)
+        bias = None if bias is None else bias.detach().clone()  # never shared with `linear`
+        return cls.from_factors(up.contiguous(), down.contiguous(), bias)
 
     def merge(self) -> nn.Linear:
         """One dense `nn.Linear` with `W = up · down`, computed in fp32 at least."""
@@ -55,4 +75,47 @@ class LowRankLinear(nn.Module):
         dense.weight = nn.Parameter(w.to(self.up.weight.dtype))
         if self.up.bias is not None:
             dense.bias = nn.Parameter(self.up.bias.detach().clone())
+        return dense
+
+
+class LowRankEmbedding(nn.Module):
+    """`E ≈ lookup · projᵀ`: a rank-`rank` stand-in for an `nn.Embedding(num_embeddings, embedding_dim)`.
+
+    `lookup` is an `nn.Embedding(num_embeddings, rank)` (the rows), `proj` an `nn.Linear(rank,
+    embedding_dim, bias=False)`: `V·r + r·d` parameters instead of `V·d` (ALBERT's factorized
+    embedding parameterization). The padding index, if any, stays on `lookup`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = num_embeddings, embedding_dim, rank, padding_idx
+        self.lookup = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.proj = nn.Linear(rank, embedding_dim, bias=False, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table it stands for (V × d), computed: for code that reads an embedding's weight."""
+        return self.lookup.weight @ self.proj.weight.T
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.lookup(ids))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, rank: int, factors: Svd | None = None) -> "LowRankEmbedding":
+        """The best rank-`rank` factorization of `embedding`'s table by truncated SVD: lookup = U_r √Σ, proj = V_r √Σ."""
+        table = embedding.weight.detach()
+        rows, cols = truncated_factors(table, rank, factors)  # rows: V × r (= U_r √Σ), cols: r × d (= √Σ V_rᵀ)
+        layer = cls(table.shape[0], table.shape[1], rank, embedding.padding_idx, device="meta")
+        layer.lookup.weight = nn.Parameter(rows.contiguous())
+        layer.proj.weight = nn.Parameter(cols.T.contiguous())
+        return layer
+
+    def merge(self) -> nn.Embedding:
+        """One dense `nn.Embedding` with `E = lookup · projᵀ`, computed in fp32 at least."""
+        table = self.lookup.weight.float() @ self.proj.weight.float().T
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device="meta")
+        dense.weight = nn.Parameter(table.to(self.lookup.weight.dtype))
         return dense

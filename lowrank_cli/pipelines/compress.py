@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lowrank_cli.data.images import ImageData, load_image_data
+from lowrank_cli.data.text import TextData, load_text_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
@@ -39,7 +40,7 @@ from lowrank_cli.io.rundir import Position, RunDir, load_training_state
 from lowrank_cli.io.safetensors import read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import build_model, load_state_dict_strict
-from lowrank_cli.models.family import ModelFamily
+from lowrank_cli.models.family import ModelFamily, TextConfig
 from lowrank_cli.nn.pclora import decay_lambda, finalize, set_lambda
 from lowrank_cli.pipelines.common import hint_of
 from lowrank_cli.pipelines.factorize import build_manifest
@@ -75,22 +76,40 @@ class PreparedRun:
     base: str
     teacher_file: Path | None
     resume_from: tuple[Path, Path] | None = None
-    labels_match: bool = True
+    labels_match: bool = True  # False: classification data whose labels are not the model's classes (no accuracy to report)
     info: dict[str, Any] = field(default_factory=dict)
+    task: str = "image-classification"
 
 
-def _resolve_base(recipe: Recipe, model: nn.Module, data: ImageData) -> tuple[str, bool]:
+def model_classes(model: nn.Module) -> int | None:
+    """The number of classes a classifier outputs (timm: `num_classes`; transformers: `config.num_labels`)."""
     classes = getattr(model, "num_classes", None)
-    match = classes == data.num_classes
+    if classes is None and hasattr(model, "config") and type(model).__name__.endswith("Classification"):
+        classes = getattr(model.config, "num_labels", None)
+    return classes
+
+
+def _resolve_base(recipe: Recipe, task: str, model: nn.Module, data: ImageData | TextData) -> tuple[str, bool]:
+    """The base loss `auto` stands for, for this task and data, and whether the data's labels are the model's classes."""
     kind = recipe.distill.base_loss
+    if task in ("classification", "image-classification"):
+        classes = model_classes(model)
+        match = classes == data.num_classes
+        if kind == "auto":
+            kind = "ce" if match else "logits"
+        if kind == "ce" and not match:
+            raise LowrankError(
+                f"distill.base_loss 'ce': the data '{data.source}' has {data.num_classes} classes but the model has {classes} outputs; "
+                "use base_loss: logits (match the teacher's logits) or none"
+            )
+        return kind, match
+    if kind == "ce":
+        raise LowrankError(f"distill.base_loss 'ce' needs a classifier; this model's task is {task} (use auto, kl, lm, logits or none)")
+    if kind in ("lm", "kl") and task != "causal-lm":
+        raise LowrankError(f"distill.base_loss '{kind}' is for causal language models; this model's task is {task} (use auto, logits or none)")
     if kind == "auto":
-        kind = "ce" if match else "logits"
-    if kind == "ce" and not match:
-        raise LowrankError(
-            f"distill.base_loss 'ce': the data '{data.source}' has {data.num_classes} classes but the model has {classes} outputs; "
-            "use base_loss: logits (match the teacher's logits) or none"
-        )
-    return kind, match
+        kind = "kl" if task == "causal-lm" else "none"
+    return kind, True
 
 
 def _run_dir(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
@@ -117,9 +136,16 @@ def claimed(p: PreparedRun) -> Iterator[None]:
         yield
 
 
-def _data(recipe: Recipe, family: ModelFamily, model: nn.Module) -> ImageData:
-    return load_image_data(recipe.data.source, family.data_config(model), getattr(model, "num_classes", 10), recipe.data.synthetic_size,
-                           recipe.data.skip_unreadable)
+def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None) -> ImageData | TextData:
+    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer."""
+    cfg = family.data_config(model)
+    if isinstance(cfg, TextConfig):
+        length = recipe.data.max_length or cfg.max_length
+        limit = family.max_positions(model)
+        if limit is not None and length > limit:
+            raise LowrankError(f"data.max_length {length} is above the model's {limit} positions", param="seq_len")
+        return load_text_data(recipe.data.source, folder, length)
+    return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
 
 
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
@@ -135,7 +161,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
     built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
     teacher, family, arch = built.model, built.family, built.architecture
-    data = _data(recipe, family, teacher)
+    data = load_data(recipe, family, teacher, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
@@ -147,9 +173,11 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
     manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else "svd")
-    base, match = _resolve_base(recipe, teacher, data)
+    task = family.task(teacher)
+    base, match = _resolve_base(recipe, task, teacher, data)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
-    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match, info)
+    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
+                       {**info, **_split_note(data)}, task)
 
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
@@ -179,13 +207,18 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         teacher = build_model(teacher_file, arch, manifest.model_kwargs, family=manifest.family)
     except LowrankError as e:
         raise LowrankError(f"teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
-    data_ = _data(recipe, teacher.family, teacher.model)
+    data_ = load_data(recipe, teacher.family, teacher.model, teacher.folder or student.folder)
     run, resume_from = _run_dir(recipe, out, resume)
     manifest = manifest.replace(recipe=recipe.to_dict())
-    base, match = _resolve_base(recipe, teacher.model, data_)
+    task = teacher.family.task(teacher.model)
+    base, match = _resolve_base(recipe, task, teacher.model, data_)
     return PreparedRun(recipe, teacher.family, teacher.model, student.model, manifest, data_, run, env or DistEnv(device=dev), base,
                        Path(teacher_file), resume_from, match,
-                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}})
+                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}, **_split_note(data_)}, task)
+
+
+def _split_note(data: ImageData | TextData) -> dict[str, Any]:
+    return {"data_split": data.split} if isinstance(data, TextData) else {}
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -259,10 +292,11 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     manifest = p.manifest.replace(distill=_distill_record(p))
     t0 = time.perf_counter()
 
-    def accuracy(model: nn.Module, with_teacher: bool) -> Evaluation | None:
+    def accuracy(model: nn.Module) -> Evaluation | None:
+        """The model on the held-out split, by its task, against the teacher (the teacher too: its reference figures)."""
         if not p.labels_match:
             return None
-        return evaluate(model, p.data.val, family, device, teacher=teacher if with_teacher else None, num_workers=p.recipe.data.num_workers)
+        return evaluate(model, p.data.val, family, device, teacher=teacher, num_workers=p.recipe.data.num_workers, task=p.task)
 
     resume = None
     if p.resume_from is not None:
@@ -284,7 +318,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if pclora:
                 svd = copy.deepcopy(p.teacher)
                 factorize_model(svd, p.recipe, family=family)
-            t, s = accuracy(teacher, False), accuracy(svd, True)
+            t, s = accuracy(teacher), accuracy(svd)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
                                   "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
@@ -311,7 +345,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             set_lambda(p.student, lam)
             return {"lam": lam}
 
-        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight)
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine)
     else:
         objective = DistillationObjective(p.student, teacher, cfg, p.base, family)
     try:
@@ -329,7 +363,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         manifest = manifest.replace(distill=_distill_record(p, result.steps))
         save_factorized(run.student_file, p.student.state_dict(), manifest, force=True)
         note("evaluating the distilled student")
-        final = accuracy(p.student, True)
+        final = accuracy(p.student)
         report = _report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
         write_json(run.report_file, report)
     barrier(env)
@@ -337,17 +371,24 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
 
 
 def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
-    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back."""
+    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back.
+
+    The figures are the task's primary ones, larger better (`Evaluation.primary`): top-1, the
+    mean embedding cosine to the teacher, or −log perplexity.
+    """
     if teacher is None or svd is None or distilled is None or teacher - svd <= 1e-12:
         return None
     return (distilled - svd) / (teacher - svd)
+
+
+def _primary(d: dict | None) -> float | None:
+    return None if d is None else Evaluation(**d).primary()
 
 
 def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluation | None, result: TrainResult,
             digests: list[str], seconds: float) -> dict[str, Any]:
     example = p.family.example_inputs(teacher)
     macs_t, macs_s = count_macs(teacher, example, p.family.forward), count_macs(p.student, example, p.family.forward)
-    top1 = lambda d: (d or {}).get("top1")  # noqa: E731
     return {
         "run": str(p.run.root),
         "student": str(p.run.student_file),
@@ -357,14 +398,15 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "params_before": count_params(teacher), "params_after": count_params(p.student),
         "macs_before": macs_t.macs, "macs_after": macs_s.macs,
         "accuracy": {"teacher": baseline.get("teacher"), "svd": baseline.get("svd"), "distilled": final.to_dict() if final else None},
-        "recovered_fraction": recovered_fraction(top1(baseline.get("teacher")), top1(baseline.get("svd")), final.top1 if final else None),
+        "task": p.task,
+        "recovered_fraction": recovered_fraction(_primary(baseline.get("teacher")), _primary(baseline.get("svd")), final.primary() if final else None),
         "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
                   "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
                   "base_loss": p.base},
         "method": p.recipe.distill.method,
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
         "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
-                 "skipped_first": p.data.skipped[:5]},
+                 "skipped_first": p.data.skipped[:5], **({"split": p.data.split} if isinstance(p.data, TextData) else {})},
         "world_size": p.env.world,
         "rank_weight_sha256": digests,
         "seconds": seconds,

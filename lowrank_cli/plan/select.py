@@ -36,15 +36,16 @@ class LayerPlan:
     reason: str | None = None
     energy_kept: float | None = None
     latency: dict | None = None  # select.latency_aware: this layer's timings and decision (latency.py)
+    kind: str = "linear"  # linear, conv1d (GPT-2's transposed linear) or embedding (d_in = rows V, d_out = width d)
 
     @classmethod
     def of(cls, name: str, entry: LayerEntry) -> "LayerPlan":
         """The plan of a layer a manifest records as factorized."""
-        return cls(name, entry.d_in, entry.d_out, entry.bias, True, entry.rank, entry.rule)
+        return cls(name, entry.d_in, entry.d_out, entry.bias, True, entry.rank, entry.rule, kind=entry.kind)
 
     def manifest_entry(self, method: str = "svd") -> LayerEntry:
         """This factorized layer's entry in a manifest."""
-        return LayerEntry(self.rank, self.d_in, self.d_out, self.bias, self.rule, method)
+        return LayerEntry(self.rank, self.d_in, self.d_out, self.bias, self.rule, method, self.kind)
 
     @property
     def params_before(self) -> int:
@@ -127,11 +128,35 @@ def plan_layers(
                 kind, value = next((k, getattr(override, k)) for k in ("kappa", "rank", "energy") if getattr(override, k) is not None)
         rule = f"{kind}={value:g}"
         if reason is not None:
-            plans.append(LayerPlan(c.name, c.d_in, c.d_out, c.bias, False, None, None, reason))
+            plans.append(LayerPlan(c.name, c.d_in, c.d_out, c.bias, False, None, None, reason, kind=c.kind))
             continue
         s = spectrum(c.name) if spectrum is not None else None
-        plan = LayerPlan(c.name, c.d_in, c.d_out, c.bias, True, None, rule)
+        plan = LayerPlan(c.name, c.d_in, c.d_out, c.bias, True, None, rule, kind=c.kind)
         set_rank(plan, kind, value, s)
+        plans.append(plan)
+    return plans
+
+
+def plan_embeddings(candidates: Iterable[Candidate], recipe: Recipe) -> list[LayerPlan]:
+    """Decide, for each embedding table, whether it is factorized (`factorize.embeddings`) and at which rank.
+
+    A table `V × d` is planned like a linear with d_in = V and d_out = d: its rule is the
+    embeddings' own κ or rank; it is factorized only when that shrinks it.
+    """
+    cfg = recipe.factorize.embeddings
+    plans = []
+    for c in candidates:
+        reason = c.skip
+        if reason is None and cfg is None:
+            reason = "embedding tables stay dense (factorize.embeddings is off)"
+        if reason is None and not any(matches(c.name, p) for p in cfg.include):
+            reason = "not matched by factorize.embeddings.include"
+        if reason is not None:
+            plans.append(LayerPlan(c.name, c.d_in, c.d_out, False, False, None, None, reason, kind="embedding"))
+            continue
+        kind, value = ("rank", cfg.rank) if cfg.rank is not None else ("kappa", cfg.kappa)
+        plan = LayerPlan(c.name, c.d_in, c.d_out, False, True, None, f"{kind}={value:g}", kind="embedding")
+        set_rank(plan, kind, value, None)
         plans.append(plan)
     return plans
 

@@ -109,4 +109,4 @@ def test_factorized_pairs_point_at_the_teachers_dense_weights():
     student, teacher = _pair()
     pairs = factorized_pairs(student, teacher)
     assert len(pairs) == 8
-    assert pairs[0][1] is teacher.blocks[0].attn.qkv.weight
+    assert pairs[0][1].data_ptr() == teacher.blocks[0].attn.qkv.weight.data_ptr()  # the teacher's own tensor, not a copy

@@ -10,7 +10,7 @@ import typer
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli.render import console, err_console
-from lowrank_cli.cli.render_training import compress_table, training_progress
+from lowrank_cli.cli.render_training import compress_table, demo_seeds_table, training_progress
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.pipelines.demo import DEMO_RECIPES, run_demo
 
@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False)
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/demo, runs/demo-pclora; a previous demo run there is replaced)."),
     epochs: Optional[int] = opt.EpochsOpt,
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Run seeds 0 … N−1 (teacher and distillation) and report the median and range."),
     method: str = typer.Option("pela", "--method", help="pela: SVD then PELA distillation; pclora: PC-LoRA progressive compression to the same ranks."),
     device: str = opt.DeviceOpt,
     retrain: bool = typer.Option(False, "--retrain-teacher", help="Train the teacher again even if one is cached."),
@@ -32,20 +33,10 @@ def demo(
     out = out or Path("runs") / DEMO_RECIPES[method]
     note = lambda s: err_console.print(f"[dim]{s}[/]")  # noqa: E731
     with training_progress("teacher") as teacher_log, training_progress("distill") as log:
-        report = run_demo(out, device=device, epochs=epochs, retrain=retrain, teacher_log=teacher_log, log=log, note=note, method=method)
+        report = run_demo(out, device=device, epochs=epochs, retrain=retrain, seeds=seeds, teacher_log=teacher_log, log=log, note=note, method=method)
     if as_json:
         print_json(report)
         return
-    t = report["teacher_training"]
-    how = "cached" if t["cached"] else f"trained in {t['seconds']:.0f} s"
-    console.print(f"teacher: {report['architecture']} on digits ({how}, {t['file']})")
     how = "SVD then PELA distillation" if method == "pela" else "PC-LoRA progressive compression"
-    console.print(compress_table(report, title=f"lowrank demo: κ = 3, {how}"))
-    acc = report["accuracy"]
-    frac = report["recovered_fraction"]
-    if frac is not None:
-        console.print(
-            f"[bold]SVD lost {acc['teacher']['top1'] - acc['svd']['top1']:.1%} top-1; {'distillation' if method == 'pela' else 'PC-LoRA'} recovered "
-            f"{frac:.0%} of it[/] ({acc['svd']['top1']:.1%} → {acc['distilled']['top1']:.1%}, teacher {acc['teacher']['top1']:.1%}) "
-            f"in {report['wall_seconds']:.0f} s"
-        )
+    console.print(compress_table(report, title=f"lowrank demo, seed 0: κ = {report['kappa']:g}, {how}"))
+    console.print(demo_seeds_table(report, "distillation" if method == "pela" else "PC-LoRA"))

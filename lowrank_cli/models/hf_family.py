@@ -1,0 +1,156 @@
+"""Hugging Face `transformers` models behind the family seam: BERT-family encoders (BERT, RoBERTa,
+DistilBERT), ViT, and causal LMs (GPT-2 with its transposed `Conv1D`, Llama-style `nn.Linear`).
+
+A model is named by its transformers class (`BertModel`, `GPT2LMHeadModel`, ...) and built from
+its config (`config.json`'s content, recorded whole in a manifest): nothing is downloaded.
+`transformers` is an optional dependency (`pip install 'lowrank[hf]'`); this module is imported
+only when a checkpoint needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.safetensors import CheckpointHeader
+from lowrank_cli.models.family import Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, linear_candidates
+from lowrank_cli.nn.lowrank import is_conv1d
+
+transformers.logging.set_verbosity_error()  # its config warnings would break the one-line output of the CLI
+
+# What a model does, from its class name: what its output is and how it is evaluated and trained.
+TASKS = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "classification"),
+         ("ForImageClassification", "image-classification"), ("ForMaskedLM", "masked-lm"))
+VISION_TYPES = {"vit", "deit", "beit", "dinov2", "vit_msn", "vit_mae"}
+DEFAULT_SEQ_LEN = 128
+# keys that older transformers versions saved and current ones compute (non-persistent buffers)
+_COMPUTED = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+def config_from(kwargs: dict[str, Any], source: str = "config") -> PretrainedConfig:
+    """A transformers config from its dict (`config.json`'s content), or a LowrankError naming the model_type."""
+    data = dict(kwargs)
+    model_type = data.pop("model_type", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = ", ".join(sorted(t for t in ("bert", "roberta", "distilbert", "vit", "gpt2", "llama")))
+        raise LowrankError(f"{source}: model_type {model_type!r} is not one transformers {transformers.__version__} knows "
+                           f"(e.g. {close})", param="model")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except Exception as e:  # noqa: BLE001 - a config rejects bad values in many ways
+        raise LowrankError(f"{source}: not a valid {model_type} config ({type(e).__name__}: {e})", param="model_kwargs") from None
+
+
+def default_architecture(config: dict[str, Any]) -> str:
+    """The class a config names (`architectures[0]`), else its model_type's base model (`BertModel`)."""
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    model_type = config.get("model_type")
+    name = MODEL_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if name is None:
+        raise LowrankError(f"config: no 'architectures' and no base model for model_type {model_type!r}", param="model")
+    return name
+
+
+class HFFamily(ModelFamily):
+    name = "transformers"
+
+    def create(self, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+        cls = getattr(transformers, architecture, None)
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise LowrankError(f"'{architecture}' is not a transformers model class (e.g. BertModel, GPT2LMHeadModel, ViTModel)", param="model")
+        config = config_from(kwargs, f"the config of {architecture}")
+        try:
+            return cls(config).eval()
+        except Exception as e:  # noqa: BLE001 - a model constructor fails in many ways for a config that does not fit it
+            raise LowrankError(f"{architecture} cannot be built from its config ({type(e).__name__}: {e})", param="model_kwargs") from None
+
+    def architecture_for(self, config: dict[str, Any]) -> str:
+        return default_architecture(config)
+
+    def recorded_kwargs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The whole config: a factorized checkpoint rebuilds its model with no file beside it."""
+        config = model.config.to_dict()
+        for noise in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+            config.pop(noise, None)
+        return config
+
+    def adapt_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Drop the buffers older transformers saved and the model now computes itself (`position_ids`, GPT-2's `attn.bias`)."""
+        expected = model.state_dict()
+        return {k: v for k, v in state_dict.items() if k in expected or not _COMPUTED.search(k)}
+
+    def task(self, model: nn.Module) -> str:
+        """`causal-lm`, `classification`, `image-classification`, `masked-lm`, or `features` (a base model's hidden states)."""
+        name = type(model).__name__
+        return next((task for suffix, task in TASKS if name.endswith(suffix)), "features")
+
+    def is_vision(self, model: nn.Module) -> bool:
+        return getattr(model.config, "model_type", None) in VISION_TYPES
+
+    def linear_candidates(self, model: nn.Module) -> list[Candidate]:
+        out = linear_candidates(model)
+        holders = {}
+        for name, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(name)
+        for name, module in model.named_modules():  # GPT-2's Conv1D: a linear with its weight transposed
+            if is_conv1d(module):
+                d_in, d_out = module.weight.shape
+                tied = [n for n in holders.get(id(module.weight), []) if n != name]
+                skip = f"tied to '{tied[0]}' (its weights are shared): stays dense" if tied else None
+                out.append(Candidate(name, int(d_in), int(d_out), module.bias is not None, skip, kind="conv1d"))
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        return sorted(out, key=lambda c: order[c.name])
+
+    def embedding_candidates(self, model: nn.Module) -> list[Candidate]:
+        return embedding_candidates(model)
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers of the model's stack: the module list as long as its `num_hidden_layers`, the shallowest one."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        n = getattr(config, "num_hidden_layers", None)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n and n:
+                return [(f"{name}.{i}", m) for i, m in enumerate(module)]
+        raise LowrankError(f"{type(model).__name__}: no stack of {n} layers found for feature distillation")
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+    def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> Inputs:
+        config = model.config
+        if self.is_vision(model):
+            size = config.image_size
+            return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator)}
+        limit = self.max_positions(model) or DEFAULT_SEQ_LEN
+        length = min(seq_len or DEFAULT_SEQ_LEN, limit)
+        low = min(5, config.vocab_size - 1)  # past the usual special ids
+        ids = torch.randint(low, config.vocab_size, (batch, length), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        out = call_model(model, inputs)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out.last_hidden_state
+
+    def data_config(self, model: nn.Module) -> ImageConfig | TextConfig:
+        config = model.config
+        if self.is_vision(model):
+            mean = tuple(getattr(config, "image_mean", None) or (0.5,) * config.num_channels)
+            std = tuple(getattr(config, "image_std", None) or (0.5,) * config.num_channels)
+            return ImageConfig((config.num_channels, config.image_size, config.image_size), mean, std, "bilinear", 1.0)
+        return TextConfig(max_length=min(DEFAULT_SEQ_LEN, self.max_positions(model) or DEFAULT_SEQ_LEN), task=self.task(model),
+                          num_labels=getattr(config, "num_labels", None) if self.task(model) == "classification" else None)
+
+
+FAMILY = HFFamily()
