@@ -51,7 +51,7 @@ class SelectConfig(_Strict):
     """
 
     include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=lambda: ["norm", "head", "patch_embed", "downsample"])
+    exclude: list[str] = Field(default_factory=lambda: ["norm", "head", "patch_embed", "downsample", "pooler"])
     min_out_features: int = Field(default=10, ge=1)
     overrides: list[Override] = Field(default_factory=list)
     # latency-aware selection (plan/latency.py): time each planned layer dense vs factorized at its

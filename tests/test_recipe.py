@@ -6,11 +6,14 @@ from lowrank_cli.recipe import bundled_recipe_names, load_recipe
 
 def test_every_shipped_recipe_validates():
     names = bundled_recipe_names()
-    assert {"deit", "swin", "vit"} <= set(names)
+    assert {"deit", "swin", "vit", "bert", "causal-lm", "hf-vit"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
         assert recipe.name == name
-        assert recipe.model  # every shipped recipe names its architecture
+        if name in {"bert", "causal-lm", "hf-vit"}:
+            assert recipe.model is None  # a Hugging Face folder's config.json names its architecture
+        else:
+            assert recipe.model  # every timm recipe names its default architecture
 
 
 def test_shipped_rules():

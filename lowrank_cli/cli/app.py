@@ -45,7 +45,7 @@ FLAGS = {
     "calib_samples": "--calib-samples", "epochs": "--epochs", "teacher": "--teacher", "nproc": "--nproc",
     "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
-    "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum",
+    "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",
 }
 
 

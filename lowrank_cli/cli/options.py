@@ -47,6 +47,7 @@ LatencyOpt = typer.Option(False, "--latency-aware", help="Time each planned laye
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 DataOpt = typer.Option(None, "--data", "-d", help="Image folder (ROOT/train/<class>/*, ROOT/val/<class>/*), 'digits' or 'synthetic' (default: the recipe's data.source).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Training epochs (overrides the recipe's distill.epochs).")
+SeqLenOpt = typer.Option(None, "--seq-len", min=1, help="Text models: tokens per example for MACs and timing (default: the family's, 128).")
 NprocOpt = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) to train on: launches torchrun.")
 ModelArgs = Optional[List[str]]
 

@@ -61,10 +61,15 @@ def summary_table(insp: Any, title: str = "Savings") -> Table:
     table.add_column("after / before", justify="right")
     table.add_row("parameters", fmt_count(insp.params_before), fmt_count(insp.params_after), ratio(insp.params_after, insp.params_before))
     if insp.macs_before is not None:
-        table.add_row("MACs / image", fmt_count(insp.macs_before), fmt_count(insp.macs_after), ratio(insp.macs_after, insp.macs_before))
-        table.add_row("GFLOPs / image", f"{2 * insp.macs_before / 1e9:.2f}", f"{2 * insp.macs_after / 1e9:.2f}", ratio(insp.macs_after, insp.macs_before))
-    n_fact = sum(p.factorized for p in insp.layers)
-    table.caption = f"{n_fact} of {len(insp.layers)} linear layers factorized" + (f" ({insp.rank_rule})" if insp.rank_rule else "")
+        per = f"example ({insp.seq_len} tokens)" if getattr(insp, "seq_len", None) else "image"
+        table.add_row(f"MACs / {per}", fmt_count(insp.macs_before), fmt_count(insp.macs_after), ratio(insp.macs_after, insp.macs_before))
+        table.add_row(f"GFLOPs / {per}", f"{2 * insp.macs_before / 1e9:.2f}", f"{2 * insp.macs_after / 1e9:.2f}", ratio(insp.macs_after, insp.macs_before))
+    linears = [p for p in insp.layers if p.kind != "embedding"]
+    tables = [p for p in insp.layers if p.kind == "embedding"]
+    caption = f"{sum(p.factorized for p in linears)} of {len(linears)} linear layers factorized"
+    if tables:
+        caption += f", {sum(p.factorized for p in tables)} of {len(tables)} embedding tables"
+    table.caption = caption + (f" ({insp.rank_rule})" if insp.rank_rule else "")
     return table
 
 
@@ -93,7 +98,9 @@ def layers_table(insp: Any, spectrum: bool = False) -> Table:
         shapes = ", ".join(f"{t['leaf']} {'×'.join(map(str, t['shape'])) or 'scalar'}" for t in tensors)
         dtypes = ", ".join(sorted({t["dtype"] for t in tensors}))
         params = sum(t["params"] for t in tensors) if tensors else (p.params_before if p else 0)
-        if p is None:
+        if p is None and tensors and all(t.get("buffer") for t in tensors):
+            row = [f"[dim]{layer}", shapes, dtypes, "buffer", "", "", "[dim]not a parameter"]
+        elif p is None:
             row = [layer, shapes, dtypes, fmt_count(params), "", "", ""]
         elif p.factorized:
             row = [f"[green]{layer}", shapes, dtypes, fmt_count(p.params_before), str(p.rank) if p.rank else "by energy",
@@ -182,7 +189,7 @@ def export_table(result) -> Table:
     table.add_column("value", justify="right")
     table.add_row("file size before → after", f"{_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio(result.bytes_after, result.bytes_before)})")
     table.add_row("parameters", fmt_count(result.params))
-    table.add_row("MACs / image", fmt_count(result.macs))
+    table.add_row("MACs / example", fmt_count(result.macs))
     table.add_row("dtype", result.dtype)
     table.add_row("factorized layers", str(result.factorized_layers))
     if result.onnx_ops:
@@ -195,7 +202,9 @@ def export_table(result) -> Table:
         table.add_row("verified", f"{v['check']}: dtypes {', '.join(v['dtypes'])}, manifest kept: {v['manifest_kept']}")
     for extra in result.extra_files:
         table.add_row("external data", extra)
-    if result.format == "dense" and result.architecture:
+    if result.format == "dense" and result.architecture and result.family == "transformers":
+        table.caption = f"load with transformers.{result.architecture}.from_pretrained('{result.out}')"
+    elif result.format == "dense" and result.architecture:
         table.caption = f"load with timm.create_model('{result.architecture}', pretrained=False, checkpoint_path='{result.out}', **{result.model_kwargs})"
     return table
 
@@ -206,8 +215,9 @@ def _ms(s: float) -> str:
 
 def bench_tables(result) -> list[Table]:
     """`lowrank bench`'s report: latency of both models and the speedup against the MAC ideal; per layer on request."""
-    table = Table(title=f"{result.runtime} on {result.device}, batch {result.batch}, {result.threads} threads", title_justify="left")
-    for col, just in (("", "left"), ("median", "right"), ("IQR", "right"), ("min", "right"), ("MACs / image", "right"), ("params", "right")):
+    shape = f"batch {result.batch} × {result.seq_len} tokens" if getattr(result, "seq_len", None) else f"batch {result.batch}"
+    table = Table(title=f"{result.runtime} on {result.device}, {shape}, {result.threads} threads", title_justify="left")
+    for col, just in (("", "left"), ("median", "right"), ("IQR", "right"), ("min", "right"), ("MACs / example", "right"), ("params", "right")):
         table.add_column(col, justify=just)
     for label, t, macs, params in (("dense: " + result.baseline, result.dense, result.macs_dense, result.params_dense),
                                    ("factorized", result.factorized, result.macs_factorized, result.params_factorized)):

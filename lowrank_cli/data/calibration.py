@@ -1,4 +1,5 @@
-"""Calibration images for data-aware factorization: a folder, sklearn's `digits`, or `synthetic` noise."""
+"""Calibration data for data-aware factorization: images (a folder, sklearn's `digits`, `synthetic` noise),
+or text for a text model (the training part of any text source `data.text` reads)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import timm.data
 import torch
 
 from lowrank_cli.data.images import IMAGE_EXTENSIONS, ImageFiles, digits
+from lowrank_cli.data.text import load_text_data
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import ImageConfig
 
@@ -46,3 +48,13 @@ def _folder_images(root: Path, cfg: ImageConfig, n_samples: int, gen: torch.Gene
     chosen = [files[i] for i in torch.randperm(len(files), generator=gen)[:n_samples].tolist()]
     dataset = ImageFiles([(p, 0) for p in chosen], transform)  # an unreadable one is a LowrankError naming it
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def text_calibration_batches(source: str, folder: Path | None, max_length: int, n_samples: int = 256, batch_size: int = 32,
+                             seed: int = 0) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """`n_samples` documents of the training part of a text source, tokenized by the checkpoint's tokenizer and
+    padded per batch (with their attention mask, so that Grams count real tokens only)."""
+    data = load_text_data(source, folder, max_length, seed)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    items = [data.train[i] for i in order]
+    return [data.train.collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]

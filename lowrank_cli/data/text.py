@@ -11,18 +11,19 @@ per batch.
 from __future__ import annotations
 
 import json
+import pydoc_data.topics as pydoc_topics
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pydoc_data.topics as pydoc_topics
 import torch
 from torch.utils.data import Dataset
 
 from lowrank_cli.errors import LowrankError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 BUILTIN = "pydoc"
 VAL_NAMES = ("val", "validation", "valid", "test")
 
@@ -179,6 +180,8 @@ def tokenizer_of(folder: Path | None) -> Any:
     if folder is None:
         raise LowrankError("text data needs the checkpoint's tokenizer, and this checkpoint has no folder with one "
                            "(give the Hub folder, or the model.safetensors inside it)", param="data")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # transformers would make an empty one
+        raise LowrankError(f"{folder}: no tokenizer found beside the checkpoint (one of {', '.join(TOKENIZER_FILES)})", param="data")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a folder without a tokenizer

@@ -54,6 +54,7 @@ def collect_input_stats(model: nn.Module, names: list[str], calibration: Iterabl
     """
     param = next(model.parameters())
     stats: dict[str, LayerInputStats] = {}
+    current: dict[str, torch.Tensor | None] = {}  # the batch's attention mask, for the hooks
     hooks = []
     for name in names:
         layer = model.get_submodule(name)
@@ -64,7 +65,11 @@ def collect_input_stats(model: nn.Module, names: list[str], calibration: Iterabl
         )
 
         def hook(_mod, args, st=st):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach()
+            mask = current.get("mask")
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.bool()]  # text: the real tokens only, not the padding
+            x = x.reshape(-1, x.shape[-1]).float()
             if st.gram is not None:
                 st.gram += (x.T @ x).double()  # fp32 product per batch, fp64 sum over batches
             st.abs_sum += x.abs().sum(0).double()
@@ -76,7 +81,9 @@ def collect_input_stats(model: nn.Module, names: list[str], calibration: Iterabl
     try:
         seen = 0
         for inputs in _batches_of(calibration):
-            call(model, inputs_to(inputs, param.device, param.dtype))
+            inputs = inputs_to(inputs, param.device, param.dtype)
+            current["mask"] = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            call(model, inputs)
             seen += batch_size(inputs)
         if seen == 0:
             raise LowrankError("calibration data is empty: give at least one example (factorize.calib_samples)", param="calib_samples")

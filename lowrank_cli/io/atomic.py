@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +53,50 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False, inputs: tuple
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+def check_output_folder(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output folder before any long work: an input or a folder holding one, an existing path (unless
+    `force`, and then only a folder), or a missing parent."""
+    path = Path(path)
+    for inp in inputs:
+        inp = Path(inp)
+        if path.exists() and inp.exists() and (path.resolve() == inp.resolve() or path.resolve() in inp.resolve().parents):
+            raise LowrankError(f"{path}: refusing to overwrite the input checkpoint; choose another output path", param="out")
+    if path.exists() and not force:
+        raise LowrankError(f"{path}: already exists; overwrite it with force=True", param="force")
+    if path.exists() and not path.is_dir():
+        raise LowrankError(f"{path}: is a file, expected a folder path", param="out")
+    if not path.parent.exists():
+        raise LowrankError(f"{path.parent}: output directory does not exist", param="out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds (a folder
+    replaced with `force` is removed only once the new one is in place). On error nothing is left."""
+    path = check_output_folder(path, force=force, inputs=inputs)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise unwritable(path, e) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise unwritable(path, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

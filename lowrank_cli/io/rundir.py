@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.atomic import atomic_output, write_json, write_text
+from lowrank_cli.io.hub import SIDE_FILES
 from lowrank_cli.io.manifest import Manifest, save_factorized
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.recipe import Recipe
@@ -247,9 +249,11 @@ class RunDir:
         if not self.root.is_dir() or self.checkpoints():
             return
         for p in self.root.iterdir():
-            ours = p in (self.recipe_file, self.run_file, self.metrics_file, self.report_file, self.student_file)
-            if (ours or _CHECKPOINT.match(p.name) or _TEMPORARY.match(p.name)) and p.is_file():
+            ours = p in (self.recipe_file, self.run_file, self.metrics_file, self.report_file, self.student_file, self.root / "config.json")
+            if (ours or _CHECKPOINT.match(p.name) or _TEMPORARY.match(p.name) or p.name in SIDE_FILES) and p.is_file():
                 p.unlink(missing_ok=True)
+            elif p.name == "1_Pooling" and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- the rest ----------------------------------------------------------------------------
     def create(self, recipe: Recipe, run_info: dict[str, Any]) -> None:

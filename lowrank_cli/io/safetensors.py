@@ -82,20 +82,23 @@ INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def checkpoint_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """The safetensors files of a checkpoint: a file; a folder's `model.safetensors`; or the shards of a
-    `*.safetensors.index.json` (given, or in the folder). Returns (the path to name in messages, files)."""
+    """The safetensors files of a checkpoint: a file; a folder's `model.safetensors` (a Hub folder) or
+    `student.safetensors` (a training run's folder); or the shards of a `*.safetensors.index.json`
+    (given, or in the folder). Returns (the path to name in messages, files)."""
     path = Path(path)
     if not path.exists():
         raise LowrankError(f"{path}: no such file")
     if path.is_dir():
-        single, index = path / "model.safetensors", path / f"model{INDEX_SUFFIX}"
+        single, index, student = path / "model.safetensors", path / f"model{INDEX_SUFFIX}", path / "student.safetensors"
         if single.is_file():
             return single, [single]
         if index.is_file():
             return path, _shards(index)
+        if student.is_file():
+            return student, [student]
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
         hint = f" (it holds {', '.join(found[:3])}: convert a pickled one with `lowrank convert`)" if found else ""
-        raise LowrankError(f"{path}: a folder without model.safetensors or model{INDEX_SUFFIX}{hint}")
+        raise LowrankError(f"{path}: a folder without model.safetensors, model{INDEX_SUFFIX} or a run's student.safetensors{hint}")
     if path.name.endswith(INDEX_SUFFIX):
         return path, _shards(path)
     return path, [path]
@@ -338,8 +341,13 @@ def save_checkpoint(
 ) -> Path:
     """Write `state_dict` as safetensors atomically, with string `metadata` (e.g. `Manifest.metadata()`)."""
     metadata = {"format": "pt", **(metadata or {})}
-    # safetensors refuses shared or strided storage: give it plain contiguous copies
-    tensors = {k: v.detach().to("cpu").contiguous().clone() if _shares_storage(v) else v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    # safetensors refuses shared or strided storage (tied weights, views): give it plain contiguous copies
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().to("cpu").contiguous()
+        shared = _shares_storage(v) or (v.numel() and v.data_ptr() in seen)
+        seen.add(v.data_ptr())
+        tensors[k] = v.clone() if shared else v
     with atomic_output(path, force=force, inputs=inputs) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)

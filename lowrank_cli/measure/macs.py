@@ -71,6 +71,10 @@ def count_macs(model: nn.Module, inputs: Any, call: Callable[[nn.Module, Any], A
             def hook(mod, args, _out, name=name):
                 rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
             hooks.append(module.register_forward_hook(hook))
+        elif isinstance(module, nn.Embedding):  # an embedding's rows: the ids it looks up
+            def lookup(mod, args, _out, name=name):
+                rows[name] = rows.get(name, 0) + args[0].numel()
+            hooks.append(module.register_forward_hook(lookup))
     was_training = model.training
     model.eval()
     try:

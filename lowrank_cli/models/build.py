@@ -197,6 +197,8 @@ def build_model(
             family, model_kwargs = "transformers", {**cfg, **(model_kwargs or {})}
         fam = get_family(family or DEFAULT_FAMILY)
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
+        if header.folder is not None and (model := fam.load_pretrained(header.folder, arch, kwargs)) is not None:
+            return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
         model = fam.create(arch, kwargs)
     load_state_dict_strict(model, fam.adapt_state_dict(model, read_checkpoint(path)[2]), path, arch)
     return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager, Mapping, Union
 
 import torch
@@ -182,6 +183,15 @@ class ModelFamily(ABC):
     def max_positions(self, model: nn.Module) -> int | None:
         """The longest input a text model takes (None for images)."""
         return None
+
+    def load_pretrained(self, folder: Path, architecture: str, kwargs: dict[str, Any]) -> nn.Module | None:
+        """A plain (not factorized) checkpoint of a Hub folder loaded by the library's own loader, or None where
+        lowrank's strict load of the tensors is the library's way (timm)."""
+        return None
+
+    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+        """A dense export loaded back the way the library loads it (strictly), in eval mode."""
+        raise LowrankError(f"{self.name} models are not exported as folders", param="format")
 
     def architecture_for(self, config: dict[str, Any]) -> str:
         """The architecture a Hub `config.json` names."""

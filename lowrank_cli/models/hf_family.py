@@ -10,6 +10,7 @@ only when a checkpoint needs it.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,17 +21,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.io.safetensors import CheckpointHeader
 from lowrank_cli.models.family import Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, linear_candidates
 from lowrank_cli.nn.lowrank import is_conv1d
 
-transformers.logging.set_verbosity_error()  # its config warnings would break the one-line output of the CLI
+transformers.logging.set_verbosity_error()  # its config warnings and progress bars would break the one-line output of the CLI
+transformers.logging.disable_progress_bar()
 
 # What a model does, from its class name: what its output is and how it is evaluated and trained.
 TASKS = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "classification"),
          ("ForImageClassification", "image-classification"), ("ForMaskedLM", "masked-lm"))
 VISION_TYPES = {"vit", "deit", "beit", "dinov2", "vit_msn", "vit_mae"}
 DEFAULT_SEQ_LEN = 128
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text"}
 # keys that older transformers versions saved and current ones compute (non-persistent buffers)
 _COMPUTED = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
 
@@ -77,6 +79,29 @@ class HFFamily(ModelFamily):
     def architecture_for(self, config: dict[str, Any]) -> str:
         return default_architecture(config)
 
+    def load_pretrained(self, folder: Path, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+        """`<architecture>.from_pretrained(folder)`: transformers' own loader (it renames keys of older checkpoints,
+        ties weights), strict: a missing, unexpected or mismatched key is a LowrankError naming them."""
+        return self.load_dense(folder, architecture, kwargs)
+
+    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+        """`<architecture>.from_pretrained(folder)` (local files only); missing or unexpected keys are a LowrankError."""
+        cls = getattr(transformers, architecture, None)
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise LowrankError(f"'{architecture}' is not a transformers model class (e.g. BertModel, GPT2LMHeadModel, ViTModel)", param="model")
+        extra = {"config": config_from(kwargs, f"{where}/config.json")} if kwargs else {}
+        try:
+            model, info = cls.from_pretrained(str(where), local_files_only=True, output_loading_info=True, **extra)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for a folder it cannot load
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise LowrankError(f"{where}: {architecture}.from_pretrained fails ({type(e).__name__}: {text})") from None
+        labels = {"missing_keys": "missing keys", "unexpected_keys": "unexpected keys", "mismatched_keys": "shape mismatches"}
+        bad = [(labels[k], [str(x) for x in v]) for k, v in info.items() if k in labels and v]
+        if bad:
+            parts = "; ".join(f"{len(v)} {label} ({', '.join(sorted(v)[:4])}{', ...' if len(v) > 4 else ''})" for label, v in bad)
+            raise LowrankError(f"{where} does not match architecture '{architecture}': {parts}", param="model")
+        return model.eval()
+
     def recorded_kwargs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The whole config: a factorized checkpoint rebuilds its model with no file beside it."""
         config = model.config.to_dict()
@@ -85,9 +110,19 @@ class HFFamily(ModelFamily):
         return config
 
     def adapt_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Drop the buffers older transformers saved and the model now computes itself (`position_ids`, GPT-2's `attn.bias`)."""
+        """The checkpoint as the model expects it: without the buffers older transformers saved and the model now computes
+        itself (`position_ids`, GPT-2's `attn.bias`), and with a tied weight saved once (an LM head) under each of its names."""
         expected = model.state_dict()
-        return {k: v for k, v in state_dict.items() if k in expected or not _COMPUTED.search(k)}
+        out = {k: v for k, v in state_dict.items() if k in expected or not _COMPUTED.search(k)}
+        groups: dict[int, list[str]] = {}
+        for key, value in expected.items():
+            groups.setdefault(value.data_ptr(), []).append(key)
+        for keys in groups.values():
+            present = [k for k in keys if k in out]
+            if present and len(keys) > 1:
+                for k in keys:
+                    out.setdefault(k, out[present[0]])
+        return out
 
     def task(self, model: nn.Module) -> str:
         """`causal-lm`, `classification`, `image-classification`, `masked-lm`, or `features` (a base model's hidden states)."""
@@ -125,7 +160,11 @@ class HFFamily(ModelFamily):
         raise LowrankError(f"{type(model).__name__}: no stack of {n} layers found for feature distillation")
 
     def max_positions(self, model: nn.Module) -> int | None:
-        return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if limit and config.model_type in OFFSET_POSITIONS and config.pad_token_id is not None:
+            limit -= config.pad_token_id + 1  # RoBERTa-style positions start after the padding index
+        return limit
 
     def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> Inputs:
         config = model.config

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.decompose.svd import truncated_factors
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.nn.lowrank import LowRankLinear, dense_weight, linear_dims
 from lowrank_cli.nn.surgery import replace_modules
 
 Schedule = Literal["linear", "sine", "one_minus_cosine"]
@@ -75,13 +75,14 @@ class PCLoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, lam={self.lam:.4f}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, init: AdapterInit = "lora", generator: torch.Generator | None = None) -> "PCLoRALinear":
-        """Wrap `linear` with rank-`rank` adapters; the result equals `linear` at λ = 1."""
-        w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    def from_linear(cls, linear: nn.Module, rank: int, init: AdapterInit = "lora", generator: torch.Generator | None = None) -> "PCLoRALinear":
+        """Wrap `linear` (an `nn.Linear` or GPT-2's `Conv1D`) with rank-`rank` adapters; the result equals `linear` at λ = 1."""
+        w, b = dense_weight(linear)
+        d_in, d_out = linear_dims(linear)
+        layer = cls(d_in, d_out, rank, bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if init == "lora":  # as LoRA: A ~ kaiming-uniform(a=√5), B = 0, C = 0
-                bound = 1 / math.sqrt(linear.in_features)
+                bound = 1 / math.sqrt(d_in)
                 layer.down.weight.uniform_(-bound, bound, generator=generator)
                 layer.up.weight.zero_()
                 layer.up.bias.zero_()
@@ -89,13 +90,13 @@ class PCLoRALinear(nn.Module):
                 up, down = truncated_factors(w, rank)
                 layer.down.weight.copy_(down)
                 layer.up.weight.copy_(up)
-                layer.up.bias.copy_(linear.bias.detach() if linear.bias is not None else torch.zeros_like(layer.up.bias))
+                layer.up.bias.copy_(b.detach() if b is not None else torch.zeros_like(layer.up.bias))
             else:
                 raise ValueError(f"unknown adapter init {init!r}; accepted: lora, svd")
             initial = layer.up.weight.float() @ layer.down.weight.float()
             layer.frozen_weight.copy_((w.float() - initial).to(w.dtype))
             if layer.frozen_bias is not None:
-                layer.frozen_bias.copy_(linear.bias.detach() - layer.up.bias)
+                layer.frozen_bias.copy_(b.detach() - layer.up.bias)
         return layer
 
     def to_low_rank(self) -> LowRankLinear:

@@ -27,6 +27,7 @@ from lowrank_cli.measure.timing import LayerTiming, Timing, check_runtime, layer
 from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import Inputs, ModelFamily, get_family, inputs_to
 from lowrank_cli.pipelines.common import RUNS_DIR, require_manifest, resolve_model_path
+from lowrank_cli.pipelines.inspect import text_length
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BenchResult:
     params_dense: int
     layers: list[LayerTiming] | None = None
     notes: list[str] = field(default_factory=list)
+    seq_len: int | None = None  # text models: tokens per example
 
     @property
     def speedup(self) -> float:
@@ -67,11 +69,13 @@ class BenchResult:
         return d
 
 
-def _onnx_runner(model: nn.Module, tmp: Path, name: str, threads: int | None, device: torch.device, x: Inputs):
+def _onnx_runner(family: ModelFamily, model: nn.Module, tmp: Path, name: str, threads: int | None, device: torch.device, x: Inputs):
     path = tmp / f"{name}.onnx"
-    onnx_export_model(model, path, inputs_to(x, "cpu"))
+    x = inputs_to(x, "cpu")
+    onnx_export_model(model, path, x, forward=family.forward, max_length=family.max_positions(model))
     sess = ort_session(path, threads, device)
-    feed = {sess.get_inputs()[0].name: inputs_to(x, "cpu").numpy()}
+    names = [i.name for i in sess.get_inputs()]
+    feed = {k: v.numpy() for k, v in x.items() if k in names} if isinstance(x, dict) else {names[0]: x.numpy()}
     return lambda: sess.run(None, feed)
 
 
@@ -94,6 +98,7 @@ def bench_checkpoint(
     warmup: int = 2,
     repeats: int = 10,
     runs_dir: str | os.PathLike | None = None,
+    seq_len: int | None = None,
 ) -> BenchResult:
     """Latency of a factorized checkpoint vs its dense baseline in the same process, interleaved.
 
@@ -120,9 +125,10 @@ def bench_checkpoint(
         else:
             dense = merge_model(copy.deepcopy(fact))
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
-    one = family.example_inputs(fact)
+    length = text_length(family, fact, seq_len)
+    one = family.example_inputs(fact, seq_len=length)
     macs_f, macs_d = count_macs(fact, one, family.forward), count_macs(dense, one, family.forward)
-    x = inputs_to(family.example_inputs(fact, batch), dev)
+    x = inputs_to(family.example_inputs(fact, batch, seq_len=length), dev)
     notes = []
     with torch_threads(threads) as n_threads:
         if runtime == "torch":
@@ -131,8 +137,8 @@ def bench_checkpoint(
         else:
             with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
                 runners = {
-                    "dense": _onnx_runner(dense.cpu(), Path(tmp), "dense", threads, dev, x),
-                    "factorized": _onnx_runner(fact.cpu(), Path(tmp), "factorized", threads, dev, x),
+                    "dense": _onnx_runner(family, dense.cpu(), Path(tmp), "dense", threads, dev, x),
+                    "factorized": _onnx_runner(family, fact.cpu(), Path(tmp), "factorized", threads, dev, x),
                 }
                 timings = time_interleaved(runners, warmup=warmup, repeats=repeats, device=torch.device("cpu"))
         layer_times = None
@@ -142,5 +148,5 @@ def bench_checkpoint(
         notes.append(f"{n_threads} threads on {os.cpu_count()} CPU cores: oversubscribed")
     return BenchResult(
         str(path), str(baseline) if baseline else "merged dense (W = up·down)", runtime, str(dev), batch, n_threads,
-        timings["factorized"], timings["dense"], macs_f.macs, macs_d.macs, count_params(fact), count_params(dense), layer_times, notes,
+        timings["factorized"], timings["dense"], macs_f.macs, macs_d.macs, count_params(fact), count_params(dense), layer_times, notes, length,
     )

@@ -35,6 +35,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
 from lowrank_cli.io.atomic import write_json
+from lowrank_cli.io.hub import copy_side_files, write_config
 from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
 from lowrank_cli.io.rundir import Position, RunDir, load_training_state
 from lowrank_cli.io.safetensors import read_header, sha256_file
@@ -79,6 +80,7 @@ class PreparedRun:
     labels_match: bool = True  # False: classification data whose labels are not the model's classes (no accuracy to report)
     info: dict[str, Any] = field(default_factory=dict)
     task: str = "image-classification"
+    folder: Path | None = None  # the teacher's Hub folder: its config and tokenizer go into the run folder
 
 
 def model_classes(model: nn.Module) -> int | None:
@@ -143,7 +145,7 @@ def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Pat
         length = recipe.data.max_length or cfg.max_length
         limit = family.max_positions(model)
         if limit is not None and length > limit:
-            raise LowrankError(f"data.max_length {length} is above the model's {limit} positions", param="seq_len")
+            raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
         return load_text_data(recipe.data.source, folder, length)
     return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
 
@@ -177,7 +179,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     base, match = _resolve_base(recipe, task, teacher, data)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
     return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
-                       {**info, **_split_note(data)}, task)
+                       {**info, **_split_note(data)}, task, built.folder)
 
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
@@ -214,7 +216,8 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
     base, match = _resolve_base(recipe, task, teacher.model, data_)
     return PreparedRun(recipe, teacher.family, teacher.model, student.model, manifest, data_, run, env or DistEnv(device=dev), base,
                        Path(teacher_file), resume_from, match,
-                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}, **_split_note(data_)}, task)
+                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}, **_split_note(data_)}, task,
+                       teacher.folder or student.folder)
 
 
 def _split_note(data: ImageData | TextData) -> dict[str, Any]:
@@ -322,6 +325,9 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
                                   "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
+            if family.name == "transformers":  # the run folder is the student's Hub folder: its config and tokenizer
+                write_config(run.root, {**manifest.model_kwargs, "architectures": [manifest.architecture]})
+                copy_side_files(p.folder, run.root)
         barrier(env)
 
     def save(pos: Position, optimizer, scaler) -> str:

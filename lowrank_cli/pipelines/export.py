@@ -24,7 +24,8 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.export.cast import cast_tensors, dtype_name, parse_dtype
 from lowrank_cli.export.dense import merge_state_dict
 from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
-from lowrank_cli.io.atomic import check_output
+from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
+from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
 from lowrank_cli.io.safetensors import read_header, save_checkpoint
 from lowrank_cli.measure.macs import count_macs, count_params
@@ -54,14 +55,30 @@ class ExportResult:
     verification: dict[str, Any] | None = None  # what was checked, and its max abs diff
     onnx_ops: dict[str, int] | None = None  # MatMul / Gemm node counts of an ONNX export
     extra_files: list[str] = field(default_factory=list)  # e.g. the ONNX external data file
+    family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def default_output(path: Path, fmt: str, dtype: str) -> Path:
-    """`<stem>.onnx`, `<stem>.dense.safetensors` or `<stem>.<dtype>.safetensors` beside the input."""
+def default_output(path: Path, fmt: str, dtype: str, hub: bool = False) -> Path:
+    """`<stem>.onnx`, `<stem>.dense.safetensors` or `<stem>.<dtype>.safetensors` beside the input; for a transformers
+    model's dense export, the Hub folder `<folder>.dense` (named after the checkpoint's folder when it has one)."""
+    if hub:
+        base = path.parent if path.name in ("model.safetensors", "student.safetensors") and (path.parent / "config.json").is_file() else path
+        return output_beside(base, ".dense")
     return output_beside(path, {"onnx": ".onnx", "dense": ".dense.safetensors", "safetensors": f".{dtype}.safetensors"}[fmt])
+
+
+TEXT_LENGTHS = {1: 7, 2: 12, 3: 19}  # tokens per example of a text model's export sample (batch 2) and its two checks
+
+
+def input_maker(family: ModelFamily, model: nn.Module):
+    """(batch, generator) → random inputs: images of the model's size, or text whose length changes with the batch."""
+    limit = family.max_positions(model)
+    if limit is None:
+        return lambda b, g: family.example_inputs(model, b, generator=g)
+    return lambda b, g: family.example_inputs(model, b, generator=g, seq_len=min(TEXT_LENGTHS.get(b, 16), limit))
 
 
 @torch.no_grad()
@@ -80,7 +97,9 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
     With an architecture, the result is loaded strictly into the family's freshly built model
     and its outputs compared with the factorized model's (the verification in the report).
     """
-    _, manifest = require_manifest(path, "export as dense", need_architecture=False)
+    header, manifest = require_manifest(path, "export as dense", need_architecture=False)
+    if manifest.family == "transformers":
+        return export_dense_hub(path, out, header, manifest, dtype=dtype, force=force)
     check_output(out, force=force, inputs=(path,))
     cast = parse_dtype(dtype) if dtype else None
     dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
@@ -97,7 +116,34 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
     save_checkpoint(out, dense_sd, None, force=force, inputs=(path,))
     return ExportResult(
         "dense", str(path), str(out), path.stat().st_size, out.stat().st_size, params, macs, dtype_name(dense_sd),
-        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification,
+        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification, family=manifest.family,
+    )
+
+
+def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype: str | None = None, force: bool = False) -> ExportResult:
+    """A transformers model's dense export: a Hub folder (config, merged weights, tokenizer files) that its
+    class's `from_pretrained` loads with no missing or unexpected keys; outputs checked against the factorized model."""
+    check_output_folder(out, force=force, inputs=(path,))
+    cast = parse_dtype(dtype) if dtype else None
+    factorized = build_model(path)
+    family, model = factorized.family, factorized.model
+    dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
+    merged = family.create(manifest.architecture, manifest.model_kwargs)
+    load_state_dict_strict(merged, dense_sd, path, manifest.architecture)
+    with atomic_folder(out, force=force, inputs=(path,)) as tmp:
+        merged.save_pretrained(str(tmp))  # the library's own format (its key names, tied weights saved once)
+        copy_side_files(header.folder, tmp)
+        dense = family.load_dense(tmp, manifest.architecture).float()  # and its own loader, strict
+        diff = _max_abs_diff(family, model.float(), dense)
+        if not diff <= 1e-3:
+            raise LowrankError(f"the dense export of {path} differs from the factorized model by {diff:.3g} (max abs); nothing was written")
+        params, macs = count_params(dense), _macs(dense, family)
+    written = out / "model.safetensors"
+    return ExportResult(
+        "dense", str(path), str(out), path.stat().st_size if path.is_file() else header.path.stat().st_size, written.stat().st_size,
+        params, macs, dtype_name(dense_sd), manifest.architecture, {}, len(manifest.layers),
+        {"check": f"{manifest.architecture}.from_pretrained of the folder: no missing or unexpected keys; outputs vs the factorized model",
+         "max_abs_diff": diff}, family="transformers",
     )
 
 
@@ -114,7 +160,7 @@ def export_safetensors(path: Path, out: Path, *, dtype: str = "float32", force: 
     return ExportResult(
         "safetensors", str(path), str(out), path.stat().st_size, out.stat().st_size,
         sum(t.numel for t in header.tensors.values()), None, dtype,
-        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification,
+        manifest.architecture, manifest.model_kwargs, len(manifest.layers), verification, family=manifest.family,
     )
 
 
@@ -142,15 +188,13 @@ def export_onnx(path: Path, out: Path, *, img_size: int | None = None, opset: in
     check_opset(opset)
     built = build_exportable(path, img_size)
     model, family = built.model, built.family
-    written = write_verified_onnx(
-        model, out, lambda b, g: family.example_inputs(model, b, generator=g), family.forward,
-        opset=opset, force=force, inputs=(path,), source=str(path),
-    )
+    written = write_verified_onnx(model, out, input_maker(family, model), family.forward, opset=opset, force=force, inputs=(path,), source=str(path),
+                                  max_length=family.max_positions(model))
     size_after = out.stat().st_size + sum(Path(p).stat().st_size for p in written.extra_files)
     n_factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
     return ExportResult(
         "onnx", str(path), str(out), path.stat().st_size, size_after, count_params(model), _macs(model, family), "float32",
-        manifest.architecture, manifest.model_kwargs, n_factorized, written.verification, written.ops, written.extra_files,
+        manifest.architecture, manifest.model_kwargs, n_factorized, written.verification, written.ops, written.extra_files, manifest.family,
     )
 
 
@@ -173,7 +217,8 @@ def export_checkpoint(
     if fmt == "onnx" and dtype not in (None, "float32"):
         raise LowrankError(f"dtype {dtype} is not supported for the onnx format (exports are float32 and verified at 1e-3)", param="dtype")
     path = resolve_model_path(model, runs_dir)
-    out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32")
+    hub = fmt == "dense" and Manifest.from_header(read_header(path)) is not None and Manifest.from_header(read_header(path)).family == "transformers"
+    out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32", hub)
     if fmt == "onnx":
         return export_onnx(path, out_path, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset, force=force)
     for name, value in (("img_size", img_size), ("opset", opset)):

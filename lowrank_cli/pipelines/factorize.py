@@ -10,23 +10,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lowrank_cli.data.calibration import calibration_batches
+from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
-from lowrank_cli.io.atomic import check_output
+from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
+from lowrank_cli.io.hub import copy_side_files, write_config
 from lowrank_cli.io.manifest import Manifest, save_factorized
 from lowrank_cli.io.safetensors import open_tensors, read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import build_model
+from lowrank_cli.models.family import TextConfig
 from lowrank_cli.pipelines.common import output_beside
-from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
+from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, example_at, header_params, plan_weight_only, text_length
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_layers
+from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_embeddings, plan_layers
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -66,6 +68,37 @@ def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str,
     )
 
 
+def write_factorized(out: Path, tensors: dict, manifest: Manifest, as_folder: bool, folder: Path | None, built, *, force: bool,
+                     inputs: tuple) -> Manifest:
+    """The factorized checkpoint: one file, or a Hub folder (its `model.safetensors`, config and tokenizer files)."""
+    if not as_folder:
+        return save_factorized(out, tensors, manifest, force=force, inputs=inputs)
+    with atomic_folder(out, force=force, inputs=inputs) as tmp:
+        written = save_factorized(tmp / "model.safetensors", tensors, manifest)
+        if built is not None and built.family.name == "transformers":
+            write_config(tmp, {**built.model_kwargs, "architectures": [built.architecture]})
+        elif (folder / "config.json").is_file():
+            shutil.copyfile(folder / "config.json", tmp / "config.json")
+        copy_side_files(folder, tmp)
+    return written
+
+
+def calibration_for(source: str, family, model, folder: Path | None, n_samples: int, batch_size: int, max_length: int | None):
+    """Calibration batches in the model's own form: images at its input size, or its tokenizer's text."""
+    cfg = family.data_config(model)
+    if isinstance(cfg, TextConfig):
+        return text_calibration_batches(source, folder, max_length or cfg.max_length, n_samples, batch_size)
+    return calibration_batches(source, cfg, n_samples, batch_size)
+
+
+def planned_count(model, family, recipe: Recipe) -> int:
+    """How many layers (and embedding tables) the recipe factorizes: the progress bar's total."""
+    n = sum(p.factorized for p in plan_layers(family.linear_candidates(model), recipe))
+    if recipe.factorize.embeddings is not None:
+        n += sum(p.factorized for p in plan_embeddings(family.embedding_candidates(model), recipe))
+    return n
+
+
 def factorize_checkpoint(
     path: str | os.PathLike | None,
     recipe: Recipe,
@@ -77,8 +110,10 @@ def factorize_checkpoint(
     calib_data: str | None = None,
     calib_samples: int | None = None,
     layer_timer: LayerTimer | None = None,
+    seq_len: int | None = None,
 ) -> FactorizeResult:
-    """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`).
+    """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`; for a
+    Hub folder, the folder `<folder>.lowrank` with its config and tokenizer files, unless `out` names a .safetensors file).
 
     `progress(total)` returns a per-layer callback. `calib_data` (a folder, `digits` or
     `synthetic`) and `calib_samples` override the recipe's calibration settings, which
@@ -91,9 +126,17 @@ def factorize_checkpoint(
     if header is not None and Manifest.from_header(header) is not None:
         raise LowrankError(f"{path}: is already factorized (it has a lowrank manifest); factorize the original checkpoint")
     kwargs = dict(model_kwargs or {})
-    out = Path(out) if out is not None else output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch or recipe.model}.lowrank.safetensors")
+    folder = header.folder if header is not None else None
+    as_folder = folder is not None and (out is None or Path(out).suffix != ".safetensors")
+    if out is not None:
+        out = Path(out)
+    elif as_folder:
+        out = folder.with_name(folder.name + ".lowrank")
+    else:
+        out = output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch or recipe.model}.lowrank.safetensors")
     inputs = (path,) if path is not None else ()
-    check_output(out, force=force, inputs=inputs)  # before the (long) SVDs; again atomically at the write
+    # before the (long) SVDs; again atomically at the write
+    (check_output_folder if as_folder else check_output)(out, force=force, inputs=inputs)
     check_calibration(recipe)
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
@@ -102,7 +145,8 @@ def factorize_checkpoint(
         with open_tensors(path) as f:
             todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
-        manifest = save_factorized(out, tensors, build_manifest(None, None, {}, plans, recipe, path), force=force, inputs=inputs)
+        manifest = build_manifest(None, None, {}, plans, recipe, path)
+        manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc,
                           notes=[f"weight-only: {why}"])
@@ -110,22 +154,22 @@ def factorize_checkpoint(
 
     model, family, arch = built.model, built.family, built.architecture
     before = count_params(model)
-    macs = count_macs(model, family.example_inputs(model), family.forward)
-    todo = sum(p.factorized for p in plan_layers(family.linear_candidates(model), recipe))
+    macs = count_macs(model, example_at(family, model, seq_len), family.forward)
+    todo = planned_count(model, family, recipe)
     calibration = None
     if method != "svd":
         f = recipe.factorize
-        calibration = calibration_batches(f.calib_data, family.data_config(model), f.calib_samples, f.calib_batch_size)
+        calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
     result = factorize_model(model, recipe, family=family, progress=progress(todo) if progress else None, calibration=calibration,
                              latency=latency, rows=macs.linear_rows)
     timings = latency.to_dict() if latency is not None else None
     manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings)
-    manifest = save_factorized(out, model.state_dict(), manifest, force=force, inputs=inputs)
+    manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs)
     insp = Inspection(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
         allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
-        architecture_source=built.source, notes=[built.note] if built.note else [],
+        architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=text_length(family, model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)

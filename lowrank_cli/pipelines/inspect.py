@@ -21,10 +21,12 @@ from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built, NoArchitecture, build_model
+from lowrank_cli.models.family import TextConfig
+from lowrank_cli.nn.lowrank import dense_weight
 from lowrank_cli.pipelines.common import hint_of
 from lowrank_cli.plan.budget import allocate_ranks
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import LayerPlan, plan_layers, saved_params, weight_candidates
+from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, saved_params, weight_candidates
 from lowrank_cli.recipe import Recipe
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -49,6 +51,7 @@ class Inspection:
     latency: dict[str, Any] | None = None  # select.latency_aware: plan.LatencySelection.to_dict()
     architecture_source: str | None = None  # given, manifest, config.json, recipe, search, random
     notes: list[str] = field(default_factory=list)
+    seq_len: int | None = None  # text models: the tokens per example the MACs are counted at
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class Inspection:
             "latency": self.latency,
             "architecture_source": self.architecture_source,
             "notes": self.notes,
+            "seq_len": self.seq_len,
         }
 
 
@@ -76,11 +80,14 @@ def header_params(header: CheckpointHeader) -> int:
 
 
 def tensor_rows(header: CheckpointHeader) -> list[dict[str, Any]]:
-    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "params": t.numel} for t in header.tensors.values()]
+    """Each tensor of a checkpoint; integer ones are buffers (e.g. position ids), not parameters: 0 params."""
+    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "params": t.numel if t.dtype in FLOAT_DTYPES else 0,
+             "buffer": t.dtype not in FLOAT_DTYPES} for t in header.tensors.values()]
 
 
 def model_tensor_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
-    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "params": v.numel()} for k, v in model.state_dict().items()]
+    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "params": v.numel() if v.is_floating_point() else 0,
+             "buffer": not v.is_floating_point()} for k, v in model.state_dict().items()]
 
 
 def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bool) -> tuple[list[LayerPlan], dict | None]:
@@ -95,6 +102,25 @@ def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bo
         plans = plan_layers(weight_candidates(header), recipe, spec if need_spectrum else None)
         alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank).to_dict() if budget else None
     return plans, alloc
+
+
+def text_length(family, model, seq_len: int | None) -> int | None:
+    """The tokens per example a text model is counted and timed at (`seq_len`, else the family's default); None for images."""
+    cfg = family.data_config(model)
+    if not isinstance(cfg, TextConfig):
+        if seq_len is not None:
+            raise LowrankError(f"seq_len applies to text models; {type(model).__name__} takes images", param="seq_len")
+        return None
+    length = seq_len or cfg.max_length
+    limit = family.max_positions(model)
+    if limit is not None and length > limit:
+        raise LowrankError(f"seq_len {length} is above the model's maximum of {limit} positions", param="seq_len")
+    return length
+
+
+def example_at(family, model, seq_len: int | None = None, batch: int = 1):
+    """The family's example inputs, at `seq_len` tokens for a text model (checked against its positions)."""
+    return family.example_inputs(model, batch, seq_len=text_length(family, model, seq_len))
 
 
 def check_calibration(recipe: Recipe) -> None:
@@ -132,9 +158,11 @@ def inspect_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     spectrum: bool = False,
     layer_timer: LayerTimer | None = None,
+    seq_len: int | None = None,
 ) -> Inspection:
     """Inspect a checkpoint (or an architecture with random weights when `path` is None).
 
+    A text model's MACs are counted at `seq_len` tokens per example (default: its family's, 128).
     `spectrum` computes each candidate's singular values to report the energy kept. With
     `select.latency_aware`, each planned layer is timed (`layer_timer`, default
     `measure.time_linear_layers`) and those not faster factorized stay dense.
@@ -145,7 +173,7 @@ def inspect_checkpoint(
     if manifest is not None:
         if spectrum:
             raise LowrankError(f"{path}: is already factorized; a spectrum is computed from dense weights (inspect the original)", param="spectrum")
-        return _inspect_factorized(header, manifest, arch, kwargs)
+        return _inspect_factorized(header, manifest, arch, kwargs, seq_len)
     check_calibration(recipe)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
@@ -154,14 +182,15 @@ def inspect_checkpoint(
         before = header_params(header)
         return Inspection(str(path), plans, before, before - saved_params(plans), tensors=tensor_rows(header),
                           rank_rule=recipe.factorize.rule_label(), allocation=alloc, notes=[f"weight-only: {why}"])
-    return _inspect_model(built, recipe, needs_spectrum, layer_timer)
+    return _inspect_model(built, recipe, needs_spectrum, layer_timer, seq_len)
 
 
-def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None) -> Inspection:
+def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None) -> Inspection:
     model, family = built.model, built.family
-    spec = functools.cache(lambda name: torch.linalg.svdvals(model.get_submodule(name).weight.detach().float())) if needs_spectrum else None
+    spec = functools.cache(lambda name: torch.linalg.svdvals(dense_weight(model.get_submodule(name))[0].float())) if needs_spectrum else None
     plans = plan_layers(family.linear_candidates(model), recipe, spec)
-    macs = count_macs(model, family.example_inputs(model), family.forward)
+    length = text_length(family, model, seq_len)
+    macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
     alloc = None
     if recipe.factorize.rank_rule == "budget":  # allocated on σ(W): inspect has no calibration data
         alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank, macs.linear_rows).to_dict()
@@ -170,17 +199,19 @@ def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_tim
         sel = LatencySelection(recipe.select, macs.linear_rows, layer_timer)
         sel.decide(plans)
         latency = sel.to_dict()
+    if recipe.factorize.embeddings is not None:
+        plans += plan_embeddings(family.embedding_candidates(model), recipe)
     before = count_params(model)
     header = built.header
     return Inspection(
         str(header.path) if header is not None else None, plans, before, before - saved_params(plans),
         architecture=built.architecture, model_kwargs=built.model_kwargs, macs_before=macs.macs, macs_after=macs.macs_after(plans),
         tensors=tensor_rows(header) if header is not None else model_tensor_rows(model), rank_rule=recipe.factorize.rule_label(),
-        allocation=alloc, latency=latency, architecture_source=built.source, notes=[built.note] if built.note else [],
+        allocation=alloc, latency=latency, architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=length,
     )
 
 
-def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str | None, kwargs: dict) -> Inspection:
+def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str | None, kwargs: dict, seq_len: int | None = None) -> Inspection:
     """A checkpoint written by `factorize`: report the ranks it was factorized with."""
     timed = (manifest.latency or {}).get("layers", {})  # written by a latency-aware factorize: timings and decisions
     plans = [LayerPlan.of(name, e) for name, e in manifest.layers.items()]
@@ -199,9 +230,11 @@ def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str 
         for c in family.linear_candidates(model)
     ]
     after = count_params(model)
-    macs = count_macs(model, family.example_inputs(model), family.forward)
-    macs_before = macs.macs + sum(macs.linear_rows.get(f"{p.name}.down", 0) * p.macs_per_token_saved for p in plans)
+    length = text_length(family, model, seq_len)
+    macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
+    inner = {"embedding": "lookup"}  # the module of a factorized layer whose input rows count its tokens
+    macs_before = macs.macs + sum(macs.linear_rows.get(f"{p.name}.{inner.get(p.kind, 'down')}", 0) * p.macs_per_token_saved for p in plans)
     return Inspection(
         str(header.path), plans + dense, after + saved_params(plans), after, architecture=manifest.architecture,
-        model_kwargs=manifest.model_kwargs, macs_before=macs_before, macs_after=macs.macs, **common,
+        model_kwargs=manifest.model_kwargs, macs_before=macs_before, macs_after=macs.macs, seq_len=length, **common,
     )

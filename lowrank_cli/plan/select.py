@@ -59,9 +59,12 @@ class LayerPlan:
 
     @property
     def macs_per_token_saved(self) -> int:
-        """MACs saved per input row (token): d_in·d_out − r·(d_in + d_out), 0 when dense."""
+        """MACs saved per input row (token): d_in·d_out − r·(d_in + d_out), 0 when dense. An embedding's
+        lookup costs nothing dense and `r·d` factorized (its projection): negative."""
         if not self.factorized or self.rank is None:
             return 0
+        if self.kind == "embedding":
+            return -self.rank * self.d_out
         return self.d_in * self.d_out - self.rank * (self.d_in + self.d_out)
 
     def to_dict(self) -> dict:
@@ -80,18 +83,17 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def weight_candidates(header: CheckpointHeader) -> list[Candidate]:
-    """Every 2-D floating-point `<layer>.weight` of a checkpoint, read from its header only."""
+    """Every 2-D floating-point `<layer>.weight` of a checkpoint that looks like a linear layer's, read from its
+    header only. Embedding tables (`*embed*`, `wte`, `wpe`, under `embeddings.`) are not linear layers: left out."""
     out = []
     for key, info in header.tensors.items():
         if not key.endswith(".weight") or len(info.shape) != 2:
             continue
         layer = key[: -len(".weight")]
         last = layer.rsplit(".", 1)[-1]
-        skip = None
-        if info.dtype not in _FLOAT_DTYPES:
-            skip = f"dtype {info.dtype} is not floating point"
-        elif "embed" in last or "embeddings" in layer.split("."):
-            skip = "looks like an embedding table, not a linear weight"
+        if "embed" in last or last in ("wte", "wpe") or "embeddings" in layer.split("."):
+            continue
+        skip = None if info.dtype in _FLOAT_DTYPES else f"dtype {info.dtype} is not floating point"
         out.append(Candidate(layer, info.shape[1], info.shape[0], f"{layer}.bias" in header.tensors, skip))
     return out
 

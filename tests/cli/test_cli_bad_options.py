@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error, tiny_recipe
+from safetensors.torch import save_file
 
 TINY = (TINY_VIT, *model_args(TINY_VIT_KWARGS))
 

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+from conftest import one_line_error
+
 from lowrank_cli.cli.app import render_error
 from lowrank_cli.errors import LowrankError
-
-from conftest import one_line_error
 
 
 def test_library_errors_name_arguments_and_the_cli_names_its_option():

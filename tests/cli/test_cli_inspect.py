@@ -43,6 +43,7 @@ def test_inspect_weight_only_any_safetensors(cli, tmp_path):
         "bert.encoder.layer.0.intermediate.dense.weight": torch.randn(128, 32),
         "bert.encoder.layer.0.output.LayerNorm.weight": torch.randn(32),
         "classifier.weight": torch.randn(2, 32),
+        "bert.embeddings.position_ids": torch.arange(16).unsqueeze(0),  # an int64 buffer: no parameter
     }, str(path))
     r = cli("inspect", path, "--json", "--spectrum")
     assert r.code == 0, r.err
@@ -51,11 +52,16 @@ def test_inspect_weight_only_any_safetensors(cli, tmp_path):
     assert d["macs_before"] is None and d["macs_after"] is None
     assert layers["bert.encoder.layer.0.intermediate.dense"]["rank"] == 12  # floor(32·128 / (2·160))
     assert 0 < layers["bert.encoder.layer.0.intermediate.dense"]["energy_kept"] < 1
-    assert "embedding" in layers["bert.embeddings.word_embeddings"]["reason"]
+    assert "bert.embeddings.word_embeddings" not in layers  # an embedding table is not a linear layer
     assert "fewer than 10 outputs" in layers["classifier"]["reason"]
     assert layers["bert.encoder.layer.0.attention.self.query"]["rank"] == 8  # 32x32 at κ=2
     assert d["params_before"] == 100 * 32 + 32 * 32 + 32 + 128 * 32 + 32 + 64
     assert d["params_after"] == d["params_before"] - sum(l["params_before"] - l["params_after"] for l in d["layers"])
+    ids = next(t for t in d["tensors"] if t["name"] == "bert.embeddings.position_ids")
+    assert ids["buffer"] is True and ids["params"] == 0
+    assert sum(t["params"] for t in d["tensors"]) == d["params_before"]  # the table and the totals agree
+    r = cli("inspect", path)
+    assert "2 of 3 linear layers factorized" in r.out and "not a parameter" in r.out
 
 
 def test_inspect_spectrum_energy_at_rank(cli):

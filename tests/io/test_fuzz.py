@@ -6,14 +6,13 @@ from collections import Counter
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS
 from header_fuzz import mutate, outcome
 from safetensors.torch import save_file
 
 from lowrank_cli.models import load
 from lowrank_cli.pipelines.factorize import factorize_checkpoint
 from lowrank_cli.recipe import load_recipe
-
-from conftest import TINY_VIT, TINY_VIT_KWARGS
 
 
 @pytest.fixture(scope="module")

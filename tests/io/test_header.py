@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS
 from safetensors.torch import save_file
 
 from lowrank_cli.errors import LowrankError
@@ -13,8 +14,6 @@ from lowrank_cli.io.manifest import read_checkpoint, save_factorized
 from lowrank_cli.models import load
 from lowrank_cli.pipelines.factorize import factorize_checkpoint
 from lowrank_cli.recipe import load_recipe
-
-from conftest import TINY_VIT, TINY_VIT_KWARGS
 
 A = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 B = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}

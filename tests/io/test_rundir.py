@@ -5,10 +5,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error, tiny_recipe
 from safetensors import SafetensorError
 
 import lowrank_cli.io.safetensors as st
@@ -16,8 +16,6 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.pipelines.compress import compress_checkpoint
 from lowrank_cli.recipe import load_recipe
-
-from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error, tiny_recipe
 
 
 def test_a_second_writer_is_refused_and_named_and_a_dead_ones_lock_taken_over(tmp_path, cli, vit_ckpt):

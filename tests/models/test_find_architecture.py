@@ -5,13 +5,12 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS, one_line_error
 from safetensors.torch import save_file
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io import read_header
 from lowrank_cli.models import ArchitectureHint, NoArchitecture, build_model, get_family
-
-from conftest import TINY_VIT, TINY_VIT_KWARGS, one_line_error
 
 
 def _checkpoint(tmp_path, arch, **kwargs):

@@ -26,13 +26,14 @@ def bench(
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs of each model, interleaved."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs of each model first."),
     layers: bool = typer.Option(False, "--layers", help="Also time each factorized linear against its dense shape."),
+    seq_len: Optional[int] = opt.SeqLenOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."""
     if threads is not None and device.startswith("cuda"):
         err_console.print("[yellow]note:[/] --threads sets CPU threads; it has no effect on the CUDA timings")
     result = bench_checkpoint(model, baseline, batch=batch, threads=threads, runtime=runtime, device=device,
-                              layers=layers, warmup=warmup, repeats=repeats)
+                              layers=layers, warmup=warmup, repeats=repeats, seq_len=seq_len)
     if as_json:
         print_json(result.to_dict())
     else:

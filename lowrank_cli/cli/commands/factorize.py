@@ -28,6 +28,7 @@ def factorize(
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration images for factorize.method whitened/asvd: a folder, 'digits' or 'synthetic'."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration images (default: the recipe's, 256)."),
     latency_aware: bool = opt.LatencyOpt,
+    seq_len: Optional[int] = opt.SeqLenOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
@@ -38,7 +39,8 @@ def factorize(
     if checkpoint is None:
         err_console.print(f"[yellow]note:[/] no checkpoint given: factorizing {model or r.model} with random weights")
     with layer_progress("SVD") as progress:
-        result = factorize_checkpoint(checkpoint, r, out, model, opt.parse_model_args(model_arg), force, progress, calib_data, calib_samples)
+        result = factorize_checkpoint(checkpoint, r, out, model, opt.parse_model_args(model_arg), force, progress, calib_data, calib_samples,
+                                      seq_len=seq_len)
     if as_json:
         print_json({"out": str(result.out), **result.inspection.to_dict()})
         return

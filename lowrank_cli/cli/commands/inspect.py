@@ -25,13 +25,14 @@ def inspect(
     kappa: Optional[float] = opt.KappaOpt,
     spectrum: bool = typer.Option(False, "--spectrum", help="Show the singular-value energy kept at each layer's rank."),
     latency_aware: bool = opt.LatencyOpt,
+    seq_len: Optional[int] = opt.SeqLenOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """What is in a checkpoint, which linear layers can be factorized, and what each saves."""
     r = opt.load_recipe_with(recipe, kappa, latency_aware)
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint, or an architecture with --model (e.g. --model deit_base_patch16_224)")
-    insp = inspect_checkpoint(checkpoint, r, model, opt.parse_model_args(model_arg), spectrum=spectrum)
+    insp = inspect_checkpoint(checkpoint, r, model, opt.parse_model_args(model_arg), spectrum=spectrum, seq_len=seq_len)
     ignored = [flag for flag, given in (("--kappa", kappa is not None), ("--recipe", recipe is not None), ("--latency-aware", latency_aware)) if given]
     if insp.factorized_checkpoint and ignored:
         err_console.print(f"[yellow]note:[/] {checkpoint} is already factorized: {', '.join(ignored)} had no effect; shown are the ranks it was factorized with")

@@ -1,0 +1,149 @@
+"""Text models through compress, distill, evaluate, export and bench; and every bad input of a Hub folder or of text."""
+
+import json
+import shutil
+
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error
+from hf_models import hub_model
+
+from lowrank_cli.models import build_model
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return {kind: hub_model(root, kind) for kind in ("bert", "bert-cls", "gpt2")}
+
+
+def _recipe(tmp_path, base: str, **distill) -> str:
+    settings = {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_epochs": 0, "log_every": 5, **distill}
+    text = (f"name: {base}-tiny\nselect:\n  exclude: [pooler, classifier, lm_head]\nfactorize:\n  kappa: 2\n"
+            f"data:\n  source: pydoc\n  num_workers: 0\ndistill: {json.dumps(settings)}\n")
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_compress_a_sentence_encoder_on_real_text(cli, hub, tmp_path):
+    out = tmp_path / "run"
+    r = cli("compress", hub["bert"], "--recipe", _recipe(tmp_path, "bert", pooled_cosine=1.0), "--out", out, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["task"] == "features" and rep["train"]["base_loss"] == "none"
+    assert "pydoc_data.topics" in rep["data"]["split"] and rep["data"]["val"] == 177  # a seeded held-out split, stated
+    svd, dist, teacher = (rep["accuracy"][k] for k in ("svd", "distilled", "teacher"))
+    assert teacher["mean_cosine"] == pytest.approx(1.0) and teacher["neighbour_agreement"] == 1.0
+    assert 0 < svd["min_cosine"] <= svd["mean_cosine"] <= 1 and dist["examples"] == 177
+    assert {"config.json", "tokenizer.json", "student.safetensors"} <= {p.name for p in out.iterdir()}  # the run is a Hub folder
+    r = cli("evaluate", out, "--data", "pydoc", "--teacher", hub["bert"], "--json")
+    assert r.code == 0, r.err
+    e = json.loads(r.out)
+    assert e["mean_cosine"] == pytest.approx(dist["mean_cosine"], abs=1e-5) and e["neighbour_agreement"] == dist["neighbour_agreement"]
+    one_line_error(cli("evaluate", out, "--data", "pydoc"), "judged by how close its embeddings are to its teacher's", "--teacher")
+
+
+def test_compress_a_causal_lm_by_kl_and_pclora(cli, hub, tmp_path):
+    r = cli("compress", hub["gpt2"], "--recipe", _recipe(tmp_path, "gpt2"), "--out", tmp_path / "kl", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["task"] == "causal-lm" and rep["train"]["base_loss"] == "kl"
+    ppl = {k: rep["accuracy"][k]["perplexity"] for k in ("teacher", "svd", "distilled")}
+    assert all(1 < v < 1e4 for v in ppl.values())
+    pc = tmp_path / "pc.yaml"
+    pc.write_text(open(_recipe(tmp_path, "gpt2")).read().replace("distill: {", 'distill: {"method": "pclora", "pclora": {"init": "svd"}, '))
+    r = cli("compress", hub["gpt2"], "--recipe", pc, "--out", tmp_path / "pc", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["method"] == "pclora" and json.loads(r.out)["accuracy"]["distilled"]["perplexity"] > 1
+
+
+def test_a_classifier_on_labelled_jsonl(cli, hub, tmp_path):
+    data = tmp_path / "texts"
+    data.mkdir()
+    lines = [json.dumps({"text": f"document number {i} about {'abc'[i % 3]} things", "label": i % 3}) for i in range(60)]
+    (data / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    (data / "val.jsonl").write_text("\n".join(lines[48:]) + "\n")
+    r = cli("compress", hub["bert-cls"], "--recipe", _recipe(tmp_path, "bert"), "--data", data, "--out", tmp_path / "run", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["task"] == "classification" and rep["train"]["base_loss"] == "ce"
+    assert rep["data"]["split"].startswith("its train") and rep["accuracy"]["distilled"]["examples"] == 12
+    assert 0 <= rep["accuracy"]["distilled"]["top1"] <= 1
+
+
+def test_export_onnx_with_dynamic_batch_and_sequence_and_bench(cli, hub, tmp_path):
+    fact = tmp_path / "f"
+    assert cli("factorize", hub["bert"], "--recipe", "bert", "--out", fact).code == 0
+    out = tmp_path / "bert.onnx"
+    r = cli("export", fact, "--format", "onnx", "--out", out, "--json")
+    assert r.code == 0, r.err
+    v = json.loads(r.out)["verification"]
+    assert v["shapes"] == ["1 × 7 tokens", "3 × 19 tokens"] and v["max_abs_diff"] < 1e-4
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    model = build_model(fact)
+    ids = torch.randint(5, 300, (4, 33))
+    mask = torch.ones_like(ids)
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = model.family.forward(model.model, {"input_ids": ids, "attention_mask": mask})
+    assert abs(got - want.numpy()).max() < 1e-4  # a shape never seen at export
+    r = cli("bench", fact, "--seq-len", "16", "--batch", "2", "--repeats", "2", "--warmup", "0", "--json")
+    assert r.code == 0, r.err
+    b = json.loads(r.out)
+    assert b["seq_len"] == 16 and b["ideal_speedup"] > 1
+    one_line_error(cli("bench", fact, "--seq-len", "65"), "--seq-len 65 is above the model's maximum of 64 positions")
+    one_line_error(cli("inspect", hub["bert"], "--seq-len", "500"), "above the model's maximum of 64 positions")
+
+
+def test_dense_export_of_a_causal_lm_keeps_its_tied_head(cli, hub, tmp_path):
+    fact = tmp_path / "g"
+    assert cli("factorize", hub["gpt2"], "--recipe", "causal-lm", "--out", fact).code == 0
+    r = cli("export", fact, "--format", "dense", "--out", tmp_path / "dense", "--json")
+    assert r.code == 0, r.err
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "dense"))
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_bad_hub_folders_and_text(cli, hub, tmp_path, vit_ckpt):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(cli("inspect", empty), "a folder without model.safetensors")
+    noconfig = tmp_path / "noconfig"
+    shutil.copytree(hub["bert"], noconfig)
+    (noconfig / "config.json").unlink()
+    one_line_error(cli("compress", noconfig, "--recipe", "bert", "--out", tmp_path / "r1"), "no config.json", "--model")
+    badjson = tmp_path / "badjson"
+    shutil.copytree(hub["bert"], badjson)
+    (badjson / "config.json").write_text("{nope")
+    one_line_error(cli("inspect", badjson), "config.json: not a valid JSON config")
+    unknown = tmp_path / "unknown"
+    shutil.copytree(hub["bert"], unknown)
+    (unknown / "config.json").write_text(json.dumps({**json.loads((hub["bert"] / "config.json").read_text()), "model_type": "bort"}))
+    one_line_error(cli("inspect", unknown), "model_type 'bort' is not one transformers")
+    other = tmp_path / "other"
+    shutil.copytree(hub["bert"], other)
+    (other / "config.json").write_text(json.dumps({**json.loads((hub["bert"] / "config.json").read_text()), "num_hidden_layers": 3}))
+    one_line_error(cli("inspect", other), "does not match architecture 'BertModel'", "missing keys", "encoder.layer.2")
+    notok = tmp_path / "notok"
+    shutil.copytree(hub["bert"], notok)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (notok / f).unlink(missing_ok=True)
+    one_line_error(cli("compress", notok, "--recipe", "bert", "--out", tmp_path / "r2"), "no tokenizer found beside the checkpoint")
+    texts = {"empty.txt": b"\n\n", "binary.txt": b"\x00\x01\x02abc", "latin.txt": "caf\xe9\n".encode("latin-1"),
+             "notext.jsonl": b'{"title": "x"}\n'}
+    needles = {"empty.txt": "holds no text", "binary.txt": "is binary, not text", "latin.txt": "is not UTF-8 text",
+               "notext.jsonl": "line 1 has no 'text' string"}
+    for name, data in texts.items():
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"run-{name}"
+        one_line_error(cli("compress", hub["bert"], "--recipe", "bert", "--data", tmp_path / name, "--out", out), name, needles[name])
+        assert not out.exists()
+    one_line_error(cli("compress", hub["bert"], "--recipe", "bert", "--data", "digits", "--out", tmp_path / "r3"), "is images, and this is a text model")
+    one_line_error(cli("compress", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--data", "pydoc", "--out", tmp_path / "r4"),
+                   "is text, and this is an image model")
+    one_line_error(cli("inspect", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seq-len", "16"), "--seq-len applies to text models")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))

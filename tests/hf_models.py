@@ -1,0 +1,61 @@
+"""Tiny Hugging Face models in Hub folders, built locally (random weights, no download), with real tokenizers
+trained here on the text that ships with Python."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoConfig, BertTokenizerFast, PreTrainedTokenizerFast
+
+from lowrank_cli.data.text import pydoc_documents
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+def _wordpiece(_folder: Path) -> PreTrainedTokenizerFast:
+    words = Counter(w for doc in pydoc_documents().texts[:400] for w in doc.lower().split())
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({c for w in words for c in w if c.isprintable()})
+    vocab += [w for w, _ in words.most_common(300) if w not in vocab]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def _byte_bpe(_folder: Path) -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(pydoc_documents().texts[:400], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>", unk_token="<|endoftext|>")
+
+
+KINDS = {
+    "bert": ("BertModel", "bert", _wordpiece, {}),
+    "bert-cls": ("BertForSequenceClassification", "bert", _wordpiece, {"num_labels": 3}),
+    "distilbert": ("DistilBertModel", "distilbert", _wordpiece,
+                   {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 64}),
+    "roberta": ("RobertaModel", "roberta", _byte_bpe, {"max_position_embeddings": 66, "pad_token_id": 1}),
+    "gpt2": ("GPT2LMHeadModel", "gpt2", _byte_bpe, {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}),
+    "llama": ("LlamaForCausalLM", "llama", _byte_bpe, {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "vit": ("ViTForImageClassification", "vit", None, {"image_size": 32, "patch_size": 8, "num_channels": 3, "num_labels": 10}),
+}
+
+
+def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
+    """A Hub-style folder (config.json, model.safetensors, tokenizer files) of a tiny model of `kind`."""
+    arch, model_type, make_tokenizer, extra = KINDS[kind]
+    folder = root / kind
+    folder.mkdir(parents=True)
+    tokenizer = make_tokenizer(folder) if make_tokenizer else None
+    settings = {**({} if kind in ("distilbert", "gpt2") else TINY), **extra}
+    if kind == "gpt2":
+        settings.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if tokenizer is not None:
+        settings["vocab_size"] = len(tokenizer)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    model.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
