@@ -155,7 +155,8 @@ def _factorize_data_aware(
     fac = recipe.factorize
     if calibration is None:
         raise LowrankError(f"factorize.method '{fac.method}' needs calibration data (recipe key factorize.calib_data, "
-                           "argument `calibration`): a folder of images, 'digits' or 'synthetic'", param="calib_data")
+                           "argument `calibration`): a folder of images, 'digits' or 'synthetic'; for text models 'pydoc', "
+                           "a .txt or .jsonl file or a folder of them", param="calib_data")
     todo = {p.name: p for p in plans if p.factorized}
     whitened = fac.method == "whitened"
     budget = fac.rank_rule == "budget"

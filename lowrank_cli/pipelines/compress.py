@@ -44,7 +44,7 @@ from lowrank_cli.models.build import build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily, TextConfig
 from lowrank_cli.nn.pclora import decay_lambda, finalize, set_lambda
 from lowrank_cli.pipelines.common import hint_of
-from lowrank_cli.pipelines.factorize import build_manifest
+from lowrank_cli.pipelines.factorize import build_manifest, calibration_for
 from lowrank_cli.recipe import Recipe, recipe_from_dict
 
 Log = Callable[[dict[str, Any]], None]
@@ -81,6 +81,7 @@ class PreparedRun:
     info: dict[str, Any] = field(default_factory=dict)
     task: str = "image-classification"
     folder: Path | None = None  # the teacher's Hub folder: its config and tokenizer go into the run folder
+    calibration: list | None = None  # factorize.method whitened | asvd: the calibration batches the student was factorized on
 
 
 def model_classes(model: nn.Module) -> int | None:
@@ -167,19 +168,26 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     run, resume_from = _run_dir(recipe, out, resume)
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
+    calibration = None
+    if recipe.factorize.method != "svd":  # whitened | asvd: on factorize.calib_data, else on the training data
+        f = recipe.factorize
+        if f.calib_data is None:
+            recipe = recipe.model_copy(update={"factorize": f.model_copy(update={"calib_data": recipe.data.source})})
+            f = recipe.factorize
+        calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
         plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family)
     else:
-        plans = factorize_model(student, recipe, family=family).plans
+        plans = factorize_model(student, recipe, family=family, calibration=calibration).plans
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
-    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else "svd")
+    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method)
     task = family.task(teacher)
     base, match = _resolve_base(recipe, task, teacher, data)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
     return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
-                       {**info, **_split_note(data)}, task, built.folder)
+                       {**info, **_split_note(data)}, task, built.folder, calibration)
 
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
@@ -320,7 +328,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             svd = p.student
             if pclora:
                 svd = copy.deepcopy(p.teacher)
-                factorize_model(svd, p.recipe, family=family)
+                factorize_model(svd, p.recipe, family=family, calibration=p.calibration)
             t, s = accuracy(teacher), accuracy(svd)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,

@@ -127,7 +127,8 @@ def check_calibration(recipe: Recipe) -> None:
     """`factorize.method: whitened | asvd` needs calibration data: checked the same way by `inspect` and `factorize`."""
     method = recipe.factorize.method
     if method != "svd" and recipe.factorize.calib_data is None:
-        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic' "
+        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic'; for text models "
+                           "'pydoc', a .txt or .jsonl file or a folder of them "
                            "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
 
 

@@ -10,6 +10,8 @@ import transformers
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args, one_line_error
 from hf_models import hub_model
 
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.models import build_model
 
 
@@ -147,3 +149,15 @@ def test_bad_hub_folders_and_text(cli, hub, tmp_path, vit_ckpt):
                    "is text, and this is an image model")
     one_line_error(cli("inspect", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seq-len", "16"), "--seq-len applies to text models")
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
+
+
+def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub, tmp_path):
+    recipe = tmp_path / "whitened.yaml"
+    recipe.write_text(open(_recipe(tmp_path, "bert")).read().replace("  kappa: 2\n", "  kappa: 2\n  method: whitened\n  calib_samples: 32\n"))
+    out = tmp_path / "run"
+    r = cli("compress", hub["bert"], "--recipe", recipe, "--out", out, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert 0 < json.loads(r.out)["accuracy"]["svd"]["mean_cosine"] <= 1  # the whitened student before distillation
+    manifest = Manifest.from_header(read_header(out / "student.safetensors"))
+    assert {e.method for e in manifest.layers.values() if e.kind == "linear"} == {"whitened"}
+    assert manifest.recipe["factorize"]["calib_data"] == "pydoc"  # the training documents, recorded
