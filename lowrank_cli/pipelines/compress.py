@@ -159,6 +159,9 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         checkpoint = recipe.checkpoint
     if checkpoint is None:
         raise LowrankError("give the checkpoint to compress (argument `checkpoint`, recipe key `checkpoint`)", param="checkpoint")
+    f = recipe.factorize
+    if f.method != "svd" and f.calib_data is None:  # whitened | asvd calibrate on the training data; the run's recipe says so (and resumes)
+        recipe = recipe.model_copy(update={"factorize": f.model_copy(update={"calib_data": recipe.data.source})})
     header = read_header(checkpoint)
     if Manifest.from_header(header) is not None:
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
@@ -169,11 +172,8 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
     calibration = None
-    if recipe.factorize.method != "svd":  # whitened | asvd: on factorize.calib_data, else on the training data
+    if recipe.factorize.method != "svd":  # whitened | asvd: on factorize.calib_data (defaulted above)
         f = recipe.factorize
-        if f.calib_data is None:
-            recipe = recipe.model_copy(update={"factorize": f.model_copy(update={"calib_data": recipe.data.source})})
-            f = recipe.factorize
         calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:

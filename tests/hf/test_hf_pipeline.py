@@ -161,3 +161,5 @@ def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub
     manifest = Manifest.from_header(read_header(out / "student.safetensors"))
     assert {e.method for e in manifest.layers.values() if e.kind == "linear"} == {"whitened"}
     assert manifest.recipe["factorize"]["calib_data"] == "pydoc"  # the training documents, recorded
+    r = cli("compress", hub["bert"], "--recipe", recipe, "--out", out, "--device", "cpu", "--resume", "--json")
+    assert r.code == 0, r.err  # the defaulted calib_data is the run's recipe: it resumes
