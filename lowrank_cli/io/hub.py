@@ -14,12 +14,6 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "preprocessor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-def side_files(folder: Path) -> list[Path]:
-    """The tokenizer and usage files of a Hub folder (not its weights or config)."""
-    found = [folder / n for n in SIDE_FILES if (folder / n).is_file()]
-    return found + ([folder / "1_Pooling"] if (folder / "1_Pooling").is_dir() else [])
-
-
 def copy_side_files(src: Path | None, dst: Path) -> list[str]:
     """Copy a Hub folder's tokenizer and usage files (and `1_Pooling/`) into `dst`; their names."""
     if src is None:

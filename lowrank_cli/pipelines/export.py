@@ -217,7 +217,8 @@ def export_checkpoint(
     if fmt == "onnx" and dtype not in (None, "float32"):
         raise LowrankError(f"dtype {dtype} is not supported for the onnx format (exports are float32 and verified at 1e-3)", param="dtype")
     path = resolve_model_path(model, runs_dir)
-    hub = fmt == "dense" and Manifest.from_header(read_header(path)) is not None and Manifest.from_header(read_header(path)).family == "transformers"
+    manifest = Manifest.from_header(read_header(path)) if fmt == "dense" else None
+    hub = manifest is not None and manifest.family == "transformers"
     out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32", hub)
     if fmt == "onnx":
         return export_onnx(path, out_path, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset, force=force)
