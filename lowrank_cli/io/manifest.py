@@ -99,10 +99,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: equal digests, equal tensors."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name].detach().cpu()
         h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().data if t.dim() else t.reshape(1).view(torch.uint8).numpy().data)
+            # flattened: a "contiguous" tensor may still have a size-1 last dimension with a stride other than 1
+            # (a rank-1 factor cut from a column-major SVD), which a byte view refuses
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
 from lowrank_cli.io.atomic import write_json
 from lowrank_cli.io.hub import copy_side_files, write_config
-from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
+from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized, tensors_digest
 from lowrank_cli.io.rundir import Position, RunDir, load_training_state
 from lowrank_cli.io.safetensors import read_header, sha256_file
 from lowrank_cli.measure.macs import count_macs, count_params
@@ -233,12 +232,8 @@ def _split_note(data: ImageData | TextData) -> dict[str, Any]:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (keys and bytes): equal digests mean equal weights."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): equal digests mean equal weights."""
+    return tensors_digest(model.state_dict())
 
 
 def _distill_record(p: PreparedRun, result_steps: int | None = None) -> dict[str, Any]:

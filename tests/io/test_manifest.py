@@ -101,3 +101,19 @@ def test_manifest_fields_have_their_types(tmp_path, key, value, needle):
 def test_layer_entries_are_checked(entry, needle):
     with pytest.raises(LowrankError, match=needle):
         Manifest.from_dict({**V1_WITHOUT_FAMILY, "layers": {"blocks.0.attn.qkv": entry}})
+
+
+def test_digest_of_a_rank_one_factor_cut_from_a_column_major_svd():
+    """A (d, 1) factor whose last stride is not 1 is 'contiguous' to torch but refuses a byte view: digested all the same."""
+    from lowrank_cli.io.manifest import tensors_digest
+    from lowrank_cli.pipelines.compress import weights_digest
+
+    odd = torch.randn(1, 5).T
+    assert odd.is_contiguous() and odd.stride(-1) != 1
+    same = odd.clone(memory_format=torch.contiguous_format).reshape(5, 1).clone()
+    assert tensors_digest({"up": odd}) == tensors_digest({"up": same})
+    assert tensors_digest({"up": odd}) != tensors_digest({"up": same + 1})
+    layer = torch.nn.Linear(1, 5)
+    with torch.no_grad():
+        layer.weight = torch.nn.Parameter(odd.clone())
+    assert weights_digest(layer) == tensors_digest(layer.state_dict())
