@@ -163,3 +163,21 @@ def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub
     assert manifest.recipe["factorize"]["calib_data"] == "pydoc"  # the training documents, recorded
     r = cli("compress", hub["bert"], "--recipe", recipe, "--out", out, "--device", "cpu", "--resume", "--json")
     assert r.code == 0, r.err  # the defaulted calib_data is the run's recipe: it resumes
+
+
+def test_pclora_factorizes_the_embedding_tables_as_asked(cli, hub, tmp_path):
+    """factorize.embeddings under PC-LoRA: the word table ends as a LowRankEmbedding, as PELA's does, same size."""
+    base = open(_recipe(tmp_path, "bert")).read().replace("  kappa: 2\n", "  kappa: 2\n  embeddings: {kappa: 2}\n")
+    reports = {}
+    for method in ("pela", "pclora"):
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(base.replace("distill: {", f'distill: {{"method": "{method}", "pclora": {{"init": "svd"}}, '))
+        r = cli("compress", hub["bert"], "--recipe", path, "--out", tmp_path / method, "--device", "cpu", "--json")
+        assert r.code == 0, r.err
+        reports[method] = json.loads(r.out)
+    assert reports["pclora"]["params_after"] == reports["pela"]["params_after"] < reports["pela"]["params_before"]
+    for method in ("pela", "pclora"):
+        manifest = Manifest.from_header(read_header(tmp_path / method / "student.safetensors"))
+        assert manifest.layers["embeddings.word_embeddings"].rank is not None
+        student = build_model(tmp_path / method / "student.safetensors").model
+        assert type(student.embeddings.word_embeddings).__name__ == "LowRankEmbedding"
