@@ -156,6 +156,20 @@ class PCLoRAConfig(_Strict):
     task_weight: float = Field(default=0.5, ge=0, le=1)  # α_task
 
 
+class LocalConfig(_Strict):
+    """Local (block-wise) distillation before the end-to-end stage (`distill.local`, docs/algorithms.md §8):
+    each student block trained alone, `steps` Adam steps at `lr` (cosine to 0), to reproduce its teacher
+    block's output on the cached inputs of `examples` training examples, from the student's own input
+    (`inputs: student`, blocks one after the other) or the teacher's (`inputs: teacher`)."""
+
+    steps: int = Field(default=150, ge=1)
+    rounds: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    examples: int = Field(default=1024, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    inputs: Literal["student", "teacher"] = "student"
+
+
 class DistillConfig(_Strict):
     """PELA intermediate pre-training: `L = L_base + alpha·L_fd + beta·L_rwp` (docs/algorithms.md §2).
 
@@ -194,6 +208,11 @@ class DistillConfig(_Strict):
     # the dense weights out beside low-rank adapters (the `pclora:` settings)
     method: Literal["pela", "pclora"] = "pela"
     pclora: PCLoRAConfig = Field(default_factory=PCLoRAConfig)
+    local: LocalConfig | None = None  # block-wise distillation before the end-to-end stage (off unless given)
+    # held-out evaluation every `eval_every` optimizer steps (0: only before and after training), on at most
+    # `eval_examples` held-out examples (None: all), logged with the wall time to metrics.jsonl and the report
+    eval_every: int = Field(default=0, ge=0)
+    eval_examples: int | None = Field(default=None, ge=1)
 
 
 class Recipe(_Strict):
@@ -221,6 +240,9 @@ class Recipe(_Strict):
                 raise ValueError(f"distill.method 'pclora' initialises its adapters itself (distill.pclora.init); set factorize.method to 'svd' (got '{self.factorize.method}')")
             if self.distill.beta > 0:
                 raise ValueError("distill.beta (PELA's L_rwp) is not used by distill.method 'pclora'; set it to 0")
+            if self.distill.local is not None:
+                raise ValueError("distill.local trains factorized blocks, and distill.method 'pclora' keeps the dense weights until λ reaches 0; "
+                                 "drop distill.local or use distill.method 'pela'")
         return self
 
     def with_kappa(self, kappa: float | None) -> "Recipe":

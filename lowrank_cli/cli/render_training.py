@@ -19,13 +19,22 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[lam]}  {task.fields[ips]} img/s"),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[lam]}  {task.fields[ips]} ex/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
     )
-    task = None
+    task = local = None
 
     def log(record: dict[str, Any]) -> None:
-        nonlocal task
+        nonlocal task, local
+        if "eval" in record:  # a held-out evaluation: a line above the bar, quality against wall time
+            progress.console.print(f"[dim]held-out at step {record['step']} ({record['stage']}, {record['seconds'] / 60:.1f} min): "
+                                   f"{eval_summary(record['eval'])}[/]")
+            return
+        if record.get("stage") == "local":  # one record per block of local distillation
+            if local is None:
+                local = progress.add_task("local", total=record["blocks"], loss="", lr="", lam="", ips="")
+            progress.update(local, completed=record["done"], loss=f"{record['error_after']:.3g}", lr="", lam="", ips="")
+            return
         if task is None:
             task = progress.add_task(description, total=record["total_steps"], loss="", lr="", lam="", ips="")
         lam = f"  λ {record['lam']:.3f}" if "lam" in record else ""  # PC-LoRA: the dense weights' share
@@ -38,6 +47,12 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
         except BaseException:
             progress.live.transient = True  # on an error the bar goes, so that the error is the one line left
             raise
+
+
+def eval_summary(e: dict[str, Any]) -> str:
+    """The figures of an evaluation that say most, on one line."""
+    shown = [f"{label} {_show(e.get(key), how)}" for key, label, how in METRICS[:6] if e.get(key) is not None]
+    return ", ".join(shown) or "—"
 
 
 def _pct(x: float | None) -> str:
@@ -90,6 +105,22 @@ def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
         + (f"; {data['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if data.get("skipped_unreadable") else "")
         + (f"; data: {data['split']}" if data.get("split") else "")
     )
+    return table
+
+
+def curve_table(report: dict[str, Any]) -> Table | None:
+    """Held-out quality against wall time (`distill.eval_every`, the local stage, the end): when more training stops paying."""
+    points = report.get("curve") or []
+    if len(points) < 2:
+        return None
+    shown = [(key, label, how) for key, label, how in METRICS[:6] if any(p["eval"].get(key) is not None for p in points)]
+    table = Table(title="Held-out quality against wall time", title_justify="left")
+    for col in ("step", "stage", "minutes"):
+        table.add_column(col, justify="right")
+    for _, label, _ in shown:
+        table.add_column(label, justify="right")
+    for p in points:
+        table.add_row(str(p["step"]), p["stage"], f"{p['seconds'] / 60:.1f}", *(_show(p["eval"].get(key), how) for key, _, how in shown))
     return table
 
 

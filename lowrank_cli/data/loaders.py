@@ -34,6 +34,23 @@ class EpochSampler(Sampler[int]):
         return (self.batches - self.start_batch) * self.batch_size
 
 
+class Head(Dataset):
+    """The first `n` examples of a dataset (its `collate` kept): a quick evaluation during training."""
+
+    def __init__(self, base: Dataset, n: int):
+        self.base, self.n = base, min(n, len(base))
+        if hasattr(base, "collate"):
+            self.collate = base.collate
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.base[i]
+
+
 def train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
     """Batches of the training split in `sampler`'s order; in-memory data needs no workers."""
     workers = 0 if _in_memory(dataset) else num_workers
@@ -50,4 +67,5 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory:
 
 def _in_memory(dataset: Dataset) -> bool:
     """Data held in memory needs no worker processes (tensors, tokenized text)."""
+    dataset = dataset.base if isinstance(dataset, Head) else dataset
     return isinstance(dataset, TensorImages) or hasattr(dataset, "collate")

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,20 @@ class BlockOutputs:
         self.names = [name for name, _ in blocks]
         self._outputs: list[torch.Tensor] = []
         self._handles = [m.register_forward_hook(self._keep) for _, m in blocks]
+        self._paused = False
 
     def _keep(self, module: nn.Module, inputs, output) -> None:
-        self._outputs.append(output[0] if isinstance(output, tuple) else output)
+        if not self._paused:
+            self._outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside keep nothing (an evaluation in the middle of training)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def take(self) -> list[torch.Tensor]:
         outputs, self._outputs = self._outputs, []

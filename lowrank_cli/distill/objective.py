@@ -8,6 +8,7 @@ says how a model is called (`forward`) and which blocks feature distillation com
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping
 
 import torch
@@ -53,6 +54,13 @@ class _AgainstTeacher:
         if self.pooled_cosine:
             base = base + self.pooled_cosine * pooled_cosine_loss(logits, teacher_logits, mask)
         return base, feature_distill_loss(student_feats, teacher_feats, mask)
+
+    def paused(self) -> contextlib.ExitStack:
+        """A context in which forward passes of student and teacher feed no loss (an evaluation during training)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.student_blocks.paused())
+        stack.enter_context(self.teacher_blocks.paused())
+        return stack
 
     def close(self) -> None:
         self.student_blocks.remove()

@@ -264,9 +264,27 @@ class RunDir:
     def run_info(self) -> dict[str, Any]:
         return json.loads(self.run_file.read_text())
 
+    def update_info(self, extra: dict[str, Any]) -> None:
+        """Add keys to `run.json` (written atomically)."""
+        write_json(self.run_file, {**self.run_info(), **extra})
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of `metrics.jsonl` (a line cut by a kill is left out)."""
+        if not self.metrics_file.exists():
+            return []
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
 
 
 def _alive(holder: dict[str, Any]) -> bool:

@@ -159,6 +159,11 @@ class ModelFamily(ABC):
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The transformer blocks, in forward order, whose outputs feature distillation compares."""
 
+    def block_links(self, model: nn.Module) -> list[nn.Module | None]:
+        """For each block, the module the model applies to the previous block's output to make its input (None:
+        the output itself); `models.blocks.BlockRunner` checks on real data that the blocks chain this way."""
+        return [None] * len(self.blocks(model))
+
     @abstractmethod
     def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> Inputs:
         """Random inputs of the model's own size (`seq_len` tokens for a text model), on the CPU, for counting,

@@ -178,6 +178,8 @@ class HFFamily(ModelFamily):
         return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        if self.task(model) == "causal-lm" and isinstance(inputs, dict):  # no KV cache: nothing is generated
+            inputs = {**inputs, "use_cache": False}
         out = call_model(model, inputs)
         logits = getattr(out, "logits", None)
         return logits if logits is not None else out.last_hidden_state

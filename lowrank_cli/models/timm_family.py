@@ -147,6 +147,16 @@ class TimmFamily(ModelFamily):
             )
         return blocks
 
+    def block_links(self, model: nn.Module) -> list[nn.Module | None]:
+        """Swin-style stages merge patches (`downsample`) before their first block; ViT's blocks follow one another."""
+        links: list[nn.Module | None] = []
+        for name, _ in self.blocks(model):
+            stage_name, _, index = name.rpartition(".blocks.")
+            stage = model.get_submodule(stage_name) if stage_name else model
+            down = getattr(stage, "downsample", None)
+            links.append(down if index == "0" and isinstance(down, nn.Module) and not isinstance(down, nn.Identity) else None)
+        return links
+
     def example_inputs(self, model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None, seq_len: int | None = None) -> torch.Tensor:
         return torch.randn(batch, *input_size(model), generator=generator)
 

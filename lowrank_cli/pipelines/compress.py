@@ -27,7 +27,9 @@ from lowrank_cli.data.images import ImageData, load_image_data
 from lowrank_cli.data.text import TextData, load_text_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
+from lowrank_cli.data.loaders import Head
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
+from lowrank_cli.distill.local import local_batches, local_distill
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
 from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
 from lowrank_cli.errors import LowrankError
@@ -81,6 +83,7 @@ class PreparedRun:
     task: str = "image-classification"
     folder: Path | None = None  # the teacher's Hub folder: its config and tokenizer go into the run folder
     calibration: list | None = None  # factorize.method whitened | asvd: the calibration batches the student was factorized on
+    started: float = field(default_factory=time.perf_counter)  # when the command began (calibration included): the curve's clock
 
 
 def model_classes(model: nn.Module) -> int | None:
@@ -153,6 +156,7 @@ def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Pat
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
                      out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
     """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
+    started = time.perf_counter()
     dev = resolve_device(device)
     if checkpoint is None and recipe.checkpoint:
         checkpoint = recipe.checkpoint
@@ -186,13 +190,14 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     base, match = _resolve_base(recipe, task, teacher, data)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
     return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
-                       {**info, **_split_note(data)}, task, built.folder, calibration)
+                       {**info, **_split_note(data)}, task, built.folder, calibration, started)
 
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
                     resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
                     env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
     """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
+    started = time.perf_counter()
     dev = resolve_device(device)
     manifest = Manifest.from_header(read_header(factorized))
     if manifest is None:
@@ -224,7 +229,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
     return PreparedRun(recipe, teacher.family, teacher.model, student.model, manifest, data_, run, env or DistEnv(device=dev), base,
                        Path(teacher_file), resume_from, match,
                        {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}, **_split_note(data_)}, task,
-                       teacher.folder or student.folder)
+                       teacher.folder or student.folder, started=started)
 
 
 def _split_note(data: ImageData | TextData) -> dict[str, Any]:
@@ -298,11 +303,26 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     manifest = p.manifest.replace(distill=_distill_record(p))
     t0 = time.perf_counter()
 
-    def accuracy(model: nn.Module) -> Evaluation | None:
-        """The model on the held-out split, by its task, against the teacher (the teacher too: its reference figures)."""
+    def accuracy(model: nn.Module, limit: int | None = None) -> Evaluation | None:
+        """The model on the held-out split (its first `limit` examples), by its task, against the teacher (the teacher
+        too: its reference figures)."""
         if not p.labels_match:
             return None
-        return evaluate(model, p.data.val, family, device, teacher=teacher, num_workers=p.recipe.data.num_workers, task=p.task)
+        val = p.data.val if limit is None else Head(p.data.val, limit)
+        return evaluate(model, val, family, device, teacher=teacher, num_workers=p.recipe.data.num_workers, task=p.task)
+
+    objective = None  # its block hooks are paused while the student is evaluated
+
+    def point(step: int, stage: str) -> None:
+        """A held-out evaluation of the student now, with the wall time since the command began (rank 0)."""
+        if not env.is_main or not p.labels_match:
+            return
+        with objective.paused() if objective is not None else contextlib.nullcontext():
+            e = accuracy(p.student, cfg.eval_examples)
+        record = {"step": step, "stage": stage, "seconds": time.perf_counter() - p.started, "eval": e.to_dict()}
+        run.append_metrics(record)
+        if log is not None:
+            log(record)
 
     resume = None
     if p.resume_from is not None:
@@ -310,6 +330,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         load_state_dict_strict(p.student, read_checkpoint(student_file)[2], student_file, manifest.architecture)
         resume = load_training_state(state_file)
         baseline = run.run_info().get("baseline", {})
+        if "local" in run.run_info():
+            p.info["local"] = run.run_info()["local"]
         if env.is_main:
             stale, cut = run.remove_temporaries(), run.truncate_metrics(resume.position.step)
             if stale or cut:
@@ -345,6 +367,32 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if log is not None:
                 log(record)
 
+    if resume is None and cfg.local is not None:
+        note(f"local distillation: {cfg.local.steps} steps per block on {min(cfg.local.examples, len(p.data.train))} training examples")
+
+        done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
+
+        def block_done(record: dict[str, Any]) -> None:
+            done[0] += 1
+            if env.is_main:
+                run.append_metrics({"step": 0, "stage": "local", **record})
+                if log is not None:
+                    log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
+
+        local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed), cfg.local, device,
+                              cfg.seed, block_done)
+        p.info["local"] = local.to_dict()
+        if env.is_main:
+            run.update_info({"local": p.info["local"]})
+    if resume is None and (cfg.eval_every or cfg.local is not None):
+        point(0, "local" if cfg.local is not None else "start")
+
+    def every(pos: Position) -> None:
+        if cfg.eval_every and pos.step % cfg.eval_every == 0:
+            point(pos.step, "train")
+        if step_hook is not None:
+            step_hook(pos)
+
     schedule = None
     if pclora:
         q = p.info["pclora"]["decay_steps"]
@@ -359,7 +407,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         objective = DistillationObjective(p.student, teacher, cfg, p.base, family)
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
-                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook, schedule=schedule)
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)
     finally:
         objective.close()
     digests = all_gather_strings(env, weights_digest(p.student))
@@ -374,9 +422,18 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         note("evaluating the distilled student")
         final = accuracy(p.student)
         report = _report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
+        report["curve"] = _curve(run, final, result.steps, time.perf_counter() - p.started)
         write_json(run.report_file, report)
     barrier(env)
     return report
+
+
+def _curve(run: RunDir, final: Evaluation | None, steps: int, seconds: float) -> list[dict[str, Any]]:
+    """Held-out quality against wall time: every evaluation in the run's metrics (a resumed run's earlier ones too), then the final."""
+    points = [r for r in run.read_metrics() if "eval" in r]
+    if final is not None:
+        points.append({"step": steps, "stage": "final", "seconds": seconds, "eval": final.to_dict()})
+    return points
 
 
 def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
@@ -413,6 +470,7 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
                   "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
                   "base_loss": p.base},
         "method": p.recipe.distill.method,
+        **({"local": p.info["local"]} if "local" in p.info else {}),
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
         "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
                  "skipped_first": p.data.skipped[:5], **({"split": p.data.split} if isinstance(p.data, TextData) else {})},

@@ -11,7 +11,7 @@ from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli.launch import is_main_process, relaunch
 from lowrank_cli.cli.render import console, err_console
-from lowrank_cli.cli.render_training import compress_table, training_progress
+from lowrank_cli.cli.render_training import compress_table, curve_table, training_progress
 from lowrank_cli.pipelines.compress import compress_checkpoint, prepare_compress, with_run_options
 
 app = typer.Typer(add_completion=False)
@@ -27,6 +27,8 @@ def print_report(report: dict, as_json: bool) -> None:
         if report.get("architecture_note"):
             console.print(f"[dim]note: {report['architecture_note']}[/]")
         console.print(compress_table(report, title=f"Compressed → {report['student']}"))
+        if (curve := curve_table(report)) is not None:
+            console.print(curve)
 
 
 @app.command()

@@ -1,0 +1,147 @@
+"""Local (block-wise) distillation: each student block trained alone to reproduce its teacher block.
+
+Before end-to-end distillation, the factorized student is mended one transformer block at a
+time (docs/algorithms.md §8), as block reconstruction does in post-training quantization:
+
+1. Cache, for `examples` training examples, the first block's input of both models and the
+   arguments every block is called with (`models.blocks.BlockRunner`: only the embeddings run).
+2. For block i: the teacher block's output on the teacher's input is the target; the student
+   block is trained by Adam for `steps` steps, on random cached batches, to reproduce it from
+   the *student's own* input (the output of its blocks already trained, so that errors do not
+   pile up) or, with `inputs: teacher`, from the teacher's input (blocks independent). The
+   loss is the squared error on real tokens normalized by the target's energy.
+3. Both chains move one block on (no gradient), and the next block is trained.
+
+No end-to-end backward, and memory for four activation sets of the cached examples (the
+inputs and outputs of one block, for student and teacher), never the whole model's.
+`rounds` > 1 goes over the blocks again from the cached first inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from lowrank_cli.models.blocks import BlockCall, BlockRunner
+from lowrank_cli.models.family import Inputs, ModelFamily, inputs_to
+from lowrank_cli.recipe import LocalConfig
+
+
+@dataclass
+class LocalResult:
+    """What the local stage did: per block, the normalized error before and after its training."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    examples: int = 0
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "seconds": self.seconds, "examples": self.examples, "tokens": self.tokens}
+
+
+@dataclass
+class _Batch:
+    call: BlockCall
+    mask: torch.Tensor | None  # (B, N) real tokens of a text batch; None for images
+
+
+def local_batches(dataset: Dataset, cfg: LocalConfig, seed: int) -> list[Inputs]:
+    """`cfg.examples` training examples (a seeded draw) in batches of `cfg.batch_size`, as the model takes them."""
+    n = min(cfg.examples, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919))[:n].tolist()
+    collate = getattr(dataset, "collate", default_collate)
+    out = []
+    for i in range(0, n, cfg.batch_size):
+        inputs, _labels = collate([dataset[j] for j in order[i:i + cfg.batch_size]])
+        out.append(inputs)
+    return out
+
+
+def normalized_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """‖out − target‖² / ‖target‖² over the real tokens (every element for images), in fp32."""
+    diff, ref = (out.float() - target.float()).square(), target.float().square()
+    if mask is not None and diff.dim() == 3 and tuple(diff.shape[:2]) == tuple(mask.shape):
+        m = mask.to(diff.dtype).unsqueeze(-1)
+        diff, ref = diff * m, ref * m
+    return diff.sum() / ref.sum().clamp_min(1e-12)
+
+
+def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, batches: list[Inputs], cfg: LocalConfig,
+                  device: torch.device, seed: int = 0, log: Callable[[dict[str, Any]], None] | None = None) -> LocalResult:
+    """Train each block of `student` (in place) to reproduce the same block of the frozen `teacher` (see the module docstring).
+
+    `log(record)` is called after each block with its name, index and errors.
+    """
+    t0 = time.perf_counter()
+    student.to(device).eval()
+    teacher.to(device).eval()
+    s_run, t_run = BlockRunner(family, student), BlockRunner(family, teacher)
+    if s_run.names != t_run.names:
+        raise ValueError("student and teacher blocks differ")
+    first = inputs_to(batches[0], device)
+    t_run.check(first)
+    meta: list[_Batch] = []
+    t_first: list[torch.Tensor] = []
+    s_first: list[torch.Tensor] = []
+    for inputs in batches:
+        inputs = inputs_to(inputs, device)
+        hidden, call = t_run.first_input(inputs)
+        t_first.append(hidden)
+        s_first.append(s_run.first_input(inputs)[0])
+        meta.append(_Batch(call, inputs.get("attention_mask") if isinstance(inputs, dict) else None))
+    result = LocalResult(examples=sum(h.shape[0] for h in t_first),
+                         tokens=sum(int(b.mask.sum()) if b.mask is not None else h[..., 0].numel() for h, b in zip(t_first, meta)))
+    gen = torch.Generator().manual_seed(seed)
+    for rnd in range(cfg.rounds):
+        t_in, s_in = list(t_first), list(s_first)
+        for i, name in enumerate(s_run.names):
+            if i:
+                with torch.no_grad():
+                    t_in = [t_run.link(i, h) for h in t_in]
+                    s_in = [s_run.link(i, h) for h in s_in]
+            t_block, s_block = t_run.block(i), s_run.block(i)
+            with torch.no_grad():
+                target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
+            source = s_in if cfg.inputs == "student" else t_in
+            before, after = _train_block(s_block, source, target, meta, cfg, gen)
+            with torch.no_grad():
+                s_in = [b.call(s_block, h) for h, b in zip(s_in, meta)]
+            t_in = target
+            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": after,
+                      "seconds": time.perf_counter() - t0}
+            result.blocks.append(record)
+            if log is not None:
+                log(record)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
+                 gen: torch.Generator) -> tuple[float, float]:
+    """Adam on the block's trainable parameters for `cfg.steps` steps; (mean error before, mean error after) over every batch."""
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def mean_error() -> float:
+        with torch.no_grad():
+            return sum(float(normalized_error(b.call(block, h), y, b.mask)) for h, y, b in zip(source, target, meta)) / len(source)
+
+    before = mean_error()
+    if not params or cfg.steps == 0:
+        return before, before
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    for step in range(cfg.steps):
+        lr = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / cfg.steps)).item())  # cosine to 0 over the block's steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        k = int(torch.randint(len(source), (1,), generator=gen))
+        loss = normalized_error(meta[k].call(block, source[k]), target[k], meta[k].mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return before, mean_error()

@@ -1,0 +1,145 @@
+"""Calling one transformer block of a model alone, on cached inputs: what local (block-wise)
+distillation and block-by-block calibration need, for every family.
+
+A model's blocks (`ModelFamily.blocks`) are called one after the other by the model's own
+forward, each with the previous one's output as its hidden states and the same other
+arguments (a text model's attention mask, its rotary position embeddings; nothing for a ViT).
+`BlockRunner` captures those arguments once per batch, at the first block's input (the rest
+of the forward is cut short), and then calls any block on any hidden states with them. Between
+two blocks a family may place a module of its own (`ModelFamily.block_links`: Swin's patch
+merging before each stage's first block). `BlockRunner.check` verifies on a real batch that
+chaining the blocks this way reproduces the model's own forward, so that a family whose
+blocks are called otherwise is refused rather than distilled wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.models.family import Inputs, ModelFamily
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass once the first block's input is known."""
+
+
+@dataclass
+class BlockCall:
+    """What a block is called with besides its hidden states: the other positional arguments and the keywords."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def to(self, device: torch.device | str) -> "BlockCall":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else tuple(move(x) for x in v) if isinstance(v, tuple) else v  # noqa: E731
+        return BlockCall(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+
+def _split_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
+    """(hidden states, the rest) of a block's call, whether the hidden states came by position or by name."""
+    kwargs = {k: v for k, v in kwargs.items() if not _is_cache(v)}  # a KV cache would grow with every replay
+    if args:
+        return args[0], BlockCall(tuple(args[1:]), kwargs)
+    if "hidden_states" in kwargs:
+        hidden = kwargs.pop("hidden_states")
+        return hidden, BlockCall((), kwargs)
+    raise LowrankError("a transformer block was called without hidden states as its first argument; local distillation "
+                       "cannot replay it (recipe key distill.local)", param="distill.local")
+
+
+def _is_cache(value: Any) -> bool:
+    return type(value).__name__.endswith("Cache")
+
+
+class BlockRunner:
+    """The blocks of one model, their links, and the calls that replay them (see the module docstring)."""
+
+    def __init__(self, family: ModelFamily, model: nn.Module):
+        self.family, self.model = family, model
+        self.blocks = family.blocks(model)
+        self.links = family.block_links(model)
+        if len(self.links) != len(self.blocks):
+            raise ValueError(f"{len(self.links)} block links for {len(self.blocks)} blocks")
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.blocks]
+
+    def block(self, i: int) -> nn.Module:
+        return self.blocks[i][1]
+
+    def link(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block i's input from block i − 1's output (identity, or the family's module between them)."""
+        module = self.links[i]
+        return hidden if module is None else module(hidden)
+
+    @torch.no_grad()
+    def first_input(self, inputs: Inputs) -> tuple[torch.Tensor, BlockCall]:
+        """The first block's hidden states for a batch, and the call that replays every block on it.
+
+        The forward pass stops at the first block: only the embeddings run.
+        """
+        seen: dict[str, Any] = {}
+
+        def grab(_module, args, kwargs):
+            seen["hidden"], seen["call"] = _split_call(args, kwargs)
+            raise _Stop
+
+        handle = self.block(0).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.family.forward(self.model, inputs)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "hidden" not in seen:
+            raise LowrankError(f"{type(self.model).__name__}: its first block was never called; local distillation needs the blocks "
+                               "the family names (recipe key distill.local)", param="distill.local")
+        return seen["hidden"].detach(), seen["call"]
+
+    @torch.no_grad()
+    def check(self, inputs: Inputs, rtol: float = 1e-3) -> None:
+        """A LowrankError unless replaying the blocks one after the other from the first block's input, with the
+        first block's other arguments, gives every block's input and output as the model's own forward does."""
+        ins: list[tuple[torch.Tensor, BlockCall]] = []
+        outs: list[torch.Tensor] = []
+        handles = []
+        for _, block in self.blocks:
+            handles.append(block.register_forward_pre_hook(lambda _m, a, k: ins.append(_split_call(a, k)), with_kwargs=True))
+            handles.append(block.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o)))
+        try:
+            self.family.forward(self.model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(ins) != len(self.blocks) or len(outs) != len(self.blocks):
+            raise self._refuse(f"its {len(self.blocks)} blocks were called {len(ins)} times in one forward pass")
+        hidden, call = ins[0]
+        for i in range(len(self.blocks)):
+            if i:
+                hidden = self.link(i, hidden)
+                if not _close(hidden, ins[i][0], rtol):
+                    raise self._refuse(f"block {self.names[i]}'s input is not the previous block's output")
+            hidden = call(self.block(i), hidden)
+            if not _close(hidden, outs[i], rtol):
+                raise self._refuse(f"block {self.names[i]} replayed with the first block's arguments does not give its own output")
+
+    def _refuse(self, why: str) -> LowrankError:
+        return LowrankError(f"{type(self.model).__name__}: {why}, so its blocks cannot be distilled one at a time; "
+                            "turn local distillation off (recipe key distill.local)", param="distill.local")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    scale = b.float().abs().max().clamp_min(1e-12)
+    return bool(((a.float() - b.float()).abs().max() / scale) <= rtol)
