@@ -208,6 +208,8 @@ class DistillConfig(_Strict):
     # the dense weights out beside low-rank adapters (the `pclora:` settings)
     method: Literal["pela", "pclora"] = "pela"
     pclora: PCLoRAConfig = Field(default_factory=PCLoRAConfig)
+    # false: the student trains without dropout (nn.Dropout and attention dropout at 0), matching the teacher only
+    dropout: bool = True
     local: LocalConfig | None = None  # block-wise distillation before the end-to-end stage (off unless given)
     # held-out evaluation every `eval_every` optimizer steps (0: only before and after training), on at most
     # `eval_examples` held-out examples (None: all), logged with the wall time to metrics.jsonl and the report

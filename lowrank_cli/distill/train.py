@@ -112,6 +112,17 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def without_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout of `model` to 0 (`nn.Dropout` modules, and the attention dropout rate transformers' attention
+    modules keep as a float), in place: a student that only has to match its teacher learns faster without noise."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
 def _all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
@@ -146,6 +157,8 @@ def train(
     """
     device, cuda = env.device, env.device.type == "cuda"
     student.to(device).train()
+    if not cfg.dropout:
+        without_dropout(student)
     model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None) if env.distributed else student
 
     sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)

@@ -116,3 +116,17 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, vit_ckpt):
     full_m, cut_m = lines(tmp_path / "full"), lines(cut)
     assert set(cut_m) == set(range(1, 9))
     assert all(math.isclose(full_m[s], cut_m[s], rel_tol=1e-6) for s in range(1, 9))
+
+
+def test_dropout_off_for_a_student_that_only_matches_its_teacher():
+    from transformers import BertConfig, BertModel
+
+    from lowrank_cli.distill.train import without_dropout
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).train()
+    x = torch.randint(0, 100, (2, 8))
+    assert not torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)  # dropout draws differ
+    without_dropout(model)
+    assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert DistillConfig().dropout is True and DistillConfig(dropout=False).dropout is False
