@@ -258,6 +258,14 @@ class Recipe(_Strict):
         recipe.factorize = recipe.factorize.model_copy(update={"rank_rule": "kappa", "kappa": float(kappa), "target_params": None, "target_macs": None})
         return recipe
 
+    def with_calibration_default(self) -> "Recipe":
+        """A copy whose data-aware factorization (`whitened`, `asvd`) calibrates on the training part of `data.source`
+        when `factorize.calib_data` is not given (unchanged otherwise): the recipe then records what was used."""
+        f = self.factorize
+        if f.method == "svd" or f.calib_data is not None or self.data.source is None:
+            return self
+        return self.model_copy(update={"factorize": f.model_copy(update={"calib_data": self.data.source})})
+
     def with_latency_aware(self, on: bool = False) -> "Recipe":
         """A copy with `--latency-aware` applied (`select.latency_aware: true`); unchanged when off."""
         if not on:

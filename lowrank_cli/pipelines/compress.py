@@ -162,9 +162,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         checkpoint = recipe.checkpoint
     if checkpoint is None:
         raise LowrankError("give the checkpoint to compress (argument `checkpoint`, recipe key `checkpoint`)", param="checkpoint")
-    f = recipe.factorize
-    if f.method != "svd" and f.calib_data is None:  # whitened | asvd calibrate on the training data; the run's recipe says so (and resumes)
-        recipe = recipe.model_copy(update={"factorize": f.model_copy(update={"calib_data": recipe.data.source})})
+    recipe = recipe.with_calibration_default()  # whitened | asvd calibrate on the training data; the run's recipe says so (and resumes)
     header = read_header(checkpoint)
     if Manifest.from_header(header) is not None:
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")

@@ -120,7 +120,7 @@ def factorize_checkpoint(
     `factorize.method: whitened | asvd` needs. With `select.latency_aware`, layers not faster
     factorized (timed by `layer_timer`) stay dense; the manifest records the timings.
     """
-    recipe = with_calibration(recipe, calib_data, calib_samples)
+    recipe = with_calibration(recipe, calib_data, calib_samples).with_calibration_default()
     method = recipe.factorize.method
     header = read_header(path) if path is not None else None
     if header is not None and Manifest.from_header(header) is not None:

@@ -126,10 +126,10 @@ def example_at(family, model, seq_len: int | None = None, batch: int = 1):
 def check_calibration(recipe: Recipe) -> None:
     """`factorize.method: whitened | asvd` needs calibration data: checked the same way by `inspect` and `factorize`."""
     method = recipe.factorize.method
-    if method != "svd" and recipe.factorize.calib_data is None:
+    if method != "svd" and recipe.with_calibration_default().factorize.calib_data is None:
         raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic'; for text models "
                            "'pydoc', a .txt or .jsonl file or a folder of them "
-                           "(argument `calib_data`, recipe key factorize.calib_data)", param="calib_data")
+                           "(argument `calib_data`, recipe key factorize.calib_data, else data.source)", param="calib_data")
 
 
 def build_or_weight_only(path, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> tuple[Built | None, str | None]:
