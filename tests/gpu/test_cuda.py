@@ -273,8 +273,6 @@ def test_nproc_2_on_two_gpus_ends_with_identical_students(tmp_path, vit_ckpt):
 
 
 @gpu_only
-@pytest.mark.xfail(reason="issue 12 notes: --nproc above the GPU count crashes in torch.cuda.set_device (distill/distributed.py) "
-                          "instead of a one-line error", strict=False)
 def test_more_processes_than_gpus_is_a_one_line_error(tmp_path, vit_ckpt):
     n = torch.cuda.device_count() + 1
     proc = _compress([sys.executable, "-m", "lowrank_cli"], vit_ckpt, digits_recipe(tmp_path, max_steps=10), tmp_path / "many", "--nproc", str(n))
