@@ -320,6 +320,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if stale or cut:
                 note(f"removed {len(stale)} temporary files of interrupted writes and {cut} metrics lines after step {resume.position.step}")
         note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
+        started = run.run_info().get("world_size")
+        if started and started != env.world:
+            note(f"the run started on {started} processes and resumes on {env.world}: the global batch, learning rate and data order "
+                 f"follow {env.world} from here, so it will not match an uninterrupted run")
     else:
         baseline = {}
         if env.is_main:
@@ -341,7 +345,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     def save(pos: Position, optimizer, scaler) -> str:
         path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
         if env.is_main:
-            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(), cfg.keep_checkpoints)
+            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(device), cfg.keep_checkpoints)
         return str(path)
 
     def log_metrics(record: dict[str, Any]) -> None:

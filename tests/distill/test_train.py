@@ -1,5 +1,6 @@
 """The training loop: schedule, resumable data order, training state without pickles, resume, NaN."""
 
+import importlib
 import json
 import math
 import socket
@@ -116,3 +117,65 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, vit_ckpt):
     full_m, cut_m = lines(tmp_path / "full"), lines(cut)
     assert set(cut_m) == set(range(1, 9))
     assert all(math.isclose(full_m[s], cut_m[s], rel_tol=1e-6) for s in range(1, 9))
+
+
+# --- the GPU path on the CPU: per-device CUDA RNG, finiteness before each checkpoint (issue 18) ---------
+
+def test_cuda_rng_state_is_this_process_device_only(tmp_path, monkeypatch):
+    tr = importlib.import_module("lowrank_cli.distill.train")  # the package exports a function of the same name
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.full((8,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, int(state[0]))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every GPU's state restored"))
+
+    state = tr.rng_state(torch.device("cuda", 1))
+    assert calls == [("get", 1)] and len(state["cuda"]) == 1
+    assert "cuda" not in tr.rng_state(torch.device("cpu"))
+    tr.rng_state()  # no device: the current one
+    assert calls[-1] == ("get", 3)
+    # through the file: one CUDA state, restored to this process's GPU whatever its index
+    path = tmp_path / "state.safetensors"
+    save_training_state(path, TrainingState(Position(1, 0, 1), {"state": {}, "param_groups": []}, {}, state))
+    back = load_training_state(path)
+    assert len(back.rng["cuda"]) == 1
+    calls.clear()
+    tr.set_rng_state(back.rng, torch.device("cuda", 0))
+    tr.set_rng_state(back.rng, torch.device("cuda", 5))
+    assert calls == [("set", 0, 7), ("set", 5, 7)]
+    # a state written before (one per visible GPU): this GPU's own entry, else the first
+    calls.clear()
+    old = {"cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(3)]}
+    tr.set_rng_state(old, torch.device("cuda", 1))
+    tr.set_rng_state(old, torch.device("cuda", 4))
+    tr.set_rng_state(old, torch.device("cpu"))  # a CPU run does not touch the GPUs
+    assert calls == [("set", 1, 1), ("set", 4, 0)]
+
+
+def test_nan_between_log_steps_writes_no_checkpoint_and_keeps_the_good_ones(tmp_path, vit_ckpt, monkeypatch):
+    """The CUDA / multi-process path (loss read only at log steps): a NaN at step 3 is caught before the checkpoint of step 3."""
+    tr = importlib.import_module("lowrank_cli.distill.train")  # the package exports a function of the same name
+    import lowrank_cli.pipelines.compress as pc
+
+    monkeypatch.setattr(tr, "_checks_every_step", lambda device, env: False)
+    calls = {"n": 0}
+
+    class NanAtThree(pc.DistillationObjective):
+        def __call__(self, model, inputs, labels):
+            calls["n"] += 1
+            loss, terms = super().__call__(model, inputs, labels)
+            return (loss * float("nan") if calls["n"] == 3 else loss), terms
+
+    monkeypatch.setattr(pc, "DistillationObjective", NanAtThree)
+    recipe = load_recipe(str(tiny_recipe(tmp_path, checkpoint_every=1, keep_checkpoints=2, log_every=100)))
+    out = tmp_path / "run"
+    with pytest.raises(LowrankError, match=r"became NaN/inf between step 3 and step 3; no checkpoint written; the last checkpoint, .*checkpoint-000002"):
+        compress_checkpoint(vit_ckpt, recipe, out=out, device="cpu")
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == [f"checkpoint-00000{s}{x}.safetensors" for s in (1, 2) for x in ("", ".state")]
+    last = load(out / "checkpoint-000002.safetensors")
+    assert all(torch.isfinite(v).all() for v in last.state_dict().values())

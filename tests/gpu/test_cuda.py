@@ -365,7 +365,7 @@ def test_bench_onnxruntime_on_cuda_runs_on_the_cuda_provider(cli, gpu_student, m
     assert r.code == 0, r.err
     d = json.loads(r.out)
     assert d["runtime"] == "onnxruntime" and d["dense"]["median_s"] > 0 and d["factorized"]["median_s"] > 0
-    assert providers == ["CUDAExecutionProvider"] * 2
+    assert providers == ["CUDAExecutionProvider"] * 2 and d["providers"][0] == "CUDAExecutionProvider"
 
 
 def test_latency_aware_selection_on_cuda(cli, vit_ckpt, tmp_path, timed_on):
