@@ -179,3 +179,15 @@ def test_nan_between_log_steps_writes_no_checkpoint_and_keeps_the_good_ones(tmp_
     assert names == [f"checkpoint-00000{s}{x}.safetensors" for s in (1, 2) for x in ("", ".state")]
     last = load(out / "checkpoint-000002.safetensors")
     assert all(torch.isfinite(v).all() for v in last.state_dict().values())
+
+
+def test_resume_on_more_processes_mid_epoch_moves_to_the_next_epoch():
+    """A position saved by fewer processes (batch 3 of 4) where this run's epoch has 2 batches: the next epoch, not a hang."""
+    model = tiny_vit().train()
+    dataset = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    cfg = DistillConfig(epochs=3, batch_size=8, lr=1e-3)
+    state = TrainingState(Position(3, 0, 3), create_optimizer(model, cfg, 1e-3).state_dict(), {}, rng_state())
+    positions = []
+    result = train(model, lambda m, x, y: (torch.nn.functional.cross_entropy(m(x), y), {}), dataset, cfg, DistEnv(), resume=state,
+                   step_hook=lambda pos: positions.append((pos.step, pos.epoch, pos.batch)))
+    assert result.steps == 6 and positions == [(4, 1, 1), (5, 2, 0), (6, 2, 1)]
