@@ -169,6 +169,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     teacher, family, arch = built.model, built.family, built.architecture
     data = load_data(recipe, family, teacher, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
+    svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
     calibration = None
@@ -177,9 +178,9 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
-        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family)
+        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
     else:
-        plans = factorize_model(student, recipe, family=family, calibration=calibration).plans
+        plans = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev).plans
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
     manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method)
@@ -332,7 +333,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             svd = p.student
             if pclora:
                 svd = copy.deepcopy(p.teacher)
-                factorize_model(svd, p.recipe, family=family, calibration=p.calibration)
+                factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
             t, s = accuracy(teacher), accuracy(svd)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
