@@ -29,7 +29,7 @@ from lowrank_cli.data.text import TextData, load_text_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
-from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
+from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
 from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
@@ -364,9 +364,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             set_lambda(p.student, lam)
             return {"lam": lam}
 
-        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine)
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine,
+                                         teacher_dtype(device, cfg.amp))
     else:
-        objective = DistillationObjective(p.student, teacher, cfg, p.base, family)
+        objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp))
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook, schedule=schedule)
