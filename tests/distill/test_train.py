@@ -191,3 +191,15 @@ def test_resume_on_more_processes_mid_epoch_moves_to_the_next_epoch():
     result = train(model, lambda m, x, y: (torch.nn.functional.cross_entropy(m(x), y), {}), dataset, cfg, DistEnv(), resume=state,
                    step_hook=lambda pos: positions.append((pos.step, pos.epoch, pos.batch)))
     assert result.steps == 6 and positions == [(4, 1, 1), (5, 2, 0), (6, 2, 1)]
+
+
+def test_adamw_is_foreach_on_the_cpu_and_fused_on_cuda():
+    from types import SimpleNamespace
+
+    from lowrank_cli.distill.train import adamw_implementation
+
+    opt = create_optimizer(tiny_vit(), DistillConfig(), 1e-3)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert adamw_implementation([gpu, gpu]) == {"fused": True}
+    assert adamw_implementation([gpu, cpu]) == {"foreach": True} and adamw_implementation([]) == {"foreach": True}
