@@ -92,17 +92,17 @@ def check_launch(nproc: int, device: torch.device, nnodes: int = 1, node_rank: i
     if nnodes < 1:
         raise LowrankError(f"nnodes must be at least 1 (got {nnodes})", param="nnodes")
     if not 0 <= node_rank < nnodes:
-        raise LowrankError(f"node_rank {node_rank} is outside 0..{nnodes - 1} (nnodes {nnodes})", param="node_rank")
+        raise LowrankError(f"node_rank {node_rank} is outside 0..{nnodes - 1} ({nnodes} node{'s' if nnodes > 1 else ''})", param="node_rank")
     if rdzv_endpoint is not None:
         parse_endpoint(rdzv_endpoint)
     elif nnodes > 1:
-        raise LowrankError(f"rdzv_endpoint is needed with nnodes {nnodes}: HOST:PORT of node 0 and a free port there, the same on every node",
+        raise LowrankError(f"rdzv_endpoint is needed with {nnodes} nodes: HOST:PORT of node 0 and a free port there, the same on every node",
                            param="rdzv_endpoint")
     if device.type == "cuda" and (nproc > 1 or nnodes > 1):
         visible = torch.cuda.device_count()
         if nproc > visible:
-            raise LowrankError(f"nproc {nproc} but {visible} CUDA device(s) (GPUs) are visible; use nproc {visible} or fewer "
-                               "(one process per GPU), or train on the CPU", param="nproc")
+            raise LowrankError(f"nproc {nproc} but {visible} CUDA device(s) (GPUs) are visible; start at most {visible} processes per node "
+                               "(one per GPU), or train on the CPU", param="nproc")
 
 
 def torchrun_command(nproc: int, argv: list[str], nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> list[str]:

@@ -34,7 +34,7 @@ def test_nproc_above_the_visible_gpus_is_refused_before_launch(cli, tmp_path, vi
     out = tmp_path / "run"
     head = ["compress", vit_ckpt] if command == "compress" else ["distill", vit_ckpt, "--teacher", vit_ckpt]
     r = cli(*head, "--recipe", tiny_recipe(tmp_path), "--out", out, "--device", device, "--nproc", "4")
-    line = one_line_error(r, "--nproc 4 but 2 CUDA device(s) (GPUs) are visible", "use nproc 2 or fewer")
+    line = one_line_error(r, "--nproc 4 but 2 CUDA device(s) (GPUs) are visible", "start at most 2 processes per node")
     assert line.count("error") == 1 and not out.exists()
 
 
@@ -45,9 +45,9 @@ def test_nproc_up_to_the_gpu_count_and_the_cpu_pass_the_check(two_gpus):
 
 
 @pytest.mark.parametrize("extra, needles, code", [
-    (["--nnodes", "2"], ["--rdzv-endpoint is needed with nnodes 2", "HOST:PORT"], 1),
-    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--node-rank 2 is outside 0..1 (nnodes 2)"], 1),
-    (["--node-rank", "1"], ["--node-rank 1 is outside 0..0 (nnodes 1)"], 1),
+    (["--nnodes", "2"], ["--rdzv-endpoint is needed with 2 nodes", "HOST:PORT"], 1),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--node-rank 2 is outside 0..1 (2 nodes)"], 1),
+    (["--node-rank", "1"], ["--node-rank 1 is outside 0..0 (1 node)"], 1),
     (["--nnodes", "2", "--rdzv-endpoint", "node0"], ["--rdzv-endpoint 'node0' is not HOST:PORT"], 1),
     (["--nnodes", "2", "--rdzv-endpoint", "node0:70000"], ["'node0:70000' is not HOST:PORT", "1 to 65535"], 1),
     (["--nnodes", "2", "--rdzv-endpoint", "::1:29500"], ["'::1:29500' is not HOST:PORT"], 1),
