@@ -35,11 +35,11 @@ def launches(nproc: Optional[int], nnodes: int = 1) -> bool:
     return not under_torchrun() and ((nproc or 1) > 1 or nnodes > 1)
 
 
-def check(nproc: Optional[int], device: str, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: Optional[str] = None) -> None:
+def check(nproc: Optional[int], device: str, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: Optional[str] = None, resume: bool = False) -> None:
     """The launch options checked before anything is read, written or started (a LowrankError naming the option)."""
     if under_torchrun():
         return
-    check_launch(nproc or 1, resolve_device(device), nnodes, node_rank, rdzv_endpoint)
+    check_launch(nproc or 1, resolve_device(device), nnodes, node_rank, rdzv_endpoint, resume)
 
 
 def lock_for_launch(run, node_rank: int = 0) -> ContextManager:

@@ -84,9 +84,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_launch(nproc: int, device: torch.device, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> None:
+def check_launch(nproc: int, device: torch.device, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                 resume: bool = False) -> None:
     """Refuse, before any process starts, a launch that cannot run: `nproc` processes on this node
-    (one per GPU on CUDA), `nnodes` nodes of which this is `node_rank`, meeting at `rdzv_endpoint`."""
+    (one per GPU on CUDA), `nnodes` nodes of which this is `node_rank`, meeting at `rdzv_endpoint`;
+    `resume` on one node only (the run folder, its checkpoints and its lock are node 0's)."""
     if nproc < 1:
         raise LowrankError(f"nproc must be at least 1 (got {nproc})", param="nproc")
     if nnodes < 1:
@@ -98,6 +100,9 @@ def check_launch(nproc: int, device: torch.device, nnodes: int = 1, node_rank: i
     elif nnodes > 1:
         raise LowrankError(f"rdzv_endpoint is needed with {nnodes} nodes: HOST:PORT of node 0 and a free port there, the same on every node",
                            param="rdzv_endpoint")
+    if resume and nnodes > 1:
+        raise LowrankError(f"resume with {nnodes} nodes is not supported: only node 0 holds the run's checkpoints; resume on one node "
+                           "(any number of processes)", param="resume")
     if device.type == "cuda" and (nproc > 1 or nnodes > 1):
         visible = torch.cuda.device_count()
         if nproc > visible:

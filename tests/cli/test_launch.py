@@ -52,6 +52,7 @@ def test_nproc_up_to_the_gpu_count_and_the_cpu_pass_the_check(two_gpus):
     (["--nnodes", "2", "--rdzv-endpoint", "node0:70000"], ["'node0:70000' is not HOST:PORT", "1 to 65535"], 1),
     (["--nnodes", "2", "--rdzv-endpoint", "::1:29500"], ["'::1:29500' is not HOST:PORT"], 1),
     (["--nnodes", "2", "--rdzv-endpoint", ":29500"], ["':29500' is not HOST:PORT"], 1),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--resume"], ["--resume with 2 nodes is not supported", "resume on one node"], 1),
     (["--nnodes", "0"], ["'--nnodes'"], 2),
     (["--node-rank", "-1"], ["'--node-rank'"], 2),
 ])

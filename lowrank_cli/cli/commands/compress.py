@@ -48,7 +48,7 @@ def compress(
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
-    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint)  # before anything is read, written or started
+    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
     r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs)
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):

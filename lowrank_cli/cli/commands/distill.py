@@ -35,7 +35,7 @@ def distill(
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
-    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint)  # before anything is read, written or started
+    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
     r = load_recipe(recipe) if recipe else None
     if launch.launches(nproc, nnodes):
         prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
