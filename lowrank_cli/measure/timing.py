@@ -215,15 +215,15 @@ def ort_cuda_available() -> bool:
     return CUDA_EP in ort.get_available_providers()
 
 
-def check_ort_device(device: torch.device) -> None:
-    """A LowrankError when onnxruntime is asked for CUDA without `onnxruntime-gpu` (it would run on the CPU)."""
+def check_ort_device(device: torch.device, param: str = "device") -> None:
+    """A LowrankError (about `param`) when onnxruntime is asked for CUDA without `onnxruntime-gpu` (it would run on the CPU)."""
     if device.type != "cuda" or ort_cuda_available():
         return
     import onnxruntime as ort
 
-    raise LowrankError(f"device '{device}' with runtime onnxruntime needs the onnxruntime-gpu package: this onnxruntime has "
+    raise LowrankError(f"{param} '{device}' with runtime onnxruntime needs the onnxruntime-gpu package: this onnxruntime has "
                        f"{', '.join(ort.get_available_providers())} only, so it would run on the CPU; install onnxruntime-gpu, "
-                       "or use runtime torch or device cpu", param="device")
+                       "or use runtime torch or device cpu", param=param)
 
 
 def ort_session(path: Path, threads: int | None, device: torch.device):

@@ -142,6 +142,11 @@ def test_onnxruntime_on_cuda_without_onnxruntime_gpu_is_refused(cli, ckpts, gpu_
     shapes = [LayerShape("a", 96, 384, 38, tokens=5)]
     with pytest.raises(Exception, match="needs the onnxruntime-gpu package"):
         time_linear_layers(shapes, device="cuda", runtime="onnxruntime")
+    from lowrank_cli.plan import LatencySelection
+    from lowrank_cli.recipe import SelectConfig
+
+    with pytest.raises(Exception, match="^select.latency_device 'cuda' with runtime onnxruntime needs the onnxruntime-gpu package"):
+        LatencySelection(SelectConfig(latency_aware=True, latency_runtime="onnxruntime"), {})
 
 
 def test_onnxruntime_on_auto_without_onnxruntime_gpu_runs_on_the_cpu_and_says_so(ckpts, gpu_without_ort_gpu, monkeypatch):
