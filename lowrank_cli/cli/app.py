@@ -43,6 +43,7 @@ FLAGS = {
     "model": "--model", "model_kwargs": "--model-arg", "kappa": "--kappa", "factorize.kappa": "--kappa",
     "out": "--out", "force": "--force", "device": "--device", "data": "--data", "calib_data": "--calib-data",
     "calib_samples": "--calib-samples", "epochs": "--epochs", "teacher": "--teacher", "nproc": "--nproc",
+    "nnodes": "--nnodes", "node_rank": "--node-rank", "rdzv_endpoint": "--rdzv-endpoint",
     "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
     "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",

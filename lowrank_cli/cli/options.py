@@ -48,7 +48,10 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), c
 DataOpt = typer.Option(None, "--data", "-d", help="Image folder (ROOT/train/<class>/*, ROOT/val/<class>/*), 'digits' or 'synthetic' (default: the recipe's data.source).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Training epochs (overrides the recipe's distill.epochs).")
 SeqLenOpt = typer.Option(None, "--seq-len", min=1, help="Text models: tokens per example for MACs and timing (default: the family's, 128).")
-NprocOpt = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) to train on: launches torchrun.")
+NprocOpt = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) to train on, on this node: launches torchrun.")
+NnodesOpt = typer.Option(1, "--nnodes", min=1, help="Machines (nodes) taking part; run the same command on each, with its --node-rank.")
+NodeRankOpt = typer.Option(0, "--node-rank", min=0, help="This machine's place among --nnodes, 0 to N-1; node 0 writes the run.")
+RdzvEndpointOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 and a free port there, the same on every node (needed with --nnodes > 1).")
 ModelArgs = Optional[List[str]]
 
 

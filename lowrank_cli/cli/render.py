@@ -216,7 +216,8 @@ def _ms(s: float) -> str:
 def bench_tables(result) -> list[Table]:
     """`lowrank bench`'s report: latency of both models and the speedup against the MAC ideal; per layer on request."""
     shape = f"batch {result.batch} × {result.seq_len} tokens" if getattr(result, "seq_len", None) else f"batch {result.batch}"
-    table = Table(title=f"{result.runtime} on {result.device}, {shape}, {result.threads} threads", title_justify="left")
+    runtime = f"{result.runtime} ({', '.join(result.providers)})" if result.providers else result.runtime
+    table = Table(title=f"{runtime} on {result.device}, {shape}, {result.threads} threads", title_justify="left")
     for col, just in (("", "left"), ("median", "right"), ("IQR", "right"), ("min", "right"), ("MACs / example", "right"), ("params", "right")):
         table.add_column(col, justify=just)
     for label, t, macs, params in (("dense: " + result.baseline, result.dense, result.macs_dense, result.params_dense),

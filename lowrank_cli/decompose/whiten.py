@@ -50,23 +50,23 @@ def asvd_scale(abs_mean: torch.Tensor, alpha: float = 0.5, floor: float = 1e-6) 
     return torch.ones_like(s) if not top > 0 else s.clamp_min(floor * top)
 
 
-def output_basis(weight: torch.Tensor, scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, σ) of the thin SVD of `scaled` (= W·M), in fp32 (fp64 for fp64 weights), on the SVD device."""
+def output_basis(weight: torch.Tensor, scaled: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, σ) of the thin SVD of `scaled` (= W·M), in fp32 (fp64 for fp64 weights), on `svd_device(device)`."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    U, S, _ = torch.linalg.svd(scaled.to(svd_device(), dtype), full_matrices=False)
+    U, S, _ = torch.linalg.svd(scaled.to(svd_device(device), dtype), full_matrices=False)
     return U, S
 
 
-def whitened_basis(weight: torch.Tensor, gram: torch.Tensor, floor: float = EIGEN_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, σ) of `W·S`, S the whitening of the input Gram: σ² is output-error energy on the calibration inputs."""
-    S = whitening(gram.to(svd_device()), floor)
-    return output_basis(weight, weight.detach().to(S.device).double() @ S)
+def whitened_basis(weight: torch.Tensor, gram: torch.Tensor, floor: float = EIGEN_FLOOR, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, σ) of `W·S`, S the whitening of the input Gram: σ² is output-error energy on the calibration inputs (on `svd_device(device)`)."""
+    S = whitening(gram.to(svd_device(device)), floor)
+    return output_basis(weight, weight.detach().to(S.device).double() @ S, S.device)
 
 
-def asvd_basis(weight: torch.Tensor, abs_mean: torch.Tensor, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, σ) of `W·diag(mean |x|)^α` (ASVD)."""
-    s = asvd_scale(abs_mean, alpha).to(svd_device())
-    return output_basis(weight, weight.detach().to(s.device).double() * s)
+def asvd_basis(weight: torch.Tensor, abs_mean: torch.Tensor, alpha: float = 0.5, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, σ) of `W·diag(mean |x|)^α` (ASVD), on `svd_device(device)`."""
+    s = asvd_scale(abs_mean, alpha).to(svd_device(device))
+    return output_basis(weight, weight.detach().to(s.device).double() * s, s.device)
 
 
 def projection_factors(weight: torch.Tensor, U_r: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +79,9 @@ def projection_factors(weight: torch.Tensor, U_r: torch.Tensor, dtype: torch.dty
     return up.to(dtype).contiguous(), down.to(dtype).contiguous()
 
 
-def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, floor: float = EIGEN_FLOOR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, floor: float = EIGEN_FLOOR,
+                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(up, down, σ of W·S): the best rank-`rank` factors of `weight` in output norm for inputs with Gram `gram`."""
-    U, sigma = whitened_basis(weight, gram, floor)
+    U, sigma = whitened_basis(weight, gram, floor, device)
     up, down = projection_factors(weight, U[:, :rank])
     return up, down, sigma

@@ -72,13 +72,63 @@ def all_gather_strings(env: DistEnv, value: str) -> list[str]:
     return out
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `python -m torch.distributed.run --standalone --nproc_per_node N -m lowrank_cli ARGV`.
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port), or a LowrankError naming `rdzv_endpoint`."""
+    host, sep, port = str(endpoint).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise LowrankError(f"rdzv_endpoint '{endpoint}' is not HOST:PORT (e.g. 10.0.0.1:29500, a port from 1 to 65535)", param="rdzv_endpoint")
+    return host, int(port)
 
-    `argv` is the command line without `--nproc`. Returns torchrun's exit status.
-    """
+
+def check_launch(nproc: int, device: torch.device, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                 resume: bool = False) -> None:
+    """Refuse, before any process starts, a launch that cannot run: `nproc` processes on this node
+    (one per GPU on CUDA), `nnodes` nodes of which this is `node_rank`, meeting at `rdzv_endpoint`;
+    `resume` on one node only (the run folder, its checkpoints and its lock are node 0's)."""
     if nproc < 1:
         raise LowrankError(f"nproc must be at least 1 (got {nproc})", param="nproc")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lowrank_cli", *argv]
+    if nnodes < 1:
+        raise LowrankError(f"nnodes must be at least 1 (got {nnodes})", param="nnodes")
+    if not 0 <= node_rank < nnodes:
+        raise LowrankError(f"node_rank {node_rank} is outside 0..{nnodes - 1} ({nnodes} node{'s' if nnodes > 1 else ''})", param="node_rank")
+    if rdzv_endpoint is not None:
+        parse_endpoint(rdzv_endpoint)
+    elif nnodes > 1:
+        raise LowrankError(f"rdzv_endpoint is needed with {nnodes} nodes: HOST:PORT of node 0 and a free port there, the same on every node",
+                           param="rdzv_endpoint")
+    if resume and nnodes > 1:
+        raise LowrankError(f"resume with {nnodes} nodes is not supported: only node 0 holds the run's checkpoints; resume on one node "
+                           "(any number of processes)", param="resume")
+    if device.type == "cuda" and (nproc > 1 or nnodes > 1):
+        visible = torch.cuda.device_count()
+        if nproc > visible:
+            raise LowrankError(f"nproc {nproc} but {visible} CUDA device(s) (GPUs) are visible; start at most {visible} processes per node "
+                               "(one per GPU), or train on the CPU", param="nproc")
+
+
+def torchrun_command(nproc: int, argv: list[str], nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... -m lowrank_cli ARGV`: `--standalone` on one node without an
+    endpoint, else a static rendezvous at `rdzv_endpoint` (node 0's address: its processes take ranks
+    0..nproc-1 and rank 0 writes the run) with this node's `node_rank`."""
+    if rdzv_endpoint is None and nnodes == 1:
+        where = ["--standalone"]
+    else:
+        host, port = parse_endpoint(rdzv_endpoint or "")
+        where = [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={host}", f"--master_port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", "-m", "lowrank_cli", *argv]
+
+
+def launch_torchrun(nproc: int, argv: list[str], nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> int:
+    """Run `argv` (the command line without the launch options) under torchrun (`torchrun_command`).
+
+    Returns torchrun's exit status. The launch is checked first (`check_launch`, CPU rules:
+    the GPU count is the caller's to check against its device).
+    """
+    check_launch(nproc, torch.device("cpu"), nnodes, node_rank, rdzv_endpoint)
+    cmd = torchrun_command(nproc, argv, nnodes, node_rank, rdzv_endpoint)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     return subprocess.call(cmd, env=env)

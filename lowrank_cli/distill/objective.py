@@ -9,6 +9,7 @@ says how a model is called (`forward`) and which blocks feature distillation com
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Mapping
 
 import torch
@@ -30,12 +31,29 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def teacher_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The dtype the frozen teacher runs in: the training's autocast dtype on CUDA (`distill.amp` bf16/fp16), else None (as it is)."""
+    if device.type != "cuda" or amp == "none":
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 class _AgainstTeacher:
     """What both distillation objectives share: a frozen teacher, block hooks on both models,
-    and one forward of each per step giving the base (task) term and the feature KD term."""
+    and one forward of each per step giving the base (task) term and the feature KD term.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float, pooled_cosine: float = 0.0):
-        self.teacher = freeze(teacher)
+    The teacher runs under `torch.inference_mode()` (no autograd bookkeeping at all); its
+    outputs are cloned out of inference mode, so that the loss may save them for backward.
+    With `dtype` (CUDA autocast: bf16/fp16) it runs on a copy cast once to that dtype, rather
+    than autocast casting its fp32 weights again at every step; `teacher` itself is unchanged.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float, pooled_cosine: float = 0.0,
+                 dtype: torch.dtype | None = None):
+        teacher = freeze(teacher)
+        if dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()):
+            teacher = freeze(copy.deepcopy(teacher).to(dtype))
+        self.teacher = teacher
         self.forward: Forward = family.forward
         self.base, self.logit_weight, self.pooled_cosine = base, logit_weight, pooled_cosine
         self.student_blocks = BlockOutputs(family.blocks(student))
@@ -44,9 +62,10 @@ class _AgainstTeacher:
             raise ValueError("student and teacher blocks differ")
 
     def base_and_feature_terms(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
+        with torch.inference_mode():
             teacher_logits = self.forward(self.teacher, inputs)
-        teacher_feats = self.teacher_blocks.take()
+            teacher_feats = self.teacher_blocks.take()
+        teacher_logits, teacher_feats = teacher_logits.clone(), [t.clone() for t in teacher_feats]  # normal tensors: autograd may save them
         logits = self.forward(model, inputs)
         student_feats = self.student_blocks.take()
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -74,8 +93,8 @@ class DistillationObjective(_AgainstTeacher):
     data's labels match the model's classes).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily):
-        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily, dtype: torch.dtype | None = None):
+        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine, dtype)
         self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
@@ -97,8 +116,8 @@ class ProgressiveObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0,
-                 pooled_cosine: float = 0.0):
-        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine)
+                 pooled_cosine: float = 0.0, dtype: torch.dtype | None = None):
+        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine, dtype)
         self.task_weight = task_weight
 
     def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -77,33 +77,50 @@ def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
 
 
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule)."""
+    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule); fused on CUDA."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, **adamw_implementation(decay + no_decay))
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the loop's data and model may draw from."""
+def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's fused CUDA kernel when every parameter is on a GPU (one launch per step); the multi-tensor `foreach` one otherwise."""
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {"foreach": True}
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG the loop's data and model may draw from; on CUDA, this process's GPU only (`device`,
+    default the current one), so that a run resumes on any number of GPUs."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if (device is None or device.type == "cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [torch.cuda.get_rng_state(_cuda_index(device))]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def _cuda_index(device: torch.device | None) -> int:
+    return device.index if device is not None and device.index is not None else torch.cuda.current_device()
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s RNGs; the CUDA state goes to this process's GPU (`device`, default the current one).
+
+    A state saved before one GPU's state was kept (one per visible GPU) gives this GPU its own
+    entry when it has one, else the first.
+    """
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "python" in state:
         random.setstate(state["python"])
     if "numpy" in state:
         np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and (device is None or device.type == "cuda") and torch.cuda.is_available():
+        index = _cuda_index(device)
+        torch.cuda.set_rng_state(saved[index] if len(saved) > 1 and index < len(saved) else saved[0], index)
 
 
 def _autocast(device: torch.device, amp: str):
@@ -125,6 +142,20 @@ def without_dropout(model: nn.Module) -> nn.Module:
 
 def _all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def _checks_every_step(device: torch.device, env: DistEnv) -> bool:
+    """Whether the loss is checked at every step: on one CPU process it is free; elsewhere it would wait on the
+    device each step, so it is checked at log steps and before each checkpoint (`_nonfinite_since`)."""
+    return device.type == "cpu" and not env.distributed
+
+
+def _nonfinite_since(bad_losses: torch.Tensor, params: list[torch.Tensor], env: DistEnv) -> bool:
+    """Whether any process saw a non-finite loss (counted in `bad_losses`) or holds a non-finite weight: one sync."""
+    flags = torch.stack([bad_losses.float().reshape(()), *[(~torch.isfinite(p)).any().float() for p in params]]).max().reshape(1)
+    if env.distributed:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags.item())
 
 
 Checkpoint = Callable[[Position, torch.optim.Optimizer, Any], str]
@@ -176,9 +207,13 @@ def train(
         if resume.scaler:
             scaler.load_state_dict(resume.scaler)
         pos = Position(**vars(resume.position))
-        set_rng_state(resume.rng)
+        set_rng_state(resume.rng, device)
+        if pos.batch and pos.batch + cfg.accum_steps > sampler.batches:  # resumed on more processes: this epoch's rest is shorter than a step
+            pos.epoch, pos.batch = pos.epoch + 1, 0
     trainable = [p for p in student.parameters() if p.requires_grad]
-    check_every_step = device.type == "cpu" and not env.distributed  # free there; elsewhere it would sync
+    check_every_step = _checks_every_step(device, env)
+    bad_losses = torch.zeros((), device=device)  # non-finite losses since the last checkpoint, counted without a sync
+    last_saved, checked_step = None, pos.step
     scheduled = schedule(pos.step) if schedule is not None else {}
 
     t_start = t_log = time.perf_counter()
@@ -204,6 +239,8 @@ def train(
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0) + v.float() / cfg.accum_steps
             pos.batch += cfg.accum_steps
+            if not check_every_step:
+                bad_losses += ~torch.isfinite(loss_sum)
             is_log = (pos.step + 1) % cfg.log_every == 0 or pos.step + 1 == total
 
             if check_every_step or is_log:
@@ -243,7 +280,14 @@ def train(
             epoch_end = pos.batch == 0
             due = (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total
             if checkpoint is not None and due:
-                checkpoint(pos, optimizer, scaler)
+                if not check_every_step and _nonfinite_since(bad_losses, trainable, env):  # never write (nor rotate out good ones for) NaN weights
+                    where = f"; the last checkpoint, {last_saved}, holds finite weights" if last_saved else ""
+                    raise LowrankError(
+                        f"the loss or the weights became NaN/inf between step {checked_step + 1} and step {pos.step}; "
+                        f"no checkpoint written{where}; lower the learning rate (distill.lr / distill.lr_base) or set distill.clip_grad"
+                    )
+                bad_losses.zero_()
+                last_saved, checked_step = checkpoint(pos, optimizer, scaler), pos.step
             if step_hook is not None:
                 step_hook(pos)
             if epoch_end:

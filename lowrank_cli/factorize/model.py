@@ -62,6 +62,7 @@ def factorize_model(
     calibration: Iterable | None = None,
     latency: LatencySelection | None = None,
     rows: dict[str, int] | None = None,
+    device: torch.device | str | None = None,
 ) -> Factorization:
     """Replace, in place, each linear the recipe selects by a `LowRankLinear` of its factors.
 
@@ -71,25 +72,27 @@ def factorize_model(
     from the recipe when not given) times each layer once its rank is known and keeps dense
     those not faster factorized. `rows` (input rows per example of each linear) are counted
     when the MAC budget or the latency selection need them and are not given.
-    `progress(name)` is called after each layer.
+    `progress(name)` is called after each layer. SVDs run on `device` (the command's device;
+    default: the GPU when there is one), the factors land where each weight is.
     """
     candidates = family.linear_candidates(model) if family is not None else linear_candidates(model)
     plans = plan_layers(candidates, recipe)
-    result = _factorize_linears(model, recipe, plans, family, progress, calibration, latency, rows)
+    device = svd_device(device)
+    result = _factorize_linears(model, recipe, plans, family, progress, calibration, latency, rows, device)
     if recipe.factorize.embeddings is not None:  # embedding tables: their own rule, plain SVD, after the linears
         tables = family.embedding_candidates(model) if family is not None else embedding_candidates(model)
         embedding_plans = plan_embeddings(tables, recipe)
-        factorize_embeddings(model, embedding_plans, progress)
+        factorize_embeddings(model, embedding_plans, progress, device)
         result.plans += embedding_plans
     return result
 
 
-def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Progress | None = None) -> None:
+def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Progress | None = None, device: torch.device | None = None) -> None:
     """Replace each planned `nn.Embedding` by a `LowRankEmbedding` from the truncated SVD of its table."""
     todo = {p.name: p for p in plans if p.factorized}
 
     def swap(name: str, table: nn.Module) -> nn.Module:
-        new = LowRankEmbedding.from_embedding(table, todo[name].rank)
+        new = LowRankEmbedding.from_embedding(table, todo[name].rank, svd(table.weight, device))
         if progress is not None:
             progress(name)
         return new
@@ -98,7 +101,8 @@ def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Pro
 
 
 def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], family: ModelFamily | None, progress: Progress | None,
-                       calibration: Iterable | None, latency: LatencySelection | None, rows: dict[str, int] | None) -> Factorization:
+                       calibration: Iterable | None, latency: LatencySelection | None, rows: dict[str, int] | None,
+                       device: torch.device | None = None) -> Factorization:
     fac = recipe.factorize
     needs_rows = recipe.select.latency_aware and latency is None or fac.rank_rule == "budget" and fac.target_macs is not None
     if needs_rows and rows is None:
@@ -107,11 +111,11 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
         latency = LatencySelection(recipe.select, rows)
     call = family.forward if family is not None else call_model
     if fac.method != "svd":
-        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call)
+        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, device)
 
     allocation = None
     if fac.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
-        spectrum = lambda n: torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device()).float())  # noqa: E731
+        spectrum = lambda n: torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device(device)).float())  # noqa: E731
         allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows)
     if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
         for plan in latency.decide(plans):
@@ -121,7 +125,7 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
         plan = todo[name]
-        factors = svd(dense_weight(linear)[0])
+        factors = svd(dense_weight(linear)[0], device)
         set_rank(plan, *rule_of(plan), factors[1].cpu())
         if latency is not None and plan.factorized:  # the energy rule's rank is known only now
             latency.decide([plan])
@@ -144,6 +148,7 @@ def _factorize_data_aware(
     latency: LatencySelection | None,
     rows: dict[str, int] | None,
     call,
+    device: torch.device | None = None,
 ) -> Factorization:
     """The `whitened` / `asvd` methods (see `decompose.whiten`).
 
@@ -170,7 +175,7 @@ def _factorize_data_aware(
         for name in group:
             plan, w = todo[name], dense_weight(model.get_submodule(name))[0]
             st = stats.pop(name)
-            U, sigma = whitened_basis(w, st.gram) if whitened else asvd_basis(w, st.abs_mean, fac.asvd_alpha)
+            U, sigma = whitened_basis(w, st.gram, device=device) if whitened else asvd_basis(w, st.abs_mean, fac.asvd_alpha, device)
             if budget:  # keep the basis up to the largest rank that could still shrink the layer
                 keep = max_shrinking_rank(plan.d_in, plan.d_out)
             else:

@@ -17,12 +17,13 @@ def factorize_state_dict(
     plans: list[LayerPlan],
     keys: list[str],
     progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weight-only factorization: each planned `<layer>.weight` becomes `<layer>.down/up.weight`.
 
     `tensors` is a dict or a getter (e.g. `safe_open(...).get_tensor`) so that tensors are
     read one at a time. A layer's bias moves to `<layer>.up.bias`; other keys are copied.
-    `plans` with the energy rule get their rank here, from the SVD.
+    `plans` with the energy rule get their rank here, from the SVD (on `svd_device(device)`).
     """
     get = tensors.__getitem__ if isinstance(tensors, dict) else tensors
     by_weight = {f"{p.name}.weight": p for p in plans if p.factorized}
@@ -31,7 +32,7 @@ def factorize_state_dict(
         if (plan := by_weight.get(key)) is None:
             continue
         w = get(key)
-        usv = svd(w)
+        usv = svd(w, device)
         set_rank(plan, *rule_of(plan), usv[1].cpu())
         if plan.factorized:
             factors[plan.name] = truncated_factors(w, plan.rank, usv)

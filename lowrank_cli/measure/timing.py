@@ -205,20 +205,51 @@ def _onnx_linear(d_in: int, rank_dims: list[int], bias: bool, path: Path) -> Non
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
 
 
-def ort_session(path: Path, threads: int | None, device: torch.device):
-    """An onnxruntime session with every graph optimisation, sequential execution, `threads` intra-op threads."""
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def ort_cuda_available() -> bool:
+    """Whether this onnxruntime can run on a GPU (the `onnxruntime-gpu` package: CUDAExecutionProvider)."""
     import onnxruntime as ort
 
+    return CUDA_EP in ort.get_available_providers()
+
+
+def check_ort_device(device: torch.device, param: str = "device") -> None:
+    """A LowrankError (about `param`) when onnxruntime is asked for CUDA without `onnxruntime-gpu` (it would run on the CPU)."""
+    if device.type != "cuda" or ort_cuda_available():
+        return
+    import onnxruntime as ort
+
+    raise LowrankError(f"{param} '{device}' with runtime onnxruntime needs the onnxruntime-gpu package: this onnxruntime has "
+                       f"{', '.join(ort.get_available_providers())} only, so it would run on the CPU; install onnxruntime-gpu, "
+                       "or use runtime torch or device cpu", param=param)
+
+
+def ort_session(path: Path, threads: int | None, device: torch.device):
+    """An onnxruntime session with every graph optimisation, sequential execution, `threads` intra-op threads.
+
+    On CUDA it runs on `device`'s GPU (CUDAExecutionProvider), or is a LowrankError: never a
+    silent fall-back to the CPU. `session.get_providers()` says what it uses.
+    """
+    import onnxruntime as ort
+
+    check_ort_device(device)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
     if threads is not None:
         so.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), so, providers=providers)
+    providers: list = [CPU_EP]
+    if device.type == "cuda":
+        providers.insert(0, (CUDA_EP, {"device_id": device.index or 0}))
+    sess = ort.InferenceSession(str(path), so, providers=providers)
+    if device.type == "cuda" and CUDA_EP not in sess.get_providers():  # the provider is there but failed to load (CUDA/cuDNN libraries)
+        raise LowrankError(f"device '{device}' with runtime onnxruntime: CUDAExecutionProvider failed to load (the session has "
+                           f"{', '.join(sess.get_providers())}); check that onnxruntime-gpu matches this CUDA and cuDNN, or use runtime torch",
+                           param="device")
+    return sess
 
 
 def _layer_pair_ort(shape: LayerShape, batch: int, threads: int | None, device: torch.device, tmp: Path):
@@ -254,6 +285,8 @@ def time_linear_layers(
     """
     check_runtime(runtime)
     dev = resolve_device(device)
+    if runtime == "onnxruntime":
+        check_ort_device(dev)
     shapes = list(layers)
     if tokens is not None:
         shapes = [LayerShape(s.name, s.d_in, s.d_out, s.rank, tokens, s.bias) for s in shapes]

@@ -75,7 +75,8 @@ class PCLoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, lam={self.lam:.4f}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int, init: AdapterInit = "lora", generator: torch.Generator | None = None) -> "PCLoRALinear":
+    def from_linear(cls, linear: nn.Module, rank: int, init: AdapterInit = "lora", generator: torch.Generator | None = None,
+                    svd_device: torch.device | None = None) -> "PCLoRALinear":
         """Wrap `linear` (an `nn.Linear` or GPT-2's `Conv1D`) with rank-`rank` adapters; the result equals `linear` at λ = 1."""
         w, b = dense_weight(linear)
         d_in, d_out = linear_dims(linear)
@@ -87,7 +88,7 @@ class PCLoRALinear(nn.Module):
                 layer.up.weight.zero_()
                 layer.up.bias.zero_()
             elif init == "svd":
-                up, down = truncated_factors(w, rank)
+                up, down = truncated_factors(w, rank, device=svd_device)
                 layer.down.weight.copy_(down)
                 layer.up.weight.copy_(up)
                 layer.up.bias.copy_(b.detach() if b is not None else torch.zeros_like(layer.up.bias))

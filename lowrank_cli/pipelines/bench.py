@@ -23,7 +23,8 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.export.dense import merge_model
 from lowrank_cli.export.onnx import onnx_export_model
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.measure.timing import LayerTiming, Timing, check_runtime, layer_shapes, ort_session, time_interleaved, time_linear_layers, torch_threads
+from lowrank_cli.measure.timing import (LayerTiming, Timing, check_ort_device, check_runtime, layer_shapes, ort_cuda_available, ort_session,
+                                        time_interleaved, time_linear_layers, torch_threads)
 from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import Inputs, ModelFamily, get_family, inputs_to
 from lowrank_cli.pipelines.common import RUNS_DIR, require_manifest, resolve_model_path
@@ -49,6 +50,7 @@ class BenchResult:
     layers: list[LayerTiming] | None = None
     notes: list[str] = field(default_factory=list)
     seq_len: int | None = None  # text models: tokens per example
+    providers: list[str] | None = None  # onnxruntime: the execution providers the sessions actually use
 
     @property
     def speedup(self) -> float:
@@ -76,7 +78,9 @@ def _onnx_runner(family: ModelFamily, model: nn.Module, tmp: Path, name: str, th
     sess = ort_session(path, threads, device)
     names = [i.name for i in sess.get_inputs()]
     feed = {k: v.numpy() for k, v in x.items() if k in names} if isinstance(x, dict) else {names[0]: x.numpy()}
-    return lambda: sess.run(None, feed)
+    run = lambda: sess.run(None, feed)  # noqa: E731
+    run.providers = list(sess.get_providers())
+    return run
 
 
 def _torch_runner(family: ModelFamily, model: nn.Module, x: Inputs):
@@ -112,6 +116,12 @@ def bench_checkpoint(
     if repeats < 1 or warmup < 0:
         raise LowrankError(f"repeats {repeats} / warmup {warmup}: need at least 1 repeat and no negative warm-up", param="repeats")
     dev = resolve_device(device)
+    notes = []
+    if runtime == "onnxruntime":
+        if dev.type == "cuda" and str(device or "auto") == "auto" and not ort_cuda_available():  # auto: where onnxruntime can run
+            dev = torch.device("cpu")
+            notes.append("device auto: onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu is not installed), so it runs on the CPU")
+        check_ort_device(dev)
     path = resolve_model_path(model, runs_dir or RUNS_DIR)
     _, manifest = require_manifest(path, "lowrank bench", need_architecture=True)
     family = get_family(manifest.family or "timm")
@@ -129,7 +139,7 @@ def bench_checkpoint(
     one = family.example_inputs(fact, seq_len=length)
     macs_f, macs_d = count_macs(fact, one, family.forward), count_macs(dense, one, family.forward)
     x = inputs_to(family.example_inputs(fact, batch, seq_len=length), dev)
-    notes = []
+    providers = None
     with torch_threads(threads) as n_threads:
         if runtime == "torch":
             runners = {"dense": _torch_runner(family, dense, x), "factorized": _torch_runner(family, fact, x)}
@@ -141,6 +151,7 @@ def bench_checkpoint(
                     "factorized": _onnx_runner(family, fact.cpu(), Path(tmp), "factorized", threads, dev, x),
                 }
                 timings = time_interleaved(runners, warmup=warmup, repeats=repeats, device=torch.device("cpu"))
+                providers = runners["factorized"].providers
         layer_times = None
         if layers:
             layer_times = time_linear_layers(layer_shapes(fact, macs_f.linear_rows), batch, device=dev, runtime=runtime, threads=threads)
@@ -148,5 +159,5 @@ def bench_checkpoint(
         notes.append(f"{n_threads} threads on {os.cpu_count()} CPU cores: oversubscribed")
     return BenchResult(
         str(path), str(baseline) if baseline else "merged dense (W = up·down)", runtime, str(dev), batch, n_threads,
-        timings["factorized"], timings["dense"], macs_f.macs, macs_d.macs, count_params(fact), count_params(dense), layer_times, notes, length,
+        timings["factorized"], timings["dense"], macs_f.macs, macs_d.macs, count_params(fact), count_params(dense), layer_times, notes, length, providers,
     )

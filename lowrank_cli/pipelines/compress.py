@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from lowrank_cli.data.images import ImageData, load_image_data
+from lowrank_cli.data.loaders import Head
 from lowrank_cli.data.text import TextData, load_text_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
-from lowrank_cli.data.loaders import Head
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.local import local_batches, local_distill
-from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze
+from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
 from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
@@ -170,6 +170,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     teacher, family, arch = built.model, built.family, built.architecture
     data = load_data(recipe, family, teacher, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
+    svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
     calibration = None
@@ -178,9 +179,9 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
-        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family)
+        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
     else:
-        plans = factorize_model(student, recipe, family=family, calibration=calibration).plans
+        plans = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev).plans
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
     manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method)
@@ -335,6 +336,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if stale or cut:
                 note(f"removed {len(stale)} temporary files of interrupted writes and {cut} metrics lines after step {resume.position.step}")
         note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
+        started = run.run_info().get("world_size")
+        if started and started != env.world:
+            note(f"the run started on {started} processes and resumes on {env.world}: the global batch, learning rate and data order "
+                 f"follow {env.world} from here, so it will not match an uninterrupted run")
     else:
         baseline = {}
         if env.is_main:
@@ -343,7 +348,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             svd = p.student
             if pclora:
                 svd = copy.deepcopy(p.teacher)
-                factorize_model(svd, p.recipe, family=family, calibration=p.calibration)
+                factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
             t, s = accuracy(teacher), accuracy(svd)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
@@ -356,7 +361,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     def save(pos: Position, optimizer, scaler) -> str:
         path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
         if env.is_main:
-            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(), cfg.keep_checkpoints)
+            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(device), cfg.keep_checkpoints)
         return str(path)
 
     def log_metrics(record: dict[str, Any]) -> None:
@@ -400,9 +405,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             set_lambda(p.student, lam)
             return {"lam": lam}
 
-        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine)
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine,
+                                         teacher_dtype(device, cfg.amp))
     else:
-        objective = DistillationObjective(p.student, teacher, cfg, p.base, family)
+        objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp))
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)

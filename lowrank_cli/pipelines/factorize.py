@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
+from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
@@ -111,6 +112,7 @@ def factorize_checkpoint(
     calib_samples: int | None = None,
     layer_timer: LayerTimer | None = None,
     seq_len: int | None = None,
+    device: str | None = "auto",
 ) -> FactorizeResult:
     """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`; for a
     Hub folder, the folder `<folder>.lowrank` with its config and tokenizer files, unless `out` names a .safetensors file).
@@ -118,8 +120,10 @@ def factorize_checkpoint(
     `progress(total)` returns a per-layer callback. `calib_data` (a folder, `digits` or
     `synthetic`) and `calib_samples` override the recipe's calibration settings, which
     `factorize.method: whitened | asvd` needs. With `select.latency_aware`, layers not faster
-    factorized (timed by `layer_timer`) stay dense; the manifest records the timings.
+    factorized (timed by `layer_timer`) stay dense; the manifest records the timings. The SVDs run
+    on `device` (`auto`: the GPU when there is one).
     """
+    svd_dev = resolve_device(device)
     recipe = with_calibration(recipe, calib_data, calib_samples).with_calibration_default()
     method = recipe.factorize.method
     header = read_header(path) if path is not None else None
@@ -144,7 +148,7 @@ def factorize_checkpoint(
         plans, alloc = plan_weight_only(header, recipe, need_spectrum=False)
         with open_tensors(path) as f:
             todo = sum(p.factorized for p in plans)
-            tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None)
+            tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None, svd_dev)
         manifest = build_manifest(None, None, {}, plans, recipe, path)
         manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
@@ -162,7 +166,7 @@ def factorize_checkpoint(
         calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
     result = factorize_model(model, recipe, family=family, progress=progress(todo) if progress else None, calibration=calibration,
-                             latency=latency, rows=macs.linear_rows)
+                             latency=latency, rows=macs.linear_rows, device=svd_dev)
     timings = latency.to_dict() if latency is not None else None
     manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings)
     manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs)

@@ -19,7 +19,7 @@ import torch
 
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.measure.timing import LayerShape, time_linear_layers
+from lowrank_cli.measure.timing import LayerShape, check_ort_device, time_linear_layers
 from lowrank_cli.plan.select import LayerPlan
 from lowrank_cli.recipe import SelectConfig
 
@@ -61,7 +61,10 @@ class LatencySelection:
         self.config = config
         self.rows = rows
         self.timer = timer or default_timer(config)
-        self.device = str(resolve_device(config.latency_device, param="select.latency_device"))
+        device = resolve_device(config.latency_device, param="select.latency_device")
+        if timer is None and config.latency_runtime == "onnxruntime":  # before any layer is timed
+            check_ort_device(device, param="select.latency_device")
+        self.device = str(device)
         self.threads = config.latency_threads or torch.get_num_threads()
         self.measured: dict[tuple, tuple[float, float]] = {}
         self.layers: dict[str, dict[str, Any]] = {}

@@ -45,7 +45,7 @@ svd_module = importlib.import_module("lowrank_cli.decompose.svd")  # `import ...
 def use_svd_device(device: torch.device) -> None:
     """Run the library's SVDs on `device`: it looks `svd_device` up in these modules at each call."""
     for module in (svd_module, whiten_module, factorize_module):
-        module.svd_device = lambda: device
+        module.svd_device = lambda _given=None: device
 
 
 def sync(device: torch.device) -> None:
@@ -67,7 +67,7 @@ def time_svd(model: nn.Module, weights: list[torch.Tensor], recipe, device: torc
         m = copy.deepcopy(model)
         sync(device)
         t = time.perf_counter()
-        factorize_model(m, recipe)
+        factorize_model(m, recipe, device=device)
         sync(device)
         ours.append(time.perf_counter() - t)
         del m

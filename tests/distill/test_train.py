@@ -1,5 +1,6 @@
 """The training loop: schedule, resumable data order, training state without pickles, resume, NaN."""
 
+import importlib
 import json
 import math
 import socket
@@ -130,3 +131,89 @@ def test_dropout_off_for_a_student_that_only_matches_its_teacher():
     assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert DistillConfig().dropout is True and DistillConfig(dropout=False).dropout is False
+
+
+# --- the GPU path on the CPU: per-device CUDA RNG, finiteness before each checkpoint (issue 18) ---------
+
+def test_cuda_rng_state_is_this_process_device_only(tmp_path, monkeypatch):
+    tr = importlib.import_module("lowrank_cli.distill.train")  # the package exports a function of the same name
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.full((8,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, int(state[0]))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every GPU's state restored"))
+
+    state = tr.rng_state(torch.device("cuda", 1))
+    assert calls == [("get", 1)] and len(state["cuda"]) == 1
+    assert "cuda" not in tr.rng_state(torch.device("cpu"))
+    tr.rng_state()  # no device: the current one
+    assert calls[-1] == ("get", 3)
+    # through the file: one CUDA state, restored to this process's GPU whatever its index
+    path = tmp_path / "state.safetensors"
+    save_training_state(path, TrainingState(Position(1, 0, 1), {"state": {}, "param_groups": []}, {}, state))
+    back = load_training_state(path)
+    assert len(back.rng["cuda"]) == 1
+    calls.clear()
+    tr.set_rng_state(back.rng, torch.device("cuda", 0))
+    tr.set_rng_state(back.rng, torch.device("cuda", 5))
+    assert calls == [("set", 0, 7), ("set", 5, 7)]
+    # a state written before (one per visible GPU): this GPU's own entry, else the first
+    calls.clear()
+    old = {"cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(3)]}
+    tr.set_rng_state(old, torch.device("cuda", 1))
+    tr.set_rng_state(old, torch.device("cuda", 4))
+    tr.set_rng_state(old, torch.device("cpu"))  # a CPU run does not touch the GPUs
+    assert calls == [("set", 1, 1), ("set", 4, 0)]
+
+
+def test_nan_between_log_steps_writes_no_checkpoint_and_keeps_the_good_ones(tmp_path, vit_ckpt, monkeypatch):
+    """The CUDA / multi-process path (loss read only at log steps): a NaN at step 3 is caught before the checkpoint of step 3."""
+    tr = importlib.import_module("lowrank_cli.distill.train")  # the package exports a function of the same name
+    import lowrank_cli.pipelines.compress as pc
+
+    monkeypatch.setattr(tr, "_checks_every_step", lambda device, env: False)
+    calls = {"n": 0}
+
+    class NanAtThree(pc.DistillationObjective):
+        def __call__(self, model, inputs, labels):
+            calls["n"] += 1
+            loss, terms = super().__call__(model, inputs, labels)
+            return (loss * float("nan") if calls["n"] == 3 else loss), terms
+
+    monkeypatch.setattr(pc, "DistillationObjective", NanAtThree)
+    recipe = load_recipe(str(tiny_recipe(tmp_path, checkpoint_every=1, keep_checkpoints=2, log_every=100)))
+    out = tmp_path / "run"
+    with pytest.raises(LowrankError, match=r"became NaN/inf between step 3 and step 3; no checkpoint written; the last checkpoint, .*checkpoint-000002"):
+        compress_checkpoint(vit_ckpt, recipe, out=out, device="cpu")
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == [f"checkpoint-00000{s}{x}.safetensors" for s in (1, 2) for x in ("", ".state")]
+    last = load(out / "checkpoint-000002.safetensors")
+    assert all(torch.isfinite(v).all() for v in last.state_dict().values())
+
+
+def test_resume_on_more_processes_mid_epoch_moves_to_the_next_epoch():
+    """A position saved by fewer processes (batch 3 of 4) where this run's epoch has 2 batches: the next epoch, not a hang."""
+    model = tiny_vit().train()
+    dataset = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    cfg = DistillConfig(epochs=3, batch_size=8, lr=1e-3)
+    state = TrainingState(Position(3, 0, 3), create_optimizer(model, cfg, 1e-3).state_dict(), {}, rng_state())
+    positions = []
+    result = train(model, lambda m, x, y: (torch.nn.functional.cross_entropy(m(x), y), {}), dataset, cfg, DistEnv(), resume=state,
+                   step_hook=lambda pos: positions.append((pos.step, pos.epoch, pos.batch)))
+    assert result.steps == 6 and positions == [(4, 1, 1), (5, 2, 0), (6, 2, 1)]
+
+
+def test_adamw_is_foreach_on_the_cpu_and_fused_on_cuda():
+    from types import SimpleNamespace
+
+    from lowrank_cli.distill.train import adamw_implementation
+
+    opt = create_optimizer(tiny_vit(), DistillConfig(), 1e-3)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert adamw_implementation([gpu, gpu]) == {"fused": True}
+    assert adamw_implementation([gpu, cpu]) == {"foreach": True} and adamw_implementation([]) == {"foreach": True}

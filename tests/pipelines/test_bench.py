@@ -76,7 +76,7 @@ def test_bench_onnxruntime(ckpts):
     _, fact = ckpts
     res = bench_checkpoint(fact, batch=2, threads=1, runtime="onnxruntime", repeats=2, warmup=1)
     d = res.to_dict()
-    assert d["runtime"] == "onnxruntime" and d["layers"] is None
+    assert d["runtime"] == "onnxruntime" and d["layers"] is None and d["providers"] == ["CPUExecutionProvider"] and d["device"] == "cpu"
     _check_timing(d["factorized"], 2)
     assert d["ideal_speedup"] == pytest.approx(1942400 / 1093760)
 
@@ -121,3 +121,46 @@ def test_bench_bad_inputs_one_line_errors(cli, ckpts, tmp_path):
     if not torch.cuda.is_available():
         one_line_error(cli("bench", fact, "--device", "cuda"), "CUDA is not available")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def gpu_without_ort_gpu(monkeypatch):
+    """A CUDA machine (mocked) whose onnxruntime is the CPU-only package."""
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_onnxruntime_on_cuda_without_onnxruntime_gpu_is_refused(cli, ckpts, gpu_without_ort_gpu):
+    _, fact = ckpts
+    for device in ("cuda", "cuda:1"):
+        one_line_error(cli("bench", fact, "--runtime", "onnxruntime", "--device", device),
+                       f"--device '{device}' with runtime onnxruntime needs the onnxruntime-gpu package",
+                       "AzureExecutionProvider, CPUExecutionProvider only", "use runtime torch or device cpu")
+    shapes = [LayerShape("a", 96, 384, 38, tokens=5)]
+    with pytest.raises(Exception, match="needs the onnxruntime-gpu package"):
+        time_linear_layers(shapes, device="cuda", runtime="onnxruntime")
+    from lowrank_cli.plan import LatencySelection
+    from lowrank_cli.recipe import SelectConfig
+
+    with pytest.raises(Exception, match="^select.latency_device 'cuda' with runtime onnxruntime needs the onnxruntime-gpu package"):
+        LatencySelection(SelectConfig(latency_aware=True, latency_runtime="onnxruntime"), {})
+
+
+def test_onnxruntime_on_auto_without_onnxruntime_gpu_runs_on_the_cpu_and_says_so(ckpts, gpu_without_ort_gpu, monkeypatch):
+    import lowrank_cli.pipelines.bench as bench
+
+    monkeypatch.setattr(bench, "_onnx_runner", lambda family, model, tmp, name, threads, device, x: pytest.fail(f"ran on {device}")
+                        if device.type != "cpu" else _fake_runner())
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self if not a or str(a[0]) == "cpu" else pytest.fail(f"moved to {a}"))
+    d = bench_checkpoint(ckpts[1], batch=1, runtime="onnxruntime", repeats=1, warmup=0).to_dict()
+    assert d["device"] == "cpu" and d["providers"] == ["CPUExecutionProvider"]
+    assert any("onnxruntime-gpu is not installed" in n for n in d["notes"])
+
+
+def _fake_runner():
+    run = lambda: None  # noqa: E731
+    run.providers = ["CPUExecutionProvider"]
+    return run

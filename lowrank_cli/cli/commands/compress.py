@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
-from lowrank_cli.cli.launch import is_main_process, relaunch
+from lowrank_cli.cli import launch
 from lowrank_cli.cli.render import console, err_console
 from lowrank_cli.cli.render_training import compress_table, curve_table, training_progress
 from lowrank_cli.pipelines.compress import compress_checkpoint, prepare_compress, with_run_options
@@ -44,17 +44,21 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = opt.DeviceOpt,
     nproc: Optional[int] = opt.NprocOpt,
+    nnodes: int = opt.NnodesOpt,
+    node_rank: int = opt.NodeRankOpt,
+    rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
+    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
     r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs)
     kwargs = opt.parse_model_args(model_arg)
-    if nproc is not None and nproc > 1:
+    if launch.launches(nproc, nnodes):
         prepared = prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
-        with prepared.run.locked():  # held for the processes torchrun starts
-            if relaunch(nproc):
+        with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
+            if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
-    with training_progress("distill", enabled=is_main_process()) as log:
+    with training_progress("distill", enabled=launch.is_main_process()) as log:
         report = compress_checkpoint(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device,
                                      log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

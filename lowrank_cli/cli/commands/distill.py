@@ -9,7 +9,7 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands.compress import print_report
-from lowrank_cli.cli.launch import is_main_process, relaunch
+from lowrank_cli.cli import launch
 from lowrank_cli.cli.render import err_console
 from lowrank_cli.cli.render_training import training_progress
 from lowrank_cli.pipelines.compress import distill_checkpoint, prepare_distill
@@ -29,16 +29,20 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = opt.DeviceOpt,
     nproc: Optional[int] = opt.NprocOpt,
+    nnodes: int = opt.NnodesOpt,
+    node_rank: int = opt.NodeRankOpt,
+    rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
+    launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
     r = load_recipe(recipe) if recipe else None
-    if nproc is not None and nproc > 1:
+    if launch.launches(nproc, nnodes):
         prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
-        with prepared.run.locked():  # held for the processes torchrun starts
-            if relaunch(nproc):
+        with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
+            if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
-    with training_progress("distill", enabled=is_main_process()) as log:
+    with training_progress("distill", enabled=launch.is_main_process()) as log:
         report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
                                     log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

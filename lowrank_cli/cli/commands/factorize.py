@@ -29,6 +29,7 @@ def factorize(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration images (default: the recipe's, 256)."),
     latency_aware: bool = opt.LatencyOpt,
     seq_len: Optional[int] = opt.SeqLenOpt,
+    device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto (CUDA when available), cpu, cuda or cuda:N."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
@@ -40,7 +41,7 @@ def factorize(
         err_console.print(f"[yellow]note:[/] no checkpoint given: factorizing {model or r.model} with random weights")
     with layer_progress("SVD") as progress:
         result = factorize_checkpoint(checkpoint, r, out, model, opt.parse_model_args(model_arg), force, progress, calib_data, calib_samples,
-                                      seq_len=seq_len)
+                                      seq_len=seq_len, device=device)
     if as_json:
         print_json({"out": str(result.out), **result.inspection.to_dict()})
         return
