@@ -10,8 +10,10 @@ from hf_models import CHAT_TEMPLATE, hub_model
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.io.manifest import read_checkpoint
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.models import build_model, load
+from lowrank_cli.models.build import load_state_dict_strict
 from lowrank_cli.pipelines.export import export_checkpoint
 from lowrank_cli.pipelines.factorize import factorize_checkpoint
 from lowrank_cli.recipe import load_recipe
@@ -46,6 +48,10 @@ def test_a_tied_table_is_stored_once_and_tied_again_on_load(tied):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie, restored
     got = model.state_dict()
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    again = build_model(fact).model  # a resumed run's strict load of the file's tensors alone (no adapt_state_dict)
+    torch.nn.init.zeros_(again.lm_head.weight)
+    load_state_dict_strict(again, read_checkpoint(fact / "model.safetensors")[2], fact, "LlamaForCausalLM")
+    assert again.lm_head.weight is again.model.embed_tokens.weight and torch.equal(again.lm_head.weight, expected["lm_head.weight"])
     for name in SIDE:  # the chat template and the usage files come along
         assert (fact / name).read_bytes() == (source / name).read_bytes(), name
 
