@@ -13,6 +13,7 @@ from transformers import AutoConfig, BertTokenizerFast, PreTrainedTokenizerFast
 
 from lowrank_cli.data.text import pydoc_documents
 
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"  # saved as chat_template.jinja
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
 
 
@@ -37,6 +38,8 @@ KINDS = {
     "roberta": ("RobertaModel", "roberta", _byte_bpe, {"max_position_embeddings": 66, "pad_token_id": 1}),
     "gpt2": ("GPT2LMHeadModel", "gpt2", _byte_bpe, {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}),
     "llama": ("LlamaForCausalLM", "llama", _byte_bpe, {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    # an LM head tied to the word embeddings, grouped-query attention (4 heads, 2 key/value heads), a chat template
+    "llama-tied": ("LlamaForCausalLM", "llama", _byte_bpe, {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}),
     "vit": ("ViTForImageClassification", "vit", None, {"image_size": 32, "patch_size": 8, "num_channels": 3, "num_labels": 10}),
 }
 
@@ -57,5 +60,7 @@ def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
     model = getattr(transformers, arch)(config).eval()
     model.save_pretrained(str(folder))
     if tokenizer is not None:
+        if kind == "llama-tied":
+            tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(str(folder))
     return folder

@@ -194,10 +194,16 @@ def export_table(result) -> Table:
     table.add_row("factorized layers", str(result.factorized_layers))
     if result.onnx_ops:
         table.add_row("ONNX MatMul / Gemm nodes", f"{result.onnx_ops['MatMul']} / {result.onnx_ops['Gemm']} ({result.onnx_ops['nodes']} nodes)")
+    if len(result.weight_files) > 1:
+        table.add_row("weight files", f"{len(result.weight_files)} shards and model.safetensors.index.json")
     v = result.verification or {}
-    if "max_abs_diff" in v:
-        tol = f" (tolerance {v['tolerance']:g}, batches {v['batches']})" if "tolerance" in v else ""
-        table.add_row("verified", f"{v['check']}: max abs diff {v['max_abs_diff']:.2e}{tol}")
+    if "relative_diff" in v:
+        batches = f", batches {v['batches']}" if "batches" in v else ""
+        top1 = f", top-1 agreement {100 * v['top1_agreement']:.1f} % (≥ {100 * v['min_top1_agreement']:g} % needed)" if v.get("min_top1_agreement") else ""
+        table.add_row("verified", f"{v['check']}: max abs diff {v['max_abs_diff']:.2e} = {v['relative_diff']:.2e} of max |y| "
+                                  f"{v['scale']:.3g} (tolerance {v['tolerance']:g}{batches}){top1}")
+    elif "max_abs_diff" in v:
+        table.add_row("verified", f"{v['check']}: max abs diff {v['max_abs_diff']:.2e}")
     elif v:
         table.add_row("verified", f"{v['check']}: dtypes {', '.join(v['dtypes'])}, manifest kept: {v['manifest_kept']}")
     for extra in result.extra_files:

@@ -2,8 +2,8 @@
 
 `write_verified_onnx` stages the export in a temporary folder beside the output, checks it
 (full check), counts its MatMuls (each `LowRankLinear` must stay two), runs it in
-onnxruntime against PyTorch at two batch sizes, and only then moves it into place: a failed
-export leaves nothing behind. Models of 2 GB or more keep their weights in `<out>.data`.
+onnxruntime against PyTorch at two batch sizes (max |Δ| ≤ 5e-4 · max |y|, `export.verify`),
+and only then moves it into place: a failed export leaves nothing behind. Models of 2 GB or more keep their weights in `<out>.data`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.export.verify import compare_outputs, require_match
 from lowrank_cli.io.atomic import atomic_output
 from lowrank_cli.models.family import Inputs
 from lowrank_cli.nn.lowrank import LowRankLinear
 
-ONNX_TOLERANCE = 1e-3  # max |onnxruntime − PyTorch| on the outputs above which an export fails
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's 2 GB limit: larger models keep weights in <out>.data
 DEFAULT_OPSET = 18
 OPSETS = range(7, 24)
@@ -139,9 +139,10 @@ def run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
 @torch.no_grad()
 def verify_onnx(path: Path, model: nn.Module, make_inputs: InputMaker, forward: Forward,
                 batches: tuple[int, ...] = VERIFY_BATCHES, seed: int = 0) -> dict[str, Any]:
-    """Max |onnxruntime − PyTorch| over random inputs at each batch size."""
+    """onnxruntime vs PyTorch over random inputs at each batch size: `export.verify.compare_outputs` (fp32 tolerance),
+    with the max |Δ| of each batch."""
     gen = torch.Generator().manual_seed(seed)
-    diffs = {}
+    pairs, diffs = [], {}
     for b in batches:
         x = make_inputs(b, gen)
         try:
@@ -151,9 +152,10 @@ def verify_onnx(path: Path, model: nn.Module, make_inputs: InputMaker, forward: 
         want = forward(model, x)
         if tuple(got.shape) != tuple(want.shape):
             raise LowrankError(f"onnxruntime output shape {list(got.shape)} differs from PyTorch's {list(want.shape)} at {_shape_of(x)}")
+        pairs.append((got, want))
         diffs[_shape_of(x)] = (got.float() - want.float()).abs().max().item()
     return {"check": "onnxruntime vs PyTorch on random inputs", "batches": list(batches), "shapes": list(diffs),
-            "max_abs_diff": max(diffs.values()), "per_batch": diffs, "tolerance": ONNX_TOLERANCE}
+            **compare_outputs(pairs), "per_batch": diffs}
 
 
 def _shape_of(inputs: Inputs) -> str:
@@ -187,11 +189,7 @@ def write_verified_onnx(model: nn.Module, out: Path, make_inputs: InputMaker, fo
                 f"{n_factorized} factorized layers (expected at least two each): the exporter merged them"
             )
         verification = verify_onnx(staged, model, make_inputs, forward)
-        if not verification["max_abs_diff"] <= ONNX_TOLERANCE:  # `not <=` also catches NaN
-            raise LowrankError(
-                f"the ONNX export of {source} differs from PyTorch by {verification['max_abs_diff']:.3g} "
-                f"(max abs, batches {list(VERIFY_BATCHES)}), above the {ONNX_TOLERANCE:g} tolerance; nothing was written"
-            )
+        require_match(verification, f"the ONNX export of {source}", f"PyTorch (batches {list(VERIFY_BATCHES)})")
         extra = []
         if external:
             with atomic_output(out.with_name(data_name), force=force, inputs=inputs) as tmp_data:

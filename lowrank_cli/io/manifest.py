@@ -246,9 +246,24 @@ class Manifest:
         return model
 
 
+def tied_once(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with a tied tensor (one storage under several names, e.g. an LM head tied to the word embeddings)
+    kept once, under its first name, as transformers saves it; loading fills in the other names from the model's ties."""
+    seen, out = set(), {}
+    for key, value in state_dict.items():
+        ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = value
+    return out
+
+
 def save_factorized(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], manifest: Manifest, *, force: bool = False,
                     inputs: tuple[str | os.PathLike, ...] = ()) -> Manifest:
-    """Write a factorized checkpoint with its manifest, which records the digest of exactly these tensors."""
+    """Write a factorized checkpoint with its manifest, which records the digest of exactly these tensors; a tied
+    tensor is written once (`tied_once`)."""
+    state_dict = tied_once(state_dict)
     manifest = manifest.replace(weights_sha256=tensors_digest(state_dict))
     save_checkpoint(path, state_dict, manifest.metadata(), force=force, inputs=inputs)
     return manifest

@@ -14,7 +14,7 @@ from torch import nn
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest, read_checkpoint
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, strip_prefix
-from lowrank_cli.models.family import ModelFamily, get_family, recognizes
+from lowrank_cli.models.family import ModelFamily, fill_tied, get_family, recognizes
 
 DEFAULT_FAMILY = "timm"
 
@@ -118,8 +118,9 @@ def create_model(arch: str, model_kwargs: dict[str, Any] | None = None, family: 
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike, arch: str | None) -> None:
-    """`model.load_state_dict(state_dict, strict=True)`, failing with one line that names the keys."""
-    state_dict = strip_prefix(state_dict)
+    """`model.load_state_dict(state_dict, strict=True)`, failing with one line that names the keys. A tensor the model ties
+    under several names (stored once) counts under each of them."""
+    state_dict = fill_tied(model, strip_prefix(state_dict))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

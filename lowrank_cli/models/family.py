@@ -97,6 +97,22 @@ def _shared(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
+def fill_tied(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each of `model`'s tied tensors (one storage under several names, e.g. an LM head tied to the
+    word embeddings) under every one of its names, from whichever name is present: a checkpoint stores a tied tensor once."""
+    groups: dict[tuple, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if value.numel():
+            groups.setdefault((value.data_ptr(), value.dtype, tuple(value.shape), value.stride()), []).append(key)
+    out = dict(state_dict)
+    for keys in groups.values():
+        present = [k for k in keys if k in out]
+        if present and len(keys) > 1:
+            for k in keys:
+                out.setdefault(k, out[present[0]])
+    return out
+
+
 def embedding_candidates(model: nn.Module) -> list[Candidate]:
     """Every `nn.Embedding` table (d_in = rows, d_out = width); one tied to another module (an LM head) is marked."""
     holders = _shared(model)
@@ -194,8 +210,13 @@ class ModelFamily(ABC):
         lowrank's strict load of the tensors is the library's way (timm)."""
         return None
 
-    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-        """A dense export loaded back the way the library loads it (strictly), in eval mode."""
+    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """A dense export loaded back the way the library loads it (strictly), in `dtype` when given, in eval mode."""
+        raise LowrankError(f"{self.name} models are not exported as folders", param="format")
+
+    def save_dense(self, model: nn.Module, folder: Path, max_shard_size: int | str | None = None) -> None:
+        """A dense model written as the library's own folder (config, weights in the model's dtype, shards of at most
+        `max_shard_size` bytes)."""
         raise LowrankError(f"{self.name} models are not exported as folders", param="format")
 
     def architecture_for(self, config: dict[str, Any]) -> str:

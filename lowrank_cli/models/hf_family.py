@@ -21,9 +21,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.models.family import Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, linear_candidates
+from lowrank_cli.models.family import (Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, fill_tied,
+                                       linear_candidates)
 from lowrank_cli.nn.lowrank import is_conv1d
 
+# from_pretrained's dtype argument: `dtype` since transformers 4.56 (`torch_dtype` before)
+_DTYPE_ARG = "dtype" if tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2]) >= (4, 56) else "torch_dtype"
 transformers.logging.set_verbosity_error()  # its config warnings and progress bars would break the one-line output of the CLI
 transformers.logging.disable_progress_bar()
 
@@ -84,12 +87,15 @@ class HFFamily(ModelFamily):
         ties weights), strict: a missing, unexpected or mismatched key is a LowrankError naming them."""
         return self.load_dense(folder, architecture, kwargs)
 
-    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-        """`<architecture>.from_pretrained(folder)` (local files only); missing or unexpected keys are a LowrankError."""
+    def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """`<architecture>.from_pretrained(folder)` (local files only), in `dtype` when given; missing or
+        unexpected keys are a LowrankError."""
         cls = getattr(transformers, architecture, None)
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
             raise LowrankError(f"'{architecture}' is not a transformers model class (e.g. BertModel, GPT2LMHeadModel, ViTModel)", param="model")
         extra = {"config": config_from(kwargs, f"{where}/config.json")} if kwargs else {}
+        if dtype is not None:
+            extra[_DTYPE_ARG] = dtype
         try:
             model, info = cls.from_pretrained(str(where), local_files_only=True, output_loading_info=True, **extra)
         except Exception as e:  # noqa: BLE001 - transformers raises many types for a folder it cannot load
@@ -101,6 +107,11 @@ class HFFamily(ModelFamily):
             parts = "; ".join(f"{len(v)} {label} ({', '.join(sorted(v)[:4])}{', ...' if len(v) > 4 else ''})" for label, v in bad)
             raise LowrankError(f"{where} does not match architecture '{architecture}': {parts}", param="model")
         return model.eval()
+
+    def save_dense(self, model: nn.Module, folder: Path, max_shard_size: int | str | None = None) -> None:
+        """`model.save_pretrained(folder)`: config (with the weights' dtype), weights (tied ones once), in shards of at most
+        `max_shard_size` (bytes, or a size such as `"500MB"`; transformers' default otherwise) with their index."""
+        model.save_pretrained(str(folder), **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
 
     def recorded_kwargs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The whole config: a factorized checkpoint rebuilds its model with no file beside it."""
@@ -114,15 +125,7 @@ class HFFamily(ModelFamily):
         itself (`position_ids`, GPT-2's `attn.bias`), and with a tied weight saved once (an LM head) under each of its names."""
         expected = model.state_dict()
         out = {k: v for k, v in state_dict.items() if k in expected or not _COMPUTED.search(k)}
-        groups: dict[int, list[str]] = {}
-        for key, value in expected.items():
-            groups.setdefault(value.data_ptr(), []).append(key)
-        for keys in groups.values():
-            present = [k for k in keys if k in out]
-            if present and len(keys) > 1:
-                for k in keys:
-                    out.setdefault(k, out[present[0]])
-        return out
+        return fill_tied(model, out)
 
     def task(self, model: nn.Module) -> str:
         """`causal-lm`, `classification`, `image-classification`, `masked-lm`, or `features` (a base model's hidden states)."""

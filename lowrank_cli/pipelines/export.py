@@ -3,7 +3,11 @@
 - `onnx`: the model built in its family's export-friendly form, exported by the dynamo
   exporter with a dynamic batch axis, checked and verified against PyTorch (`export.onnx`).
 - `dense`: every `<layer>.down/up` pair merged back into `<layer>.weight = up · down`: a plain
-  state dict that the model's library loads strictly (timm: `create_model(arch, checkpoint_path=...)`).
+  state dict that the model's library loads strictly (timm: `create_model(arch, checkpoint_path=...)`),
+  or for a transformers model a Hub folder (`from_pretrained`), in the asked dtype.
+
+Every check compares outputs relative to their scale (`export.verify`): max |Δ| ≤ 5e-4 · max |y|
+in fp32; in fp16/bf16 3e-2 · max |y| and 99 % of the top-1 predictions kept.
 - `safetensors`: the factorized checkpoint and its manifest, cast to another dtype.
 
 Every output is written to a temporary file and renamed into place only when it is complete
@@ -13,6 +17,7 @@ and verified, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +29,27 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.export.cast import cast_tensors, dtype_name, parse_dtype
 from lowrank_cli.export.dense import merge_state_dict
 from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
+from lowrank_cli.export.verify import LOW_PRECISION, compare_outputs, require_match
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
-from lowrank_cli.io.safetensors import read_header, save_checkpoint
+from lowrank_cli.io.safetensors import checkpoint_files, read_header, save_checkpoint
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built, build_model, load_state_dict_strict
-from lowrank_cli.models.family import ModelFamily, get_family
+from lowrank_cli.models.family import ModelFamily, fill_tied, get_family
 from lowrank_cli.nn.lowrank import LowRankLinear
 from lowrank_cli.pipelines.common import RUNS_DIR, output_beside, require_manifest, resolve_model_path
 
 FORMATS = ("onnx", "dense", "safetensors")
+SHARD_SIZE = re.compile(r"[0-9]+(GiB|MiB|KiB|GB|MB|KB)", re.IGNORECASE)  # what save_pretrained's max_shard_size reads
+
+
+def check_shard_size(size: int | str | None) -> None:
+    """A positive number of bytes, or digits and a unit (`500MB`, `2GB`, `1GiB`); else a LowrankError naming it."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (isinstance(size, str) and SHARD_SIZE.fullmatch(size)):
+        return
+    raise LowrankError(f"max_shard_size {size!r} is not a size; accepted: a positive number of bytes, or digits and a unit such as "
+                       "'500MB', '2GB' or '1GiB'", param="max_shard_size")
 
 
 @dataclass
@@ -52,10 +67,11 @@ class ExportResult:
     architecture: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     factorized_layers: int = 0
-    verification: dict[str, Any] | None = None  # what was checked, and its max abs diff
+    verification: dict[str, Any] | None = None  # what was checked: max_abs_diff, scale, relative_diff, tolerance, top1_agreement
     onnx_ops: dict[str, int] | None = None  # MatMul / Gemm node counts of an ONNX export
     extra_files: list[str] = field(default_factory=list)  # e.g. the ONNX external data file
     family: str | None = None
+    weight_files: list[str] = field(default_factory=list)  # a Hub folder's weight files: model.safetensors, or its shards
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,38 +97,60 @@ def input_maker(family: ModelFamily, model: nn.Module):
     return lambda b, g: family.example_inputs(model, b, generator=g, seq_len=min(TEXT_LENGTHS.get(b, 16), limit))
 
 
+VERIFY_BATCH = {"image": 8, "text": 2}  # examples a dense export is checked on (text: 2 × up to 128 tokens)
+HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 @torch.no_grad()
-def _max_abs_diff(family: ModelFamily, a: nn.Module, b: nn.Module, seed: int = 0) -> float:
-    x = family.example_inputs(a, 2, generator=torch.Generator().manual_seed(seed))
-    return (family.forward(a, x).float() - family.forward(b, x).float()).abs().max().item()
+def _compare(family: ModelFamily, reference: nn.Module, exported: nn.Module, low_precision: bool, seed: int = 0) -> dict[str, Any]:
+    """`export.verify.compare_outputs` of `exported` against `reference` (both fp32) on random inputs."""
+    batch = VERIFY_BATCH["text" if family.max_positions(reference) is not None else "image"]
+    x = family.example_inputs(reference, batch, generator=torch.Generator().manual_seed(seed))
+    return compare_outputs([(family.forward(exported, x), family.forward(reference, x))], low_precision=low_precision)
+
+
+def _low_precision(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether any floating-point tensor is float16 / bfloat16: the export is checked at the low-precision tolerance."""
+    return any(v.dtype in LOW_PRECISION for v in tensors.values())
 
 
 def _macs(built_model: nn.Module, family: ModelFamily) -> int:
     return count_macs(built_model, family.example_inputs(built_model), family.forward).macs
 
 
-def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool = False) -> ExportResult:
-    """Merge every factorized layer back to one dense weight and write a plain state dict.
+def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool = False,
+                 max_shard_size: int | str | None = None) -> ExportResult:
+    """Merge every factorized layer back to one dense weight and write a plain state dict, in `dtype` when given.
 
     With an architecture, the result is loaded strictly into the family's freshly built model
-    and its outputs compared with the factorized model's (the verification in the report).
+    and its outputs compared with the factorized model's (the verification in the report); an
+    export that fails the check is not written. A transformers model becomes a Hub folder
+    (`export_dense_hub`, shards of at most `max_shard_size`).
     """
     header, manifest = require_manifest(path, "export as dense", need_architecture=False)
     if manifest.family == "transformers":
-        return export_dense_hub(path, out, header, manifest, dtype=dtype, force=force)
+        return export_dense_hub(path, out, header, manifest, dtype=dtype, force=force, max_shard_size=max_shard_size)
+    if max_shard_size is not None:
+        raise LowrankError(f"max_shard_size applies to a transformers model's dense export (a Hub folder), not to {path}", param="max_shard_size")
     check_output(out, force=force, inputs=(path,))
     cast = parse_dtype(dtype) if dtype else None
-    dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
-    params, macs, verification = sum(v.numel() for v in dense_sd.values() if v.is_floating_point()), None, None
+    dense_sd = merge_state_dict(read_checkpoint(path)[2], manifest.layers)
+    params, macs, verification = None, None, None
     if not manifest.weight_only:
         factorized = build_model(path)
         family = factorized.family
         dense = family.create(manifest.architecture, manifest.model_kwargs).eval()
+        dense_sd = cast_tensors(fill_tied(dense, dense_sd), cast)  # a tied tensor stored once: the library's strict load wants each name
         load_state_dict_strict(dense, dense_sd, out, manifest.architecture)  # exactly what the library's strict load will see
         dense.float()
-        diff = _max_abs_diff(family, factorized.model.float(), dense)
+        verification = {"check": f"strict load into a new {family.name} model; outputs (in fp32) vs the factorized model",
+                        **_compare(family, factorized.model.float(), dense, _low_precision(dense_sd))}
+        require_match(verification, f"the dense export of {path}", "the factorized model")
         params, macs = count_params(dense), _macs(dense, family)
-        verification = {"check": f"strict load into a new {family.name} model; outputs vs the factorized model", "max_abs_diff": diff}
+    else:
+        dense_sd = cast_tensors(dense_sd, cast)
+    if params is None:
+        params = sum(v.numel() for v in dense_sd.values() if v.is_floating_point())
     save_checkpoint(out, dense_sd, None, force=force, inputs=(path,))
     return ExportResult(
         "dense", str(path), str(out), path.stat().st_size, out.stat().st_size, params, macs, dtype_name(dense_sd),
@@ -120,30 +158,42 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
     )
 
 
-def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype: str | None = None, force: bool = False) -> ExportResult:
-    """A transformers model's dense export: a Hub folder (config, merged weights, tokenizer files) that its
-    class's `from_pretrained` loads with no missing or unexpected keys; outputs checked against the factorized model."""
+def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype: str | None = None, force: bool = False,
+                     max_shard_size: int | str | None = None) -> ExportResult:
+    """A transformers model's dense export: a Hub folder (config, merged weights in `dtype`, tokenizer and usage files)
+    that its class's `from_pretrained` loads, in that dtype, with no missing or unexpected keys; its outputs (in fp32)
+    checked against the factorized model's. `max_shard_size` (bytes, or `"5GB"`): `save_pretrained`'s shards."""
     check_output_folder(out, force=force, inputs=(path,))
     cast = parse_dtype(dtype) if dtype else None
     factorized = build_model(path)
     family, model = factorized.family, factorized.model
     dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
+    low_precision = _low_precision(dense_sd)
     merged = family.create(manifest.architecture, manifest.model_kwargs)
     load_state_dict_strict(merged, dense_sd, path, manifest.architecture)
+    if cast is not None:
+        merged.to(cast)  # the weights saved, and the config's dtype, are the asked ones
     with atomic_folder(out, force=force, inputs=(path,)) as tmp:
-        merged.save_pretrained(str(tmp))  # the library's own format (its key names, tied weights saved once)
+        family.save_dense(merged, tmp, max_shard_size)  # the library's own format (its key names, tied weights saved once, shards)
         copy_side_files(header.folder, tmp)
-        dense = family.load_dense(tmp, manifest.architecture).float()  # and its own loader, strict
-        diff = _max_abs_diff(family, model.float(), dense)
-        if not diff <= 1e-3:
-            raise LowrankError(f"the dense export of {path} differs from the factorized model by {diff:.3g} (max abs); nothing was written")
+        written_header = read_header(tmp)
+        written = sorted({HEADER_DTYPES.get(t.dtype, t.dtype) for t in written_header.tensors.values() if t.dtype in HEADER_DTYPES})
+        if cast is not None and written != [dtype]:
+            raise LowrankError(f"the dense export of {path} holds {'+'.join(written)} tensors, not the {dtype} asked; nothing was written")
+        dense = family.load_dense(tmp, manifest.architecture, dtype=cast)  # and its own loader, strict, in that dtype
+        loaded = sorted({str(p.dtype).removeprefix("torch.") for p in dense.parameters()})
+        dense.float()
+        verification = {"check": f"{manifest.architecture}.from_pretrained of the folder{f' in {dtype}' if cast else ''}: no missing or "
+                                 "unexpected keys; outputs (in fp32) vs the factorized model",
+                        **_compare(family, model.float(), dense, low_precision), "loaded_dtypes": loaded}
+        require_match(verification, f"the dense export of {path}", "the factorized model")
         params, macs = count_params(dense), _macs(dense, family)
-    written = out / "model.safetensors"
+        files = sorted(f.name for f in checkpoint_files(tmp)[1])
+        bytes_after = sum((tmp / f).stat().st_size for f in files)
     return ExportResult(
-        "dense", str(path), str(out), path.stat().st_size if path.is_file() else header.path.stat().st_size, written.stat().st_size,
-        params, macs, dtype_name(dense_sd), manifest.architecture, {}, len(manifest.layers),
-        {"check": f"{manifest.architecture}.from_pretrained of the folder: no missing or unexpected keys; outputs vs the factorized model",
-         "max_abs_diff": diff}, family="transformers",
+        "dense", str(path), str(out), sum(f.stat().st_size for f in checkpoint_files(path)[1]), bytes_after,
+        params, macs, "+".join(written), manifest.architecture, {}, len(manifest.layers), verification,
+        family="transformers", weight_files=files,
     )
 
 
@@ -208,14 +258,19 @@ def export_checkpoint(
     dtype: str | None = None,
     force: bool = False,
     runs_dir: str | os.PathLike = RUNS_DIR,
+    max_shard_size: int | str | None = None,
 ) -> ExportResult:
-    """Export a factorized checkpoint (or a run directory's, or the newest run's) as `fmt`."""
+    """Export a factorized checkpoint (or a run directory's, or the newest run's) as `fmt`. `max_shard_size`: a
+    transformers model's dense export is written in shards of at most that many bytes (an int, or `"500MB"`)."""
     if fmt not in FORMATS:
         raise LowrankError(f"format '{fmt}' is not supported; accepted: {', '.join(FORMATS)}", param="format")
     if dtype is not None:
         parse_dtype(dtype)
     if fmt == "onnx" and dtype not in (None, "float32"):
-        raise LowrankError(f"dtype {dtype} is not supported for the onnx format (exports are float32 and verified at 1e-3)", param="dtype")
+        raise LowrankError(f"dtype {dtype} is not supported for the onnx format (exports are float32); accepted: float32", param="dtype")
+    check_shard_size(max_shard_size)
+    if max_shard_size is not None and fmt != "dense":
+        raise LowrankError(f"max_shard_size applies to the dense format only, not {fmt}", param="max_shard_size")
     path = resolve_model_path(model, runs_dir)
     manifest = Manifest.from_header(read_header(path)) if fmt == "dense" else None
     hub = manifest is not None and manifest.family == "transformers"
@@ -226,5 +281,5 @@ def export_checkpoint(
         if value is not None:
             raise LowrankError(f"{name} applies to the onnx format only, not {fmt}", param=name)
     if fmt == "dense":
-        return export_dense(path, out_path, dtype=dtype, force=force)
+        return export_dense(path, out_path, dtype=dtype, force=force, max_shard_size=max_shard_size)
     return export_safetensors(path, out_path, dtype=dtype or "float32", force=force)

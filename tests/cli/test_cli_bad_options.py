@@ -25,6 +25,8 @@ TINY = (TINY_VIT, *model_args(TINY_VIT_KWARGS))
     (["factorize", "CKPT", "--model", *TINY, "--calib-data", "digits"], ["--calib-data has no effect with factorize.method 'svd'"], 1),
     (["factorize", "CKPT", "--model", *TINY, "--calib-samples", "8"], ["--calib-samples has no effect"], 1),
     (["export", "CKPT", "--format", "dense", "--opset", "17"], ["--opset applies to the onnx format only"], 1),
+    (["export", "CKPT", "--format", "dense", "--max-shard-size", "5XB"], ["--max-shard-size '5XB' is not a size", "'500MB'"], 1),
+    (["export", "CKPT", "--max-shard-size", "1MB"], ["--max-shard-size applies to the dense format only, not onnx"], 1),
 ])
 def test_bad_options_are_one_line(cli, tmp_path, vit_ckpt, args, needles, code):
     args = [str(vit_ckpt) if a == "CKPT" else str(tiny_recipe(tmp_path)) if a == "RECIPE" else a for a in args]

@@ -34,6 +34,18 @@ def fact_ckpt(tmp_path_factory) -> Path:
     return factorize_checkpoint(d / "vit.safetensors", load_recipe("deit"), d / "vit.k2.safetensors", TINY_VIT, TINY_VIT_KWARGS).out
 
 
+@pytest.fixture(scope="module")
+def confident_ckpt(tmp_path_factory) -> Path:
+    """The tiny ViT with a head that prefers its classes by clear margins, as a trained one does (a random head's logits
+    are near-ties, which any rounding reorders), factorized by the deit recipe."""
+    d = tmp_path_factory.mktemp("confident")
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.bias.copy_(torch.linspace(0, 2, 10))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "vit.safetensors"))
+    return factorize_checkpoint(d / "vit.safetensors", load_recipe("deit"), d / "vit.k2.safetensors", TINY_VIT, TINY_VIT_KWARGS).out
+
+
 def _listing(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
@@ -61,12 +73,19 @@ def test_export_onnx_verified_two_matmuls_per_layer(cli, fact_ckpt, tmp_path):
 
 def test_export_onnx_mismatch_fails_and_writes_nothing(cli, fact_ckpt, tmp_path, monkeypatch):
     real = export_mod.run_onnxruntime
-    monkeypatch.setattr(export_mod, "run_onnxruntime", lambda path, x: real(path, x) + 2e-3)
+    share = {"value": 6e-4}  # of the outputs' max |y|: above the 5e-4 an fp32 export allows
+    monkeypatch.setattr(export_mod, "run_onnxruntime", lambda path, x: (y := real(path, x)) + share["value"] * y.abs().max())
     out = tmp_path / "bad.onnx"
     before = _listing(tmp_path)
-    line = one_line_error(cli("export", fact_ckpt, "--format", "onnx", "--out", out), "differs from PyTorch", "0.001")
+    line = one_line_error(cli("export", fact_ckpt, "--format", "onnx", "--out", out), "differs from PyTorch", "above the relative tolerance 0.0005")
     assert "nothing was written" in line
     assert _listing(tmp_path) == before  # neither the file nor a temporary directory
+    share["value"] = 4e-4  # the same shift, under the tolerance: relative to the outputs' scale, whatever that is
+    r = cli("export", fact_ckpt, "--format", "onnx", "--out", out, "--json")
+    assert r.code == 0, r.err
+    v = json.loads(r.out)["verification"]
+    assert v["tolerance"] == 5e-4 and v["min_top1_agreement"] is None and v["top1_agreement"] == 1.0
+    assert v["relative_diff"] == pytest.approx(4e-4, rel=0.05) and v["max_abs_diff"] == pytest.approx(4e-4 * v["scale"], rel=0.05)
 
 
 def test_export_onnx_external_data(fact_ckpt, tmp_path, monkeypatch):
@@ -87,9 +106,10 @@ def test_export_dense_loads_strictly_into_timm(cli, fact_ckpt, tmp_path):
     r = cli("export", fact_ckpt, "--format", "dense", "--out", out, "--json")
     assert r.code == 0, r.err
     d = json.loads(r.out)
-    assert d["verification"]["max_abs_diff"] < 1e-5
+    v = d["verification"]
+    assert v["max_abs_diff"] < 1e-5 and v["tolerance"] == 5e-4 and v["relative_diff"] == pytest.approx(v["max_abs_diff"] / v["scale"])
     header = read_header(out)
-    assert manifest_of(header.path) is None  # a plain timm state dict
+    assert manifest_of(header.path) is None and {t.dtype for t in header.tensors.values()} == {"F32"}  # a plain timm state dict
     assert "blocks.0.attn.qkv.weight" in header.tensors and not any(".down." in k or ".up." in k for k in header.tensors)
     torch.manual_seed(1)
     dense = timm.create_model(TINY_VIT, pretrained=False, checkpoint_path=str(out), **TINY_VIT_KWARGS).eval()  # strict
@@ -101,6 +121,29 @@ def test_export_dense_loads_strictly_into_timm(cli, fact_ckpt, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(dense(x), factorized(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,code", [("bfloat16", "BF16"), ("float16", "F16")])
+def test_export_dense_in_low_precision_is_written_and_checked_as_such(cli, confident_ckpt, tmp_path, monkeypatch, dtype, code):
+    out = tmp_path / f"dense.{dtype}.safetensors"
+    r = cli("export", confident_ckpt, "--format", "dense", "--dtype", dtype, "--out", out, "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    header = read_header(out)
+    assert d["dtype"] == dtype and {t.dtype for t in header.tensors.values()} == {code}
+    assert d["bytes_after"] == out.stat().st_size
+    v = d["verification"]
+    assert v["tolerance"] == 3e-2 and v["min_top1_agreement"] == 0.99 and v["top1_agreement"] == 1.0
+    assert 0 < v["relative_diff"] <= 3e-2 and v["max_abs_diff"] == pytest.approx(v["relative_diff"] * v["scale"])
+    dense = timm.create_model(TINY_VIT, pretrained=False, checkpoint_path=str(out), **TINY_VIT_KWARGS).eval()  # strict
+    lr = load(confident_ckpt).blocks[0].attn.qkv
+    torch.testing.assert_close(dense.blocks[0].attn.qkv.weight, (lr.up.weight @ lr.down.weight).to(getattr(torch, dtype)).float())
+    # the same export checked at a tolerance it cannot meet: refused, nothing written
+    monkeypatch.setattr("lowrank_cli.export.verify.LOW_PRECISION_RELATIVE", v["relative_diff"] / 2)
+    again = tmp_path / "again.safetensors"
+    one_line_error(cli("export", confident_ckpt, "--format", "dense", "--dtype", dtype, "--out", again),
+                   "the dense export of", "differs from the factorized model", "above the relative tolerance", "nothing was written")
+    assert not again.exists() and _listing(tmp_path) == [out.name]
 
 
 def test_export_safetensors_cast_keeps_manifest(cli, fact_ckpt, tmp_path):

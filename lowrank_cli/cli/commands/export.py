@@ -23,11 +23,14 @@ def export(
     img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="ONNX input image size (default: the model's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset version (default 18)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (dense and safetensors)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+                                                  help="Dense export of a transformers model: weight shards of at most this size (bytes, 500MB, 2GB)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Deployable artifacts: verified ONNX, dense weights, or a dtype-cast factorized checkpoint."""
-    result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force)
+    shard = int(max_shard_size) if max_shard_size is not None and max_shard_size.isdigit() else max_shard_size
+    result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force, max_shard_size=shard)
     if as_json:
         print_json(result.to_dict())
     else:
