@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -45,6 +45,7 @@ class TrainResult:
     seconds: float
     images: int
     last_terms: dict[str, float]
+    untrained: list[str] = field(default_factory=list)  # trainable parameters no gradient reaches (left as they were)
 
 
 def learning_rate(cfg: DistillConfig, global_batch: int) -> float:
@@ -85,6 +86,39 @@ def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.o
             (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def _no_gradient(student: nn.Module) -> list[str]:
+    """The names of `student`'s trainable parameters that the last backward left without a gradient."""
+    return [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def probe_unused(student: nn.Module, objective: Objective, inputs: Inputs, labels: torch.Tensor | None, env: DistEnv, amp: str) -> tuple[list[str], bool]:
+    """Which trainable parameters get no gradient: one forward/backward of `objective` on a batch, undone afterwards.
+
+    Returns the names unused on every process, and whether some parameter is used on some
+    processes only (then the set depends on the batch, and DDP needs `find_unused_parameters`).
+    RNG states, buffers and gradients are restored, so the run continues as if no probe was made.
+    """
+    rng = rng_state()
+    buffers = {n: b.detach().clone() for n, b in student.named_buffers()}
+    with _autocast(env.device, amp):
+        loss, _ = objective(student, inputs, labels)
+    loss.backward()
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    used = torch.tensor([0.0 if p.grad is None else 1.0 for _, p in params], device=env.device)
+    for _, p in params:
+        p.grad = None
+    with torch.no_grad():
+        for n, b in student.named_buffers():
+            b.copy_(buffers[n])
+    set_rng_state(rng)
+    if env.distributed:
+        anywhere, everywhere = used.clone(), used.clone()
+        torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+        return [n for (n, _), a in zip(params, anywhere.tolist()) if not a], bool((anywhere != everywhere).any())
+    return [n for (n, _), u in zip(params, used.tolist()) if not u], False
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,7 +180,6 @@ def train(
     """
     device, cuda = env.device, env.device.type == "cuda"
     student.to(device).train()
-    model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None) if env.distributed else student
 
     sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
     steps_per_epoch = sampler.batches // cfg.accum_steps
@@ -164,9 +197,22 @@ def train(
             scaler.load_state_dict(resume.scaler)
         pos = Position(**vars(resume.position))
         set_rng_state(resume.rng)
+    scheduled = schedule(pos.step) if schedule is not None else {}
+    untrained: list[str] | None = None
+    model: nn.Module = student
+    if env.distributed:
+        # DDP waits for a gradient of every parameter it reduces: find those no gradient reaches (an unused
+        # pooler, a head the loss never reads) on the first batch, and freeze them before wrapping. The
+        # optimizer was built with them (they stay in its state, never stepped), so a resume at any world size loads it.
+        sampler.set_epoch(pos.epoch, pos.batch)
+        inputs, labels = next(iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda)))
+        untrained, varies = probe_unused(student, objective, inputs_to(inputs, device), labels.to(device), env, cfg.amp)
+        named = dict(student.named_parameters())
+        for name in untrained:
+            named[name].requires_grad_(False)
+        model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
     trainable = [p for p in student.parameters() if p.requires_grad]
     check_every_step = device.type == "cpu" and not env.distributed  # free there; elsewhere it would sync
-    scheduled = schedule(pos.step) if schedule is not None else {}
 
     t_start = t_log = time.perf_counter()
     images_seen, images_since_log, last_terms = 0, 0, {}
@@ -207,6 +253,8 @@ def train(
                         "lower the learning rate (distill.lr / distill.lr_base) or set distill.clip_grad"
                     )
 
+            if untrained is None:  # one process: the first backward says which parameters no gradient reaches
+                untrained = _no_gradient(student)
             if cfg.clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
@@ -236,4 +284,7 @@ def train(
             if epoch_end:
                 break
     student.eval()
-    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms)
+    if env.distributed:
+        for name in untrained or []:  # as the caller gave it
+            dict(student.named_parameters())[name].requires_grad_(True)
+    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms, list(untrained or []))

@@ -367,6 +367,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=step_hook, schedule=schedule)
     finally:
         objective.close()
+    if result.untrained:
+        note(f"left untrained (no gradient reaches them from the loss): {', '.join(result.untrained)}")
     digests = all_gather_strings(env, weights_digest(p.student))
     if len(set(digests)) != 1:
         raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
@@ -416,7 +418,7 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "recovered_fraction": recovered_fraction(_primary(baseline.get("teacher")), _primary(baseline.get("svd")), final.primary() if final else None),
         "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
                   "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
-                  "base_loss": p.base},
+                  "base_loss": p.base, "untrained": result.untrained},
         "method": p.recipe.distill.method,
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
         "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),

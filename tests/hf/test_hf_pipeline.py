@@ -163,3 +163,28 @@ def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub
     assert manifest.recipe["factorize"]["calib_data"] == "pydoc"  # the training documents, recorded
     r = cli("compress", hub["bert"], "--recipe", recipe, "--out", out, "--device", "cpu", "--resume", "--json")
     assert r.code == 0, r.err  # the defaulted calib_data is the run's recipe: it resumes
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_bert_whose_pooler_gets_no_gradient(hub, tmp_path):
+    """The features loss never reads BertModel's pooler: DDP would wait for its gradient (issue 17); it is frozen, named, untouched."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(f"document {i} is about {'abc'[i % 3]} things and more words\n" for i in range(80)))  # 64 train, 16 val
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lowrank_cli", "compress", str(hub["bert"]), "--recipe", _recipe(tmp_path, "bert", pooled_cosine=1.0),
+                           "--data", str(data), "--out", str(out), "--device", "cpu", "--nproc", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    digests = report["rank_weight_sha256"]
+    assert report["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert report["train"]["steps"] == 2 and report["train"]["untrained"] == ["pooler.dense.weight", "pooler.dense.bias"]
+    assert "left untrained (no gradient reaches them from the loss): pooler.dense.weight, pooler.dense.bias" in proc.stderr + proc.stdout
+    student, teacher = build_model(out / "student.safetensors").model, build_model(hub["bert"]).model
+    assert torch.equal(student.pooler.dense.weight, teacher.pooler.dense.weight)  # left as it was
+    assert not torch.equal(student.encoder.layer[0].output.LayerNorm.weight, teacher.encoder.layer[0].output.LayerNorm.weight)  # trained
