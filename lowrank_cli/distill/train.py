@@ -29,6 +29,7 @@ from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import Position, TrainingState
 from lowrank_cli.models.family import Inputs, inputs_to
+from lowrank_cli.nn.lowrank import LowRankEmbedding
 from lowrank_cli.recipe import DistillConfig
 
 
@@ -78,12 +79,17 @@ def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
 
 
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule)."""
+    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule), and none on embedding tables.
+
+    Embedding tables are found by module type, not by name: every `nn.Embedding`'s weight and
+    both factors of a `LowRankEmbedding` (a table tied to an LM head is the same parameter, so it too).
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    tables = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, LowRankEmbedding)) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
