@@ -176,7 +176,7 @@ def train(
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
     `log(record)` is called every `cfg.log_every` steps (and at the last) with the step,
-    lr, loss terms and images/s; `checkpoint(position, optimizer, scaler)` every
+    lr, loss terms and examples/s (`examples_per_s`; `images_per_s` is the same figure, its older name); `checkpoint(position, optimizer, scaler)` every
     `cfg.checkpoint_every` steps (0: at each epoch's end) and at the end, returning the path
     it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
     `schedule(steps_done)` sets per-step state of the model (PC-LoRA's λ) before the first
@@ -279,7 +279,8 @@ def train(
                 last_terms = {"loss": float(loss_sum), **{k: float(v) for k, v in terms_sum.items()}, **scheduled}
                 if log is not None:
                     log({"step": pos.step, "total_steps": total, "epoch": pos.epoch, "lr": lr, **last_terms,
-                         "images_per_s": images_since_log / max(now - t_log, 1e-9)})
+                         "examples_per_s": images_since_log / max(now - t_log, 1e-9),
+                         "images_per_s": images_since_log / max(now - t_log, 1e-9)})  # the older name, kept for readers of metrics.jsonl
                 t_log, images_since_log = now, 0
             epoch_end = pos.batch == 0
             due = (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total

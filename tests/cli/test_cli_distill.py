@@ -37,7 +37,9 @@ def test_compress_writes_a_complete_run(cli, tmp_path, vit_ckpt):
                            + ["metrics.jsonl", "recipe.yaml", "report.json", "run.json", "student.safetensors"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert {"loss", "base", "fd", "lr", "images_per_s", "epoch"} <= set(metrics[0])
+    assert {"loss", "base", "fd", "lr", "examples_per_s", "images_per_s", "epoch"} <= set(metrics[0])
+    assert metrics[0]["examples_per_s"] == metrics[0]["images_per_s"] > 0  # the older name kept
+    assert report["train"]["examples_per_s"] == report["train"]["images_per_s"] > 0
     assert metrics[0]["lr"] == pytest.approx(1e-3 / 4)  # warm-up over the first epoch's 4 steps
     assert report["train"]["lr"] == 1e-3 and report["train"]["global_batch"] == 16 and report["train"]["base_loss"] == "ce"
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
@@ -313,3 +315,16 @@ def _whitened(tmp_path):
     path = tmp_path / "whitened.yaml"
     path.write_text("factorize:\n  method: whitened\n")
     return path
+
+
+def test_progress_bar_counts_examples_per_second(monkeypatch):
+    from rich.console import Console
+
+    import lowrank_cli.cli.render_training as rt
+
+    console = Console(record=True, width=200, force_terminal=False)
+    monkeypatch.setattr(rt, "err_console", console)
+    with rt.training_progress("distilling") as log:
+        log({"step": 1, "total_steps": 2, "loss": 0.5, "lr": 1e-3, "examples_per_s": 123.0, "images_per_s": 123.0})
+    text = console.export_text()
+    assert "123 ex/s" in text and "img/s" not in text
