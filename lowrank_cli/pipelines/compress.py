@@ -139,15 +139,16 @@ def claimed(p: PreparedRun) -> Iterator[None]:
         yield
 
 
-def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None) -> ImageData | TextData:
-    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer."""
+def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None, all_held_out: bool = False) -> ImageData | TextData:
+    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer
+    (`all_held_out`: a text file or a folder without train/val parts is all held out, for evaluation)."""
     cfg = family.data_config(model)
     if isinstance(cfg, TextConfig):
         length = recipe.data.max_length or cfg.max_length
         limit = family.max_positions(model)
         if limit is not None and length > limit:
             raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
-        return load_text_data(recipe.data.source, folder, length)
+        return load_text_data(recipe.data.source, folder, length, all_held_out=all_held_out)
     return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
 
 

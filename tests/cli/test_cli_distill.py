@@ -68,6 +68,12 @@ def test_distill_and_evaluate_a_factorized_checkpoint(cli, tmp_path, vit_ckpt):
     e = json.loads(r.out)
     assert e["factorized"] is True and e["examples"] == 64 and 0 <= e["top1"] <= e["top5"] <= 1
     assert 0 < e["feature_cosine"] < 1
+    t = e["teacher"]  # the teacher's own figures on the same 64 images, beside the student's
+    assert t["checkpoint"] == str(vit_ckpt) and t["examples"] == 64 and 0 <= t["top1"] <= t["top5"] <= 1
+    assert t["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
+    r = cli("evaluate", out / "student.safetensors", "--data", "synthetic", "--teacher", vit_ckpt)
+    assert r.code == 0, r.err
+    assert "teacher" in r.out and f"{t['top1']:.1%}" in r.out and f"{e['top1']:.1%}" in r.out  # a row for each (paths may wrap)
     r = cli("evaluate", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--data", "synthetic", "--teacher", vit_ckpt, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["feature_cosine"] == pytest.approx(1.0, abs=1e-5)  # a model against itself

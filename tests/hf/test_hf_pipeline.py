@@ -188,3 +188,29 @@ def test_two_processes_train_a_bert_whose_pooler_gets_no_gradient(hub, tmp_path)
     student, teacher = build_model(out / "student.safetensors").model, build_model(hub["bert"]).model
     assert torch.equal(student.pooler.dense.weight, teacher.pooler.dense.weight)  # left as it was
     assert not torch.equal(student.encoder.layer[0].output.LayerNorm.weight, teacher.encoder.layer[0].output.LayerNorm.weight)  # trained
+
+
+def test_evaluate_a_lone_factorized_file_on_a_whole_text_file_beside_its_teacher(cli, hub, tmp_path):
+    """Issue 17.4: the tokenizer from the teacher's folder, a file given to evaluate is all evaluated, the teacher's perplexity beside."""
+    fact = tmp_path / "gpt2.k2.safetensors"  # written away from the Hub folder: no tokenizer beside it
+    assert cli("factorize", hub["gpt2"], "--recipe", "causal-lm", "--out", fact).code == 0
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(f"line {i} of the text, with some words in it\n" for i in range(10)))
+    one_line_error(cli("evaluate", fact, "--data", data), f"{fact}: text data needs a tokenizer", "no folder with a tokenizer", "--teacher")
+    r = cli("evaluate", fact, "--data", data, "--teacher", hub["gpt2"], "--json")
+    assert r.code == 0, r.err
+    e = json.loads(r.out)
+    assert e["examples"] == 10 and e["split"] == "docs.txt: all 10 documents (no split: given for evaluation)"
+    t = e["teacher"]
+    assert t["checkpoint"] == str(hub["gpt2"]) and t["examples"] == 10 and t["logit_cosine"] == pytest.approx(1.0)
+    assert 1 < t["perplexity"] < 1e4 and 1 < e["perplexity"] < 1e4 and t["perplexity"] != e["perplexity"]
+    r = cli("evaluate", fact, "--data", data, "--teacher", hub["gpt2"])
+    assert r.code == 0, r.err
+    assert f"teacher {hub['gpt2']}" in r.out and f"{t['perplexity']:.2f}" in r.out and f"{e['perplexity']:.2f}" in r.out
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "train.txt").write_text("a training line with words\n" * 5)
+    (parts / "val.txt").write_text("a held out line with words\n" * 3)
+    r = cli("evaluate", fact, "--data", parts, "--teacher", hub["gpt2"], "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["examples"] == 3 and json.loads(r.out)["split"].startswith("its train")  # a folder's val part
