@@ -443,6 +443,7 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
     env = init_distributed(resolve_device(device))
     try:
         p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
+        barrier(env)  # every process has checked the run folder before rank 0 writes in it (else a slow one finds "already holds a run")
         with claimed(p):
             return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:
@@ -454,6 +455,7 @@ def distill_checkpoint(factorized, teacher, recipe: Recipe | None = None, *, dev
     env = init_distributed(resolve_device(device))
     try:
         p = prepare_distill(factorized, teacher, recipe, device=device, env=env, note=note if env.is_main else None, **kw)
+        barrier(env)  # every process has checked the run folder before rank 0 writes in it
         with claimed(p):
             return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:
