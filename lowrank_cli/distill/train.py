@@ -176,12 +176,14 @@ def train(
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
     `log(record)` is called every `cfg.log_every` steps (and at the last) with the step,
-    lr, loss terms and examples/s (`examples_per_s`; `images_per_s` is the same figure, its older name); `checkpoint(position, optimizer, scaler)` every
-    `cfg.checkpoint_every` steps (0: at each epoch's end) and at the end, returning the path
-    it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
+    lr, loss terms and examples/s (`examples_per_s`; `images_per_s` is the same figure, its
+    older name); `checkpoint(position, optimizer, scaler)` every `cfg.checkpoint_every`
+    steps (0: at each epoch's end) and at the end, returning the path it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
     `schedule(steps_done)` sets per-step state of the model (PC-LoRA's λ) before the first
     step and after each one, from the step alone, so a resumed run continues it exactly; the
     values it returns are logged with the step.
+    Parameters no gradient reaches are left as they are and named in `TrainResult.untrained`;
+    under DDP they are found by a probe of the first batch and frozen for the run.
     Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
     """
     device, cuda = env.device, env.device.type == "cuda"
