@@ -1,4 +1,4 @@
-"""Rich output for training runs: a progress bar with loss, lr, images/s and ETA, and the report."""
+"""Rich output for training runs: a progress bar with loss, lr, examples/s and ETA, and the report."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
             task = progress.add_task(description, total=record["total_steps"], loss="", lr="", lam="", ips="")
         lam = f"  λ {record['lam']:.3f}" if "lam" in record else ""  # PC-LoRA: the dense weights' share
         progress.update(task, completed=record["step"], loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", lam=lam,
-                        ips=f"{record['images_per_s']:.0f}")
+                        ips=f"{record.get('examples_per_s', record.get('images_per_s', 0)):.0f}")
 
     with progress:
         try:
@@ -101,7 +101,7 @@ def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
          f"of {pc['total_steps']} on ({' · '.join(f'{s}: {v:.2f}' for s, v in pc['course'])}); " if pc else "")
         + (f"recovered {frac:.0%} of the {PRIMARY.get(report.get('task'), 'score')} SVD lost; " if frac is not None else "")
         + f"{train.get('steps')} steps at lr {train.get('lr', 0):.2e} (global batch {train.get('global_batch')}), "
-        + f"{train.get('images_per_s', 0):.0f} examples/s; student: {report.get('student')}"
+        + f"{train.get('examples_per_s', train.get('images_per_s', 0)):.0f} examples/s; student: {report.get('student')}"
         + (f"; {data['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if data.get("skipped_unreadable") else "")
         + (f"; data: {data['split']}" if data.get("split") else "")
     )

@@ -3,7 +3,8 @@
 real English text that ships with Python itself (the help topics of `pydoc_data.topics`).
 
 A source without train/val parts is split once, seeded, into training and held-out documents,
-and the split is stated in `TextData.split`. Documents are tokenized with the checkpoint's own
+and the split is stated in `TextData.split`; a file or folder given for evaluation alone
+(`all_held_out`) is held out whole (a folder with train/val parts still gives its val part). Documents are tokenized with the checkpoint's own
 tokenizer (read from its folder, never downloaded), truncated to `max_length` tokens and padded
 per batch.
 """
@@ -117,8 +118,14 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
 
 
-def load_documents(source: str, seed: int = 0, val_fraction: float = 0.2) -> tuple[Documents, Documents, str]:
-    """(train, held-out, how they were split) from `pydoc`, a text file, or a folder (see the module docstring)."""
+def load_documents(source: str, seed: int = 0, val_fraction: float = 0.2, all_held_out: bool = False) -> tuple[Documents, Documents, str]:
+    """(train, held-out, how they were split) from `pydoc`, a text file, or a folder (see the module docstring).
+
+    `all_held_out`: a file, or a folder without train/val parts, is all held-out data (nothing to
+    train on: what `evaluate` reads); `pydoc` keeps its seeded split, so that its figures are the
+    ones a run on it reported.
+    """
+    split = _whole if all_held_out else _split
     if source == BUILTIN:
         return _split(pydoc_documents(), seed, val_fraction, "pydoc_data.topics (CPython's help topics)")
     path = Path(source)
@@ -127,7 +134,7 @@ def load_documents(source: str, seed: int = 0, val_fraction: float = 0.2) -> tup
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
             raise LowrankError(f"text data '{source}': expected a .txt or .jsonl file (or a folder of them, or '{BUILTIN}')", param="data")
-        return _split(read_documents(path), seed, val_fraction, path.name)
+        return split(read_documents(path), seed, val_fraction, path.name)
     files = _files(path)
     if not files:
         raise LowrankError(f"text data '{source}': the folder holds no .txt or .jsonl files", param="data")
@@ -136,7 +143,12 @@ def load_documents(source: str, seed: int = 0, val_fraction: float = 0.2) -> tup
     if train and val:
         return (_concat([read_documents(f) for f in train], source), _concat([read_documents(f) for f in val], source),
                 f"its train ({len(train)} files) and {val[0].stem if val[0].stem in VAL_NAMES else val[0].parent.name} parts")
-    return _split(_concat([read_documents(f) for f in files], source), seed, val_fraction, f"{len(files)} files")
+    return split(_concat([read_documents(f) for f in files], source), seed, val_fraction, f"{len(files)} files")
+
+
+def _whole(docs: Documents, _seed: int, _val_fraction: float, what: str) -> tuple[Documents, Documents, str]:
+    """Nothing to train on, every document held out."""
+    return Documents([], [] if docs.labels is not None else None), docs, f"{what}: all {len(docs.texts)} documents (no split: given for evaluation)"
 
 
 def _split(docs: Documents, seed: int, val_fraction: float, what: str) -> tuple[Documents, Documents, str]:
@@ -180,7 +192,7 @@ def tokenizer_of(folder: Path | None) -> Any:
     if folder is None:
         raise LowrankError("text data needs the checkpoint's tokenizer, and this checkpoint has no folder with one "
                            "(give the Hub folder, or the model.safetensors inside it)", param="data")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # transformers would make an empty one
+    if not has_tokenizer(folder):  # transformers would make an empty one
         raise LowrankError(f"{folder}: no tokenizer found beside the checkpoint (one of {', '.join(TOKENIZER_FILES)})", param="data")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -190,20 +202,28 @@ def tokenizer_of(folder: Path | None) -> Any:
 
 
 def tokenize(docs: Documents, tokenizer: Any, max_length: int) -> TokenizedTexts:
+    if not docs.texts:
+        return TokenizedTexts([], docs.labels, 0)
     encoded = tokenizer(docs.texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TokenizedTexts([list(ids) for ids in encoded], docs.labels, pad)
 
 
-def load_text_data(source: str | None, folder: Path | None, max_length: int, seed: int = 0, val_fraction: float = 0.2) -> TextData:
-    """Tokenized train and held-out text from `source` for the checkpoint in `folder` (see the module docstring)."""
+def has_tokenizer(folder: Path | None) -> bool:
+    """Whether `folder` holds tokenizer files (a Hub folder's)."""
+    return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_text_data(source: str | None, folder: Path | None, max_length: int, seed: int = 0, val_fraction: float = 0.2,
+                   all_held_out: bool = False) -> TextData:
+    """Tokenized train and held-out text from `source` for the checkpoint in `folder` (see the module docstring and `load_documents`)."""
     if source is None:
         raise LowrankError(f"no data: give a .txt or .jsonl file, a folder of them, or '{BUILTIN}' (argument `data`, recipe key data.source)", param="data")
     if source in ("digits", "synthetic"):
         raise LowrankError(f"data '{source}' is images, and this is a text model; give a .txt or .jsonl file, a folder of them, or '{BUILTIN}'", param="data")
     if Path(source).is_dir() and any(p.suffix.lower() in (".png", ".jpg", ".jpeg") for p in Path(source).rglob("*")):
         raise LowrankError(f"data '{source}' is a folder of images, and this is a text model; give text (.txt, .jsonl) or '{BUILTIN}'", param="data")
-    train, val, split = load_documents(source, seed, val_fraction)
+    train, val, split = load_documents(source, seed, val_fraction, all_held_out)
     tokenizer = tokenizer_of(folder)
     labels = (train.labels or []) + (val.labels or [])
     return TextData(source, tokenize(train, tokenizer, max_length), tokenize(val, tokenizer, max_length),

@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import Position, TrainingState
 from lowrank_cli.models.family import Inputs, inputs_to
+from lowrank_cli.nn.lowrank import LowRankEmbedding
 from lowrank_cli.recipe import DistillConfig
 
 
@@ -45,6 +46,7 @@ class TrainResult:
     seconds: float
     images: int
     last_terms: dict[str, float]
+    untrained: list[str] = field(default_factory=list)  # trainable parameters no gradient reaches (left as they were)
 
 
 def learning_rate(cfg: DistillConfig, global_batch: int) -> float:
@@ -77,12 +79,17 @@ def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
 
 
 def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule); fused on CUDA."""
+    """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule), none on embedding tables; fused on CUDA.
+
+    Embedding tables are found by module type, not by name: every `nn.Embedding`'s weight and
+    both factors of a `LowRankEmbedding` (a table tied to an LM head is the same parameter, so it too).
+    """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    tables = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, LowRankEmbedding)) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, **adamw_implementation(decay + no_decay))
 
@@ -90,6 +97,39 @@ def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.o
 def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
     """AdamW's fused CUDA kernel when every parameter is on a GPU (one launch per step); the multi-tensor `foreach` one otherwise."""
     return {"fused": True} if params and all(p.is_cuda for p in params) else {"foreach": True}
+
+
+def _no_gradient(student: nn.Module) -> list[str]:
+    """The names of `student`'s trainable parameters that the last backward left without a gradient."""
+    return [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def probe_unused(student: nn.Module, objective: Objective, inputs: Inputs, labels: torch.Tensor | None, env: DistEnv, amp: str) -> tuple[list[str], bool]:
+    """Which trainable parameters get no gradient: one forward/backward of `objective` on a batch, undone afterwards.
+
+    Returns the names unused on every process, and whether some parameter is used on some
+    processes only (then the set depends on the batch, and DDP needs `find_unused_parameters`).
+    RNG states, buffers and gradients are restored, so the run continues as if no probe was made.
+    """
+    rng = rng_state(env.device)
+    buffers = {n: b.detach().clone() for n, b in student.named_buffers()}
+    with _autocast(env.device, amp):
+        loss, _ = objective(student, inputs, labels)
+    loss.backward()
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    used = torch.tensor([0.0 if p.grad is None else 1.0 for _, p in params], device=env.device)
+    for _, p in params:
+        p.grad = None
+    with torch.no_grad():
+        for n, b in student.named_buffers():
+            b.copy_(buffers[n])
+    set_rng_state(rng, env.device)
+    if env.distributed:
+        anywhere, everywhere = used.clone(), used.clone()
+        torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+        return [n for (n, _), a in zip(params, anywhere.tolist()) if not a], bool((anywhere != everywhere).any())
+    return [n for (n, _), u in zip(params, used.tolist()) if not u], False
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -178,19 +218,20 @@ def train(
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
     `log(record)` is called every `cfg.log_every` steps (and at the last) with the step,
-    lr, loss terms and images/s; `checkpoint(position, optimizer, scaler)` every
-    `cfg.checkpoint_every` steps (0: at each epoch's end) and at the end, returning the path
-    it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
+    lr, loss terms and examples/s (`examples_per_s`; `images_per_s` is the same figure, its
+    older name); `checkpoint(position, optimizer, scaler)` every `cfg.checkpoint_every`
+    steps (0: at each epoch's end) and at the end, returning the path it wrote. `step_hook(position)` runs after each optimizer step (tests interrupt there).
     `schedule(steps_done)` sets per-step state of the model (PC-LoRA's λ) before the first
     step and after each one, from the step alone, so a resumed run continues it exactly; the
     values it returns are logged with the step.
+    Parameters no gradient reaches are left as they are and named in `TrainResult.untrained`;
+    under DDP they are found by a probe of the first batch and frozen for the run.
     Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
     """
     device, cuda = env.device, env.device.type == "cuda"
     student.to(device).train()
     if not cfg.dropout:
         without_dropout(student)
-    model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None) if env.distributed else student
 
     sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
     steps_per_epoch = sampler.batches // cfg.accum_steps
@@ -210,11 +251,24 @@ def train(
         set_rng_state(resume.rng, device)
         if pos.batch and pos.batch + cfg.accum_steps > sampler.batches:  # resumed on more processes: this epoch's rest is shorter than a step
             pos.epoch, pos.batch = pos.epoch + 1, 0
+    scheduled = schedule(pos.step) if schedule is not None else {}
+    untrained: list[str] | None = None
+    model: nn.Module = student
+    if env.distributed:
+        # DDP waits for a gradient of every parameter it reduces: find those no gradient reaches (an unused
+        # pooler, a head the loss never reads) on the first batch, and freeze them before wrapping. The
+        # optimizer was built with them (they stay in its state, never stepped), so a resume at any world size loads it.
+        sampler.set_epoch(pos.epoch, pos.batch)
+        inputs, labels = next(iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda)))
+        untrained, varies = probe_unused(student, objective, inputs_to(inputs, device), labels.to(device), env, cfg.amp)
+        named = dict(student.named_parameters())
+        for name in untrained:
+            named[name].requires_grad_(False)
+        model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
     trainable = [p for p in student.parameters() if p.requires_grad]
     check_every_step = _checks_every_step(device, env)
     bad_losses = torch.zeros((), device=device)  # non-finite losses since the last checkpoint, counted without a sync
     last_saved, checked_step = None, pos.step
-    scheduled = schedule(pos.step) if schedule is not None else {}
 
     t_start = t_log = time.perf_counter()
     images_seen, images_since_log, last_terms = 0, 0, {}
@@ -257,6 +311,8 @@ def train(
                         "lower the learning rate (distill.lr / distill.lr_base) or set distill.clip_grad"
                     )
 
+            if untrained is None:  # one process: the first backward says which parameters no gradient reaches
+                untrained = _no_gradient(student)
             if cfg.clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
@@ -275,7 +331,8 @@ def train(
                 last_terms = {"loss": float(loss_sum), **{k: float(v) for k, v in terms_sum.items()}, **scheduled}
                 if log is not None:
                     log({"step": pos.step, "total_steps": total, "epoch": pos.epoch, "lr": lr, **last_terms,
-                         "images_per_s": images_since_log / max(now - t_log, 1e-9)})
+                         "examples_per_s": images_since_log / max(now - t_log, 1e-9),
+                         "images_per_s": images_since_log / max(now - t_log, 1e-9)})  # the older name, kept for readers of metrics.jsonl
                 t_log, images_since_log = now, 0
             epoch_end = pos.batch == 0
             due = (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total
@@ -293,4 +350,7 @@ def train(
             if epoch_end:
                 break
     student.eval()
-    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms)
+    if env.distributed:
+        for name in untrained or []:  # as the caller gave it
+            dict(student.named_parameters())[name].requires_grad_(True)
+    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms, list(untrained or []))

@@ -78,7 +78,9 @@ def hub_config(header: CheckpointHeader) -> dict[str, Any] | None:
 
 def resolve_architecture(path: Path, header: CheckpointHeader, model_kwargs: dict[str, Any], hint: ArchitectureHint | None) -> Resolved:
     """A plain checkpoint's architecture when none is given: its `config.json` (timm's Hub config), then the
-    hint's `model` if the tensors fit it, then a search of the hint's patterns. NoArchitecture otherwise."""
+    hint's `model` if the tensors fit it, then a search of the hint's patterns. NoArchitecture otherwise.
+    When the hint's model is not taken, the note of the one found (or the error) says why: not a timm
+    architecture, not buildable with its `model_kwargs`, or the tensors that differ."""
     cfg = hub_config(header)
     if cfg is not None and "model_type" in cfg:  # a transformers model
         return Resolved("transformers", get_family("transformers").architecture_for(cfg), {**cfg, **model_kwargs}, "config.json")
@@ -95,20 +97,28 @@ def resolve_architecture(path: Path, header: CheckpointHeader, model_kwargs: dic
         raise NoArchitecture(f"{path}: has no lowrank manifest and no config.json, and its tensors are not a timm vision "
                              "model's; name its architecture (argument `arch`, recipe key `model`)", param="model")
     timm_family = get_family(DEFAULT_FAMILY)
+    why = ""  # why the recipe's model was not taken, said wherever another is
     if hint.model is not None:
         kwargs = timm_family.complete_kwargs(hint.model, header, {**hint.model_kwargs, **model_kwargs})
-        if not timm_family.fits(hint.model, header, kwargs):
+        problem = timm_family.misfit(hint.model, header, kwargs)
+        if problem is None:
             return Resolved(DEFAULT_FAMILY, hint.model, kwargs, "recipe")
+        given = {**hint.model_kwargs, **model_kwargs}
+        settings = f" (model_kwargs {given})" if given and not problem.startswith("is not") else ""
+        why = f"recipe model '{hint.model}'{settings} {problem}"
     if not hint.patterns:
-        raise NoArchitecture(f"{path}: its tensors do not fit {hint.model or 'any architecture given'}, and no architectures "
-                             "were given to search (recipe key `architectures`); name its architecture (argument `arch`)", param="model")
+        reason = why or f"its tensors do not fit {hint.model or 'any architecture given'}"
+        raise NoArchitecture(f"{path}: {reason}, and no architectures were given to search (recipe key `architectures`); "
+                             "name its architecture (argument `arch`)", param="model")
     try:
         found = timm_family.find_architecture(header, list(hint.patterns), hint.model)
     except LowrankError as e:
-        raise NoArchitecture(str(e), param="model") from None
+        raise NoArchitecture(f"{e}" + (f"; {why}" if why else ""), param="model") from None
     also = f"; these fit as well: {', '.join(found.also_fit[:4])}" if found.also_fit else ""
     settings = ", ".join(f"{k}={v}" for k, v in found.kwargs.items())
     note = f"architecture {found.architecture} ({settings}) found from the tensors among {found.tried} of {', '.join(hint.patterns)}{also}"
+    if why:
+        note = f"{why}; using {found.architecture} ({settings}) found from the tensors among {found.tried} of {', '.join(hint.patterns)}{also}"
     return Resolved(DEFAULT_FAMILY, found.architecture, {**found.kwargs, **model_kwargs}, "search", note)
 
 

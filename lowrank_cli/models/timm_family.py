@@ -82,6 +82,25 @@ class TimmFamily(ModelFamily):
             return [f"'{architecture}' cannot be built with {kwargs}"]
         return _differences(_shapes_of(header), _shapes(model))
 
+    def misfit(self, architecture: str, header: CheckpointHeader, kwargs: dict[str, Any]) -> str | None:
+        """Why `architecture` built with `kwargs` is not the checkpoint's, in words (None when it fits):
+        not a timm architecture, not buildable with these settings, or the tensors that differ."""
+        if not timm.is_model(architecture):
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.7)
+            return "is not a timm architecture" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        if _meta_model(architecture, kwargs) is None:
+            try:
+                with torch.device("meta"):
+                    timm.create_model(architecture, pretrained=False, **kwargs)
+                reason = ""
+            except Exception as e:  # noqa: BLE001 - the constructor's own words for bad settings
+                reason = f" ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            return f"cannot be built with these settings{reason}"
+        diff = self.fits(architecture, header, kwargs)
+        if not diff:
+            return None
+        return f"does not fit the tensors ({len(diff)} differences: {', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})"
+
     def find_architecture(self, header: CheckpointHeader, patterns: list[str], prefer: str | None = None) -> Found:
         """The timm architecture among `patterns` whose state dict has the checkpoint's keys and shapes, with the settings it needs.
 

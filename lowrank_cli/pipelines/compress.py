@@ -141,15 +141,16 @@ def claimed(p: PreparedRun) -> Iterator[None]:
         yield
 
 
-def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None) -> ImageData | TextData:
-    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer."""
+def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None, all_held_out: bool = False) -> ImageData | TextData:
+    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer
+    (`all_held_out`: a text file or a folder without train/val parts is all held out, for evaluation)."""
     cfg = family.data_config(model)
     if isinstance(cfg, TextConfig):
         length = recipe.data.max_length or cfg.max_length
         limit = family.max_positions(model)
         if limit is not None and length > limit:
             raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
-        return load_text_data(recipe.data.source, folder, length)
+        return load_text_data(recipe.data.source, folder, length, all_held_out=all_held_out)
     return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
 
 
@@ -414,6 +415,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)
     finally:
         objective.close()
+    if result.untrained:
+        note(f"left untrained (no gradient reaches them from the loss): {', '.join(result.untrained)}")
     digests = all_gather_strings(env, weights_digest(p.student))
     if len(set(digests)) != 1:
         raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
@@ -471,8 +474,9 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "task": p.task,
         "recovered_fraction": recovered_fraction(_primary(baseline.get("teacher")), _primary(baseline.get("svd")), final.primary() if final else None),
         "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
-                  "seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
-                  "base_loss": p.base},
+                  "seconds": result.seconds, "examples_per_s": result.images / max(result.seconds, 1e-9),
+                  "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
+                  "base_loss": p.base, "untrained": result.untrained},
         "method": p.recipe.distill.method,
         **({"local": p.info["local"]} if "local" in p.info else {}),
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
@@ -496,6 +500,7 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
     env = init_distributed(resolve_device(device))
     try:
         p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
+        barrier(env)  # every process has checked the run folder before rank 0 writes in it (else a slow one finds "already holds a run")
         with claimed(p):
             return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:
@@ -507,6 +512,7 @@ def distill_checkpoint(factorized, teacher, recipe: Recipe | None = None, *, dev
     env = init_distributed(resolve_device(device))
     try:
         p = prepare_distill(factorized, teacher, recipe, device=device, env=env, note=note if env.is_main else None, **kw)
+        barrier(env)  # every process has checked the run folder before rank 0 writes in it
         with claimed(p):
             return run_distillation(p, log=log, note=note, step_hook=step_hook)
     finally:

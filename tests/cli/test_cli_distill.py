@@ -37,7 +37,9 @@ def test_compress_writes_a_complete_run(cli, tmp_path, vit_ckpt):
                            + ["metrics.jsonl", "recipe.yaml", "report.json", "run.json", "student.safetensors"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert {"loss", "base", "fd", "lr", "images_per_s", "epoch"} <= set(metrics[0])
+    assert {"loss", "base", "fd", "lr", "examples_per_s", "images_per_s", "epoch"} <= set(metrics[0])
+    assert metrics[0]["examples_per_s"] == metrics[0]["images_per_s"] > 0  # the older name kept
+    assert report["train"]["examples_per_s"] == report["train"]["images_per_s"] > 0
     assert metrics[0]["lr"] == pytest.approx(1e-3 / 4)  # warm-up over the first epoch's 4 steps
     assert report["train"]["lr"] == 1e-3 and report["train"]["global_batch"] == 16 and report["train"]["base_loss"] == "ce"
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
@@ -66,6 +68,12 @@ def test_distill_and_evaluate_a_factorized_checkpoint(cli, tmp_path, vit_ckpt):
     e = json.loads(r.out)
     assert e["factorized"] is True and e["examples"] == 64 and 0 <= e["top1"] <= e["top5"] <= 1
     assert 0 < e["feature_cosine"] < 1
+    t = e["teacher"]  # the teacher's own figures on the same 64 images, beside the student's
+    assert t["checkpoint"] == str(vit_ckpt) and t["examples"] == 64 and 0 <= t["top1"] <= t["top5"] <= 1
+    assert t["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
+    r = cli("evaluate", out / "student.safetensors", "--data", "synthetic", "--teacher", vit_ckpt)
+    assert r.code == 0, r.err
+    assert "teacher" in r.out and f"{t['top1']:.1%}" in r.out and f"{e['top1']:.1%}" in r.out  # a row for each (paths may wrap)
     r = cli("evaluate", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--data", "synthetic", "--teacher", vit_ckpt, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["feature_cosine"] == pytest.approx(1.0, abs=1e-5)  # a model against itself
@@ -313,3 +321,16 @@ def _whitened(tmp_path):
     path = tmp_path / "whitened.yaml"
     path.write_text("factorize:\n  method: whitened\n")
     return path
+
+
+def test_progress_bar_counts_examples_per_second(monkeypatch):
+    from rich.console import Console
+
+    import lowrank_cli.cli.render_training as rt
+
+    console = Console(record=True, width=200, force_terminal=False)
+    monkeypatch.setattr(rt, "err_console", console)
+    with rt.training_progress("distilling") as log:
+        log({"step": 1, "total_steps": 2, "loss": 0.5, "lr": 1e-3, "examples_per_s": 123.0, "images_per_s": 123.0})
+    text = console.export_text()
+    assert "123 ex/s" in text and "img/s" not in text

@@ -6,7 +6,6 @@ import json
 import pytest
 import timm
 import torch
-import yaml
 from conftest import TINY_SWIN, TINY_SWIN_KWARGS, tiny_recipe, tiny_vit
 from hf_models import hub_model
 

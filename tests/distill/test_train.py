@@ -66,6 +66,28 @@ def test_training_state_round_trip_is_pickle_free(tmp_path):
     assert torch.equal(back.rng["torch"], torch.get_rng_state())
 
 
+def test_no_weight_decay_on_embedding_tables_found_by_module_type():
+    from lowrank_cli.nn.lowrank import LowRankEmbedding
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = torch.nn.Embedding(50, 8)  # no "embed" in the name: found by type
+            self.positions = LowRankEmbedding(16, 8, rank=3)
+            self.mixer = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.head = torch.nn.Linear(8, 50, bias=False)
+            self.head.weight = self.tokens.weight  # tied to the table: one parameter, no decay
+
+    model = Tiny()
+    opt = create_optimizer(model, DistillConfig(weight_decay=0.05), 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, none = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert decay == ["mixer.weight"]
+    assert sorted(none) == ["mixer.bias", "norm.bias", "norm.weight", "positions.lookup.weight", "positions.proj.weight", "tokens.weight"]
+
+
 def test_nonfinite_loss_stops_with_a_checkpoint_of_good_weights():
     model = tiny_vit().train()
     dataset = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))

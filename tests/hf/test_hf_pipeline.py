@@ -181,3 +181,54 @@ def test_pclora_factorizes_the_embedding_tables_as_asked(cli, hub, tmp_path):
         assert manifest.layers["embeddings.word_embeddings"].rank is not None
         student = build_model(tmp_path / method / "student.safetensors").model
         assert type(student.embeddings.word_embeddings).__name__ == "LowRankEmbedding"
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_bert_whose_pooler_gets_no_gradient(hub, tmp_path):
+    """The features loss never reads BertModel's pooler: DDP would wait for its gradient (issue 17); it is frozen, named, untouched."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(f"document {i} is about {'abc'[i % 3]} things and more words\n" for i in range(80)))  # 64 train, 16 val
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lowrank_cli", "compress", str(hub["bert"]), "--recipe", _recipe(tmp_path, "bert", pooled_cosine=1.0),
+                           "--data", str(data), "--out", str(out), "--device", "cpu", "--nproc", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    digests = report["rank_weight_sha256"]
+    assert report["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert report["train"]["steps"] == 2 and report["train"]["untrained"] == ["pooler.dense.weight", "pooler.dense.bias"]
+    assert "left untrained (no gradient reaches them from the loss): pooler.dense.weight, pooler.dense.bias" in proc.stderr + proc.stdout
+    student, teacher = build_model(out / "student.safetensors").model, build_model(hub["bert"]).model
+    assert torch.equal(student.pooler.dense.weight, teacher.pooler.dense.weight)  # left as it was
+    assert not torch.equal(student.encoder.layer[0].output.LayerNorm.weight, teacher.encoder.layer[0].output.LayerNorm.weight)  # trained
+
+
+def test_evaluate_a_lone_factorized_file_on_a_whole_text_file_beside_its_teacher(cli, hub, tmp_path):
+    """Issue 17.4: the tokenizer from the teacher's folder, a file given to evaluate is all evaluated, the teacher's perplexity beside."""
+    fact = tmp_path / "gpt2.k2.safetensors"  # written away from the Hub folder: no tokenizer beside it
+    assert cli("factorize", hub["gpt2"], "--recipe", "causal-lm", "--out", fact).code == 0
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(f"line {i} of the text, with some words in it\n" for i in range(10)))
+    one_line_error(cli("evaluate", fact, "--data", data), f"{fact}: text data needs a tokenizer", "no folder with a tokenizer", "--teacher")
+    r = cli("evaluate", fact, "--data", data, "--teacher", hub["gpt2"], "--json")
+    assert r.code == 0, r.err
+    e = json.loads(r.out)
+    assert e["examples"] == 10 and e["split"] == "docs.txt: all 10 documents (no split: given for evaluation)"
+    t = e["teacher"]
+    assert t["checkpoint"] == str(hub["gpt2"]) and t["examples"] == 10 and t["logit_cosine"] == pytest.approx(1.0)
+    assert 1 < t["perplexity"] < 1e4 and 1 < e["perplexity"] < 1e4 and t["perplexity"] != e["perplexity"]
+    r = cli("evaluate", fact, "--data", data, "--teacher", hub["gpt2"])
+    assert r.code == 0, r.err
+    assert f"teacher {hub['gpt2']}" in r.out and f"{t['perplexity']:.2f}" in r.out and f"{e['perplexity']:.2f}" in r.out
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "train.txt").write_text("a training line with words\n" * 5)
+    (parts / "val.txt").write_text("a held out line with words\n" * 3)
+    r = cli("evaluate", fact, "--data", parts, "--teacher", hub["gpt2"], "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["examples"] == 3 and json.loads(r.out)["split"].startswith("its train")  # a folder's val part

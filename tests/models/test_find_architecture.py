@@ -70,3 +70,24 @@ def test_search_infers_settings_and_ranks_identical_structures(tmp_path):
     found = get_family("timm").find_architecture(read_header(ckpt), ["swin_*"])
     assert (found.architecture, found.kwargs) == ("swin_tiny_patch4_window7_224", {"num_classes": 0})
     assert found.tried == len(timm.list_models("swin_*"))
+
+
+def test_why_the_recipes_model_was_not_used_is_said(cli, tmp_path):
+    """Issue 17.5: an unknown recipe model, wrong model_kwargs, or a model the tensors do not fit is named in the note."""
+    ckpt = _checkpoint(tmp_path, "deit_tiny_patch16_224", num_classes=10, img_size=32)
+    found = "using deit_tiny_patch16_224 (num_classes=10, img_size=32) found from the tensors among 1 of deit_tiny_patch16_224"
+    cases = {("vit_foo", ()): "recipe model 'vit_foo' is not a timm architecture; ",
+             ("deit_tiny_patch16_224", (("embd_dim", 3),)): "recipe model 'deit_tiny_patch16_224' (model_kwargs {'embd_dim': 3}) cannot be built with these settings (TypeError: ",
+             ("deit_small_patch16_224", ()): "recipe model 'deit_small_patch16_224' does not fit the tensors ("}
+    for (model, kwargs), start in cases.items():
+        built = build_model(ckpt, hint=ArchitectureHint(model, dict(kwargs), ("deit_tiny_patch16_224",)))
+        assert (built.architecture, built.source) == ("deit_tiny_patch16_224", "search")
+        assert built.note.startswith(start) and built.note.endswith(found), built.note
+    with pytest.raises(NoArchitecture, match=r"recipe model 'vit_fo' is not a timm architecture, and no architectures were given to search"):
+        build_model(ckpt, hint=ArchitectureHint("vit_fo", {}, ()))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vit_foo\narchitectures: [deit_tiny_patch16_224]\n")
+    r = cli("inspect", ckpt, "--recipe", recipe, "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["architecture"] == "deit_tiny_patch16_224" and d["notes"][0] == f"recipe model 'vit_foo' is not a timm architecture; {found}"

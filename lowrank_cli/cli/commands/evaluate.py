@@ -19,19 +19,23 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A dense or factorized .safetensors checkpoint."),
-    data: str = typer.Option(..., "--data", "-d", help="Image folder (its val/ split is used), 'digits' or 'synthetic'."),
+    data: str = typer.Option(..., "--data", "-d", help="Image folder (its val/ split), 'digits' or 'synthetic'; text: a .txt/.jsonl file (all of it), a folder (its val part) or 'pydoc'."),
     model: Optional[str] = opt.ModelOpt,
     model_arg: opt.ModelArgs = opt.ModelArgOpt,
-    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="A dense checkpoint of the same architecture: also report feature cosine similarity to it."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="The original dense checkpoint: its own figures beside, and feature cosine similarity to it."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     device: str = opt.DeviceOpt,
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Leave out images that cannot be read (and count them) instead of failing."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
-    """Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."""
+    """Top-1/top-5, embedding cosine or perplexity on the held-out data (and, with --teacher, the teacher's own and feature similarity)."""
     result = evaluate_checkpoint(checkpoint, data, arch=model, model_kwargs=opt.parse_model_args(model_arg), teacher=teacher,
                                  batch_size=batch_size, device=device, skip_unreadable=skip_unreadable)
     if as_json:
         print_json(result)
     else:
-        console.print(evaluation_table({str(checkpoint): result}, title=f"Evaluation on {result['data']} (val)"))
+        rows = {str(checkpoint): result, **({f"teacher {teacher}": result["teacher"]} if "teacher" in result else {})}
+        table = evaluation_table(rows, title=f"Evaluation on {result['data']} (val)")
+        if result.get("split"):
+            table.caption = f"data: {result['split']}"
+        console.print(table)
