@@ -9,6 +9,7 @@ beyond the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -17,9 +18,10 @@ from torch import nn
 
 from lowrank_cli.decompose.ranks import max_shrinking_rank
 from lowrank_cli.decompose.svd import svd, svd_device
-from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitened_basis
+from lowrank_cli.decompose.whiten import asvd_basis, asvd_scale, projection_factors, whitened_basis
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
+from lowrank_cli.factorize.sensitivity import LayerSensitivity, layer_sensitivity
 from lowrank_cli.measure.macs import count_macs
 from lowrank_cli.models.family import ModelFamily, call_model, embedding_candidates, linear_candidates
 from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, dense_weight
@@ -35,7 +37,7 @@ Progress = Callable[[str], None]
 @dataclass
 class Factorization:
     """What `factorize_model` decided: every candidate's plan (dense ones with their reason), the
-    budget allocation (`rank_rule: budget`) and the latency-aware selection's timings."""
+    budget allocation (`rank_rule: budget`, or `allocation: sensitivity`) and the latency-aware selection's timings."""
 
     plans: list[LayerPlan]
     allocation: Allocation | None = None
@@ -66,9 +68,9 @@ def factorize_model(
     """Replace, in place, each linear the recipe selects by a `LowRankLinear` of its factors.
 
     `family` gives the candidates (default: every plain `nn.Linear`) and the example inputs
-    for counting tokens. `factorize.method: whitened | asvd` needs `calibration` (input
-    batches, e.g. `data.calibration_batches`). With `select.latency_aware`, `latency` (built
-    from the recipe when not given) times each layer once its rank is known and keeps dense
+    for counting tokens. `factorize.method: whitened | asvd` and `factorize.allocation:
+    sensitivity` need `calibration` (input batches, e.g. `data.calibration_batches`). With
+    `select.latency_aware`, `latency` (built from the recipe when not given) times each layer once its rank is known and keeps dense
     those not faster factorized. `rows` (input rows per example of each linear) are counted
     when the MAC budget or the latency selection need them and are not given.
     `progress(name)` is called after each layer.
@@ -100,19 +102,36 @@ def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Pro
 def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], family: ModelFamily | None, progress: Progress | None,
                        calibration: Iterable | None, latency: LatencySelection | None, rows: dict[str, int] | None) -> Factorization:
     fac = recipe.factorize
+    sensitive = fac.allocation == "sensitivity"
+    if sensitive and calibration is None:
+        raise LowrankError("factorize.allocation 'sensitivity' needs calibration data (recipe key factorize.calib_data, argument "
+                           "`calibration`): a folder of images, 'digits' or 'synthetic'; for text models 'pydoc', a .txt or .jsonl "
+                           "file or a folder of them", param="calib_data")
     needs_rows = recipe.select.latency_aware and latency is None or fac.rank_rule == "budget" and fac.target_macs is not None
     if needs_rows and rows is None:
         rows = linear_rows(model, family)
     if latency is None and recipe.select.latency_aware:
         latency = LatencySelection(recipe.select, rows)
     call = family.forward if family is not None else call_model
+    sens = None
+    if sensitive:  # one forward + backward per calibration batch, on the dense model
+        if iter(calibration) is calibration:  # a one-shot iterator: keep it for the statistics' passes
+            calibration = list(calibration)
+        names = [p.name for p in plans if p.factorized and p.rule.startswith("budget")]
+        sens = layer_sensitivity(model, names, calibration, task=family.task(model) if family is not None else None, call=call)
     if fac.method != "svd":
-        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call)
+        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, sens)
 
     allocation = None
-    if fac.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
-        spectrum = lambda n: torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device()).float())  # noqa: E731
-        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows)
+    if fac.rank_rule == "budget" or sensitive:  # every spectrum first (svdvals), then the usual loop
+        weights = _loss_weights(sens, lambda n: sens[n].input_power) if sens else {}
+
+        def spectrum(n: str) -> torch.Tensor:
+            s = torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device()).float())
+            # ‖ΔW X‖² / rows ≈ Σ_{i>r} σ_i² · mean ‖x‖² / d_in: weighted, the energies estimate the loss increase
+            return s * math.sqrt(weights[n]) if n in weights else s
+
+        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, sensitivity=_c(sens))
     if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
         for plan in latency.decide(plans):
             if progress is not None:
@@ -135,6 +154,19 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
     return Factorization(plans, allocation, latency)
 
 
+def _c(sens: dict[str, LayerSensitivity] | None) -> dict[str, float] | None:
+    return None if sens is None else {n: st.c for n, st in sens.items()}
+
+
+def _loss_weights(sens: dict[str, LayerSensitivity], per_unit: Callable[[str], float]) -> dict[str, float]:
+    """Each layer's factor from its spectrum's energies to the expected increase of the output loss:
+    (c_l / d_out) · `per_unit(l)` (what one unit of the spectrum's energy is in squared output error per row).
+    Floored at 1e-12 of the largest, so that a layer the loss never felt gets ranks only when nothing else wants them."""
+    w = {n: st.weight * per_unit(n) for n, st in sens.items()}
+    top = max(w.values(), default=0.0)
+    return {n: max(v, 1e-12 * top) for n, v in w.items()}
+
+
 def _factorize_data_aware(
     model: nn.Module,
     recipe: Recipe,
@@ -144,13 +176,15 @@ def _factorize_data_aware(
     latency: LatencySelection | None,
     rows: dict[str, int] | None,
     call,
+    sens: dict[str, LayerSensitivity] | None = None,
 ) -> Factorization:
     """The `whitened` / `asvd` methods (see `decompose.whiten`).
 
     The calibration batches go through the dense model once per group of Grams (see
     `calibrate.gram_groups`): every layer's statistics are taken on the *original* model's
     inputs, and the layers are swapped for `LowRankLinear`s only after all passes. With
-    `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy).
+    `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy);
+    with `sens` (allocation sensitivity), on those spectra weighted by each layer's sensitivity.
     """
     fac = recipe.factorize
     if calibration is None:
@@ -159,12 +193,13 @@ def _factorize_data_aware(
                            "a .txt or .jsonl file or a folder of them", param="calib_data")
     todo = {p.name: p for p in plans if p.factorized}
     whitened = fac.method == "whitened"
-    budget = fac.rank_rule == "budget"
+    budget = fac.rank_rule == "budget" or sens is not None
     groups = gram_groups(model, list(todo), fac.calib_max_gram_mb * 2**20) if whitened else [list(todo)]
     if len(groups) > 1 and iter(calibration) is calibration:  # a one-shot iterator: keep it for the next passes
         calibration = list(calibration)
 
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    unit: dict[str, float] = {}  # squared output error per row of one unit of the spectrum's energy
     for group in groups:
         stats = collect_input_stats(model, group, calibration, gram=whitened, call=call)
         for name in group:
@@ -177,12 +212,22 @@ def _factorize_data_aware(
                 set_rank(plan, *rule_of(plan), sigma.cpu())
                 keep = plan.rank if plan.factorized else 0
             bases[name] = (U[:, :keep].clone(), sigma.cpu())
+            if sens is not None and name in sens:
+                if whitened:  # σ² of W·S sum the output error over the calibration rows
+                    unit[name] = 1.0 / max(st.rows, 1)
+                else:  # σ² of W·D: rescaled so that D's size is the inputs' mean power (D ∝ 1 gives plain SVD's estimate)
+                    d = asvd_scale(st.abs_mean, fac.asvd_alpha)
+                    unit[name] = sens[name].input_power * d.numel() / max(float(d.pow(2).sum()), 1e-300)
             del U, st
             if progress is not None:
                 progress(name)
         del stats
 
-    allocation = allocate_ranks(plans, lambda n: bases[n][1], fac.min_rank, rows, spectrum_kind=fac.method) if budget else None
+    allocation = None
+    if budget:
+        weights = _loss_weights(sens, unit.__getitem__) if sens else {}
+        spectrum = lambda n: bases[n][1] * math.sqrt(weights[n]) if n in weights else bases[n][1]  # noqa: E731
+        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, spectrum_kind=fac.method, sensitivity=_c(sens))
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
         plan = todo[name]
