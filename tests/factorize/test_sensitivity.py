@@ -13,6 +13,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.factorize.sensitivity import layer_sensitivity
 from lowrank_cli.models import get_family
+from lowrank_cli.pipelines.compress import prepare_compress
 from lowrank_cli.recipe import recipe_from_dict
 
 
@@ -146,3 +147,15 @@ def test_factorize_and_inspect_record_the_sensitivity(cli, vit_ckpt, tmp_path):
     r = cli("inspect", vit_ckpt, "--recipe", recipe, *arch, "--json")  # inspect measures nothing: it says so
     assert r.code == 0, r.err
     assert any("decided by factorize" in n for n in json.loads(r.out)["notes"])
+
+
+def test_compress_calibrates_on_its_training_data_and_records_the_allocation(vit_ckpt, tmp_path):
+    recipe = recipe_from_dict({"model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS, "data": {"source": "synthetic", "synthetic_size": 16, "num_workers": 0},
+                               "factorize": {"kappa": 3, "allocation": "sensitivity", "calib_samples": 8}})
+    p = prepare_compress(vit_ckpt, recipe, out=tmp_path / "run", device="cpu")
+    assert p.recipe.factorize.calib_data == "synthetic"  # defaulted to data.source, as for whitened / asvd
+    a = p.info["allocation"]
+    assert a["allocation"] == "sensitivity" and a["kappa"] == 3 and a["budget"]["cost"] <= a["uniform_kappa"]["cost"]
+    assert p.manifest.allocation["sensitivity"] == {l["name"]: l["sensitivity"] for l in a["layers"]}
+    assert {n: e.rank for n, e in p.manifest.layers.items()} == {l["name"]: l["rank"] for l in a["layers"] if l["rank"] is not None}
+    assert not (tmp_path / "run").exists()  # prepared, nothing written
