@@ -113,22 +113,28 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
     if latency is None and recipe.select.latency_aware:
         latency = LatencySelection(recipe.select, rows)
     call = family.forward if family is not None else call_model
-    sens = None
+    sens, svds = None, {}
     if sensitive:  # one forward + backward per calibration batch, on the dense model
         if iter(calibration) is calibration:  # a one-shot iterator: keep it for the statistics' passes
             calibration = list(calibration)
         names = [p.name for p in plans if p.factorized and p.rule.startswith("budget")]
-        sens = layer_sensitivity(model, names, calibration, task=family.task(model) if family is not None else None, call=call)
+        # plain SVD: each layer's (σ, V), so that the pass measures the inputs' power along every v_i (within calib_max_gram_mb)
+        svds = _right_singular(model, names, fac.calib_max_gram_mb * 2**20) if fac.method == "svd" else {}
+        sens = layer_sensitivity(model, names, calibration, task=family.task(model) if family is not None else None, call=call,
+                                 directions={n: V for n, (_s, V) in svds.items()})
     if fac.method != "svd":
         return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, sens)
 
     allocation = None
     if fac.rank_rule == "budget" or sensitive:  # every spectrum first (svdvals), then the usual loop
-        weights = _loss_weights(sens, lambda n: sens[n].input_power) if sens else {}
+        weights = _loss_weights(sens, lambda n: 1.0 if n in svds else sens[n].input_power) if sens else {}
 
         def spectrum(n: str) -> torch.Tensor:
+            if n in svds:  # ‖ΔW X‖² / rows = Σ_{i>r} σ_i² · mean (v_iᵀx)² exactly: the energies estimate the loss increase
+                s, _V = svds[n]
+                return s.double() * (sens[n].direction_power.cpu() * weights[n]).sqrt()
             s = torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device()).float())
-            # ‖ΔW X‖² / rows ≈ Σ_{i>r} σ_i² · mean ‖x‖² / d_in: weighted, the energies estimate the loss increase
+            # without the directions: ‖ΔW X‖² / rows ≈ Σ_{i>r} σ_i² · mean ‖x‖² / d_in (inputs taken as isotropic)
             return s * math.sqrt(weights[n]) if n in weights else s
 
         allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, sensitivity=_c(sens))
@@ -152,6 +158,20 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
 
     replace_modules(model, swap, named_in(todo))
     return Factorization(plans, allocation, latency)
+
+
+def _right_singular(model: nn.Module, names: list[str], max_bytes: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(σ, V) of each layer's weight while their V (fp32) fit in `max_bytes`; the others are left out."""
+    out, used = {}, 0
+    for name in names:
+        w = dense_weight(model.get_submodule(name))[0]
+        need = w.shape[1] * min(w.shape) * 4
+        if used + need > max_bytes:
+            continue
+        _U, s, Vh = torch.linalg.svd(w.detach().to(svd_device()).float(), full_matrices=False)
+        out[name] = (s.cpu(), Vh.T.contiguous())
+        used += need
+    return out
 
 
 def _c(sens: dict[str, LayerSensitivity] | None) -> dict[str, float] | None:

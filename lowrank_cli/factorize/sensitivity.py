@@ -16,8 +16,10 @@ with L chosen by the model's task (docs/algorithms.md §8):
   z ~ N(0, 1) drawn afresh per batch from a fixed seed, so that E‖g_l‖² = ‖J_l‖²_F, the squared
   Frobenius norm of the Jacobian of the output with respect to y_l.
 
-In the same pass it takes each layer's mean input power per feature, mean ‖x‖² / d_in, which
-turns plain SVD's ‖W − W'‖²_F into an estimate of the output error ‖(W − W')X‖² / rows.
+In the same pass it takes each layer's mean input power per feature, mean ‖x‖² / d_in, and,
+given a layer's right singular vectors v_i (`directions`), the mean power of its inputs along
+each, mean (v_iᵀx)²: plain SVD's truncation error at rank r on the calibration inputs is then
+exactly Σ_{i>r} σ_i² · mean (v_iᵀx)² per row (the u_i are orthonormal), without a Gram.
 
 The model's weights are not changed and get no gradients: they are frozen during the pass (and
 restored after), and the graph starts at the first selected layer's output. Gradients are read
@@ -52,6 +54,12 @@ class LayerSensitivity:
     input_rows: int = 0
     d_in: int = 0
     d_out: int = 0
+    direction_sq: torch.Tensor | None = None  # Σ over rows of (v_iᵀx)², for the layer's right singular vectors v_i
+
+    @property
+    def direction_power(self) -> torch.Tensor | None:
+        """mean (v_iᵀx)² for each given direction v_i (None when no directions were given)."""
+        return None if self.direction_sq is None else self.direction_sq / max(self.input_rows, 1)
 
     @property
     def c(self) -> float:
@@ -109,11 +117,13 @@ def output_loss(out: torch.Tensor, task: str | None, mask: torch.Tensor | None, 
 
 
 def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable, *, task: str | None = None,
-                      call: Callable[[nn.Module, Inputs], Any] = call_model, seed: int = 0) -> dict[str, LayerSensitivity]:
+                      call: Callable[[nn.Module, Inputs], Any] = call_model, seed: int = 0,
+                      directions: dict[str, torch.Tensor] | None = None) -> dict[str, LayerSensitivity]:
     """c_l and the mean input power of each layer in `names`, over `calibration` (input batches, or (inputs, labels)
     pairs), with one forward and one backward pass per batch. `task` is the model's (`ModelFamily.task`); None: a
     classifier when the output is (batch, classes), else a model of features. The model runs in eval mode; its
-    weights are not changed."""
+    weights are not changed. `directions` (d_in × k per layer, e.g. its right singular vectors) adds the mean input
+    power along each."""
     param = next(model.parameters())
     stats: dict[str, LayerSensitivity] = {}
     current: dict[str, torch.Tensor | None] = {}
@@ -128,8 +138,14 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable,
             st.grad_sq += float(g.pow(2).sum())
             st.rows += g.shape[0]
 
-        def pre(_mod, args, st=st):
-            x = _real(args[0].detach(), current.get("mask")).double()
+        V = None if directions is None or name not in directions else directions[name]
+
+        def pre(_mod, args, st=st, V=V):
+            x = _real(args[0].detach(), current.get("mask"))
+            if V is not None:
+                p = (x.float() @ V.to(x.device, torch.float32)).pow(2).sum(0).double()
+                st.direction_sq = p if st.direction_sq is None else st.direction_sq + p
+            x = x.double()
             st.input_sq += float(x.pow(2).sum())
             st.input_rows += x.shape[0]
 
