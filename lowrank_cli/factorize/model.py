@@ -169,7 +169,7 @@ def _right_singular(model: nn.Module, names: list[str], max_bytes: int) -> dict[
         if used + need > max_bytes:
             continue
         _U, s, Vh = torch.linalg.svd(w.detach().to(svd_device()).float(), full_matrices=False)
-        out[name] = (s.cpu(), Vh.T.contiguous())
+        out[name] = (s.cpu(), Vh.T.to(w.device).contiguous())  # beside the layer's inputs
         used += need
     return out
 
