@@ -18,7 +18,7 @@ from torch import nn
 
 from lowrank_cli.decompose.ranks import max_shrinking_rank
 from lowrank_cli.decompose.svd import svd, svd_device
-from lowrank_cli.decompose.whiten import asvd_basis, asvd_scale, projection_factors, whitened_basis
+from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitened_basis
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
 from lowrank_cli.factorize.sensitivity import LayerSensitivity, layer_sensitivity
@@ -113,17 +113,24 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
     if latency is None and recipe.select.latency_aware:
         latency = LatencySelection(recipe.select, rows)
     call = family.forward if family is not None else call_model
-    sens, svds = None, {}
+    sens, svds, measure = None, {}, None
     if sensitive:  # one forward + backward per calibration batch, on the dense model
         if iter(calibration) is calibration:  # a one-shot iterator: keep it for the statistics' passes
             calibration = list(calibration)
         names = [p.name for p in plans if p.factorized and p.rule.startswith("budget")]
-        # plain SVD: each layer's (σ, V), so that the pass measures the inputs' power along every v_i (within calib_max_gram_mb)
-        svds = _right_singular(model, names, fac.calib_max_gram_mb * 2**20) if fac.method == "svd" else {}
-        sens = layer_sensitivity(model, names, calibration, task=family.task(model) if family is not None else None, call=call,
-                                 directions={n: V for n, (_s, V) in svds.items()})
-    if fac.method != "svd":
-        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, sens)
+        task = family.task(model) if family is not None else None
+
+        def measure(directions: dict[str, torch.Tensor] | None = None) -> dict[str, LayerSensitivity]:
+            return layer_sensitivity(model, names, calibration, task=task, call=call, directions=directions)
+
+        if fac.method == "svd":  # each layer's (σ, V), so that the pass measures the inputs' power along every v_i (within calib_max_gram_mb)
+            svds = _right_singular(model, names, fac.calib_max_gram_mb * 2**20)
+            sens = measure({n: V for n, (_s, V) in svds.items()})
+        elif fac.method == "whitened":
+            sens = measure()
+    if fac.method != "svd":  # asvd measures after its statistics: the directions come from its basis
+        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, sens,
+                                     measure if fac.method == "asvd" else None)
 
     allocation = None
     if fac.rank_rule == "budget" or sensitive:  # every spectrum first (svdvals), then the usual loop
@@ -197,6 +204,7 @@ def _factorize_data_aware(
     rows: dict[str, int] | None,
     call,
     sens: dict[str, LayerSensitivity] | None = None,
+    measure: Callable[[dict[str, torch.Tensor]], dict[str, LayerSensitivity]] | None = None,
 ) -> Factorization:
     """The `whitened` / `asvd` methods (see `decompose.whiten`).
 
@@ -205,6 +213,8 @@ def _factorize_data_aware(
     inputs, and the layers are swapped for `LowRankLinear`s only after all passes. With
     `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy);
     with `sens` (allocation sensitivity), on those spectra weighted by each layer's sensitivity.
+    ASVD with sensitivity passes `measure` instead: once its bases are known, the sensitivity pass
+    also measures the inputs' power along `Wᵀu_i`, which is exactly ASVD's output error per component.
     """
     fac = recipe.factorize
     if calibration is None:
@@ -213,7 +223,8 @@ def _factorize_data_aware(
                            "a .txt or .jsonl file or a folder of them", param="calib_data")
     todo = {p.name: p for p in plans if p.factorized}
     whitened = fac.method == "whitened"
-    budget = fac.rank_rule == "budget" or sens is not None
+    budget = fac.rank_rule == "budget" or sens is not None or measure is not None
+    directions: dict[str, torch.Tensor] = {}  # asvd with sensitivity: Wᵀu_i for every u_i of W·D
     groups = gram_groups(model, list(todo), fac.calib_max_gram_mb * 2**20) if whitened else [list(todo)]
     if len(groups) > 1 and iter(calibration) is calibration:  # a one-shot iterator: keep it for the next passes
         calibration = list(calibration)
@@ -232,21 +243,28 @@ def _factorize_data_aware(
                 set_rank(plan, *rule_of(plan), sigma.cpu())
                 keep = plan.rank if plan.factorized else 0
             bases[name] = (U[:, :keep].clone(), sigma.cpu())
-            if sens is not None and name in sens:
-                if whitened:  # σ² of W·S sum the output error over the calibration rows
-                    unit[name] = 1.0 / max(st.rows, 1)
-                else:  # σ² of W·D: rescaled so that D's size is the inputs' mean power (D ∝ 1 gives plain SVD's estimate)
-                    d = asvd_scale(st.abs_mean, fac.asvd_alpha)
-                    unit[name] = sens[name].input_power * d.numel() / max(float(d.pow(2).sum()), 1e-300)
+            if measure is not None:  # (I − U_r U_rᵀ) W x: component i's output error is (u_iᵀ W x)², the input's power along Wᵀu_i
+                directions[name] = (w.detach().to(U.device, U.dtype).T @ U).to(w.device, torch.float32).contiguous()
+            if sens is not None and name in sens:  # whitened: σ² of W·S sum the output error over the calibration rows
+                unit[name] = 1.0 / max(st.rows, 1)
             del U, st
             if progress is not None:
                 progress(name)
         del stats
 
+    if measure is not None:
+        sens = measure(directions)
+        directions.clear()
+        unit = {n: 1.0 for n in sens}
     allocation = None
     if budget:
         weights = _loss_weights(sens, unit.__getitem__) if sens else {}
-        spectrum = lambda n: bases[n][1] * math.sqrt(weights[n]) if n in weights else bases[n][1]  # noqa: E731
+
+        def spectrum(n: str) -> torch.Tensor:
+            if n in weights and sens[n].direction_power is not None:  # exact per-component output error (asvd)
+                return (sens[n].direction_power.cpu().double() * weights[n]).sqrt()
+            return bases[n][1] * math.sqrt(weights[n]) if n in weights else bases[n][1]
+
         allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, spectrum_kind=fac.method, sensitivity=_c(sens))
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
