@@ -96,7 +96,12 @@ class FactorizeConfig(_Strict):
     target_params: float | None = Field(default=None, gt=0, le=1)
     target_macs: float | None = Field(default=None, gt=0, le=1)
     min_rank: int = Field(default=1, ge=1)
-    # 'whitened' and 'asvd' minimise the output error on calibration inputs (docs/algorithms.md §4)
+    # how ranks are spread over the layers: 'uniform' (the rule alone: κ for every layer, or the budget by
+    # each layer's own truncation energy), or 'sensitivity' (each layer's truncation energy weighted by how
+    # much the model's output loss feels its output, measured with one backward pass per calibration batch;
+    # with rank_rule kappa, at uniform κ's parameter count; needs calib_data; docs/algorithms.md §8)
+    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # 'whitened' and 'asvd'' minimise the output error on calibration inputs (docs/algorithms.md §4)
     method: Literal["svd", "whitened", "asvd"] = "svd"
     asvd_alpha: float = Field(default=0.5, gt=0)
     calib_data: str | None = None  # a folder of images, 'digits' or 'synthetic'
@@ -117,14 +122,19 @@ class FactorizeConfig(_Strict):
             raise ValueError(f"rank_rule 'budget' needs exactly one of 'target_params: F' or 'target_macs: F' with 0 < F <= 1{got}")
         if self.rank_rule != "budget" and targets:
             raise ValueError(f"'{targets[0]}' is only used with 'rank_rule: budget' (rank_rule is '{self.rank_rule}')")
+        if self.allocation == "sensitivity" and self.rank_rule not in ("kappa", "budget"):
+            raise ValueError(f"allocation 'sensitivity' spreads a parameter count over the layers: use it with rank_rule 'kappa' or "
+                             f"'budget' (rank_rule is '{self.rank_rule}', which fixes every layer's rank itself)")
         return self
 
     def rule_label(self) -> str:
         """`kappa=2`, `energy=0.9`, `budget_params=0.5`: the rule as reports and manifests show it."""
         if self.rank_rule == "budget":
             kind = "params" if self.target_params is not None else "macs"
-            return f"budget_{kind}={getattr(self, f'target_{kind}'):g}"
-        return f"{self.rank_rule}={getattr(self, self.rank_rule):g}"
+            label = f"budget_{kind}={getattr(self, f'target_{kind}'):g}"
+        else:
+            label = f"{self.rank_rule}={getattr(self, self.rank_rule):g}"
+        return label + (" (sensitivity)" if self.allocation == "sensitivity" else "")
 
 
 class DataConfig(_Strict):
@@ -157,7 +167,7 @@ class PCLoRAConfig(_Strict):
 
 
 class LocalConfig(_Strict):
-    """Local (block-wise) distillation before the end-to-end stage (`distill.local`, docs/algorithms.md §8):
+    """Local (block-wise) distillation before the end-to-end stage (`distill.local`, docs/algorithms.md §9):
     each student block trained alone, `steps` Adam steps at `lr` (cosine to 0), to reproduce its teacher
     block's output on the cached inputs of `examples` training examples, from the student's own input
     (`inputs: student`, blocks one after the other) or the teacher's (`inputs: teacher`)."""
@@ -240,6 +250,8 @@ class Recipe(_Strict):
                 raise ValueError(f"distill.method 'pclora' takes its adapter ranks from factorize.rank_rule 'kappa' or 'rank' (got '{self.factorize.rank_rule}')")
             if self.factorize.method != "svd":
                 raise ValueError(f"distill.method 'pclora' initialises its adapters itself (distill.pclora.init); set factorize.method to 'svd' (got '{self.factorize.method}')")
+            if self.factorize.allocation != "uniform":
+                raise ValueError(f"distill.method 'pclora' gives every layer the recipe's own rank; set factorize.allocation to 'uniform' (got '{self.factorize.allocation}')")
             if self.distill.beta > 0:
                 raise ValueError("distill.beta (PELA's L_rwp) is not used by distill.method 'pclora'; set it to 0")
             if self.distill.local is not None:
@@ -259,10 +271,10 @@ class Recipe(_Strict):
         return recipe
 
     def with_calibration_default(self) -> "Recipe":
-        """A copy whose data-aware factorization (`whitened`, `asvd`) calibrates on the training part of `data.source`
+        """A copy whose data-aware factorization (`whitened`, `asvd`, `allocation: sensitivity`) calibrates on the training part of `data.source`
         when `factorize.calib_data` is not given (unchanged otherwise): the recipe then records what was used."""
         f = self.factorize
-        if f.method == "svd" or f.calib_data is not None or self.data.source is None:
+        if (f.method == "svd" and f.allocation != "sensitivity") or f.calib_data is not None or self.data.source is None:
             return self
         return self.model_copy(update={"factorize": f.model_copy(update={"calib_data": self.data.source})})
 

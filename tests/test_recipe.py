@@ -16,6 +16,15 @@ def test_every_shipped_recipe_validates():
             assert recipe.model  # every timm recipe names its default architecture
 
 
+def test_allocation_defaults_to_uniform_everywhere_and_labels_the_rule():
+    for name in bundled_recipe_names():
+        assert load_recipe(name).factorize.allocation == "uniform"  # existing behaviour unchanged
+    from lowrank_cli.recipe import recipe_from_dict
+    r = recipe_from_dict({"factorize": {"kappa": 4, "allocation": "sensitivity"}})
+    assert r.factorize.rule_label() == "kappa=4 (sensitivity)"
+    assert r.with_kappa(3).factorize.allocation == "sensitivity"  # --kappa keeps the allocation
+
+
 def test_shipped_rules():
     deit, swin = load_recipe("deit.yaml"), load_recipe("swin")
     assert (deit.factorize.kappa, swin.factorize.kappa) == (2, 1.5)
@@ -44,6 +53,8 @@ def test_kappa_override_and_path(tmp_path):
     ("factorize:\n  kappa: -1\n", r"factorize.kappa: Input should be greater than 1"),
     ("factorize:\n  rank_rule: energy\n", r"rank_rule 'energy' needs 'energy: F'"),
     ("select:\n  overrides:\n    - pattern: qkv\n", r"give one of kappa, rank, energy, or skip"),
+    ("factorize:\n  allocation: sensitive\n", r"factorize.allocation: Input should be 'uniform' or 'sensitivity' \(got 'sensitive'\)"),
+    ("factorize:\n  rank_rule: rank\n  rank: 8\n  allocation: sensitivity\n", r"allocation 'sensitivity' .* rank_rule 'kappa' or 'budget' \(rank_rule is 'rank'"),
     ("- a\n- b\n", r"a recipe must be a YAML mapping"),
     ("factorize: [\n", r"not valid YAML at line"),
 ])

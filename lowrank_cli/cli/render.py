@@ -116,9 +116,12 @@ def layers_table(insp: Any, spectrum: bool = False) -> Table:
 def allocation_table(alloc: dict) -> Table:
     """`rank_rule: budget`: each layer's allocated rank beside the uniform-κ rank at the same budget."""
     uni = alloc.get("uniform_kappa")
-    table = Table(title=f"Budget allocation vs uniform κ (target_{alloc['target']} = {alloc['fraction']:g}, σ of {alloc['spectrum']})", title_justify="left")
+    sens = alloc.get("allocation") == "sensitivity"
+    rule = f"κ = {alloc['kappa']:g}'s parameters, {alloc['fraction']:.4g}" if alloc.get("kappa") is not None else f"target_{alloc['target']} = {alloc['fraction']:g}"
+    weighted = " × √(c / d_out), by sensitivity" if sens else ""
+    table = Table(title=f"{'Sensitivity' if sens else 'Budget'} allocation vs uniform κ ({rule}, σ of {alloc['spectrum']}{weighted})", title_justify="left")
     for col, just in (("layer", "left"), ("budget rank", "right"), ("uniform-κ rank", "right"),
-                      ("error budget", "right"), ("error uniform", "right")):
+                      ("error budget", "right"), ("error uniform", "right")) + ((("sensitivity c", "right"),) if sens else ()):
         table.add_column(col, justify=just, no_wrap=col == "layer")
 
     def err(dropped, energy):
@@ -129,6 +132,7 @@ def allocation_table(alloc: dict) -> Table:
             layer["name"], "dense" if layer["rank"] is None else str(layer["rank"]),
             "—" if uni is None else "dense" if layer["uniform_rank"] is None else str(layer["uniform_rank"]),
             err(layer["dropped"], layer["energy"]), err(layer["uniform_dropped"], layer["energy"]),
+            *((f"{layer['sensitivity']:.3g}" if layer.get("sensitivity") is not None else "—",) if sens else ()),
         )
     b = alloc["budget"]
     total = f"budget: {b['fraction']:.3f} of the selected layers' {alloc['target']}, Σ dropped σ² = {b['dropped']:.4g} (relative {b['relative_error']:.3g})"

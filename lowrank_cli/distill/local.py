@@ -1,7 +1,7 @@
 """Local (block-wise) distillation: each student block trained alone to reproduce its teacher block.
 
 Before end-to-end distillation, the factorized student is mended one transformer block at a
-time (docs/algorithms.md §8), as block reconstruction does in post-training quantization:
+time (docs/algorithms.md §9), as block reconstruction does in post-training quantization:
 
 1. Cache, for `examples` training examples, the first block's input of both models and the
    arguments every block is called with (`models.blocks.BlockRunner`: only the embeddings run).

@@ -9,6 +9,7 @@ beyond the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -20,6 +21,7 @@ from lowrank_cli.decompose.svd import svd, svd_device
 from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitened_basis
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
+from lowrank_cli.factorize.sensitivity import LayerSensitivity, layer_sensitivity
 from lowrank_cli.measure.macs import count_macs
 from lowrank_cli.models.family import ModelFamily, call_model, embedding_candidates, linear_candidates
 from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, dense_weight
@@ -35,7 +37,7 @@ Progress = Callable[[str], None]
 @dataclass
 class Factorization:
     """What `factorize_model` decided: every candidate's plan (dense ones with their reason), the
-    budget allocation (`rank_rule: budget`) and the latency-aware selection's timings."""
+    budget allocation (`rank_rule: budget`, or `allocation: sensitivity`) and the latency-aware selection's timings."""
 
     plans: list[LayerPlan]
     allocation: Allocation | None = None
@@ -67,9 +69,9 @@ def factorize_model(
     """Replace, in place, each linear the recipe selects by a `LowRankLinear` of its factors.
 
     `family` gives the candidates (default: every plain `nn.Linear`) and the example inputs
-    for counting tokens. `factorize.method: whitened | asvd` needs `calibration` (input
-    batches, e.g. `data.calibration_batches`). With `select.latency_aware`, `latency` (built
-    from the recipe when not given) times each layer once its rank is known and keeps dense
+    for counting tokens. `factorize.method: whitened | asvd` and `factorize.allocation:
+    sensitivity` need `calibration` (input batches, e.g. `data.calibration_batches`). With
+    `select.latency_aware`, `latency` (built from the recipe when not given) times each layer once its rank is known and keeps dense
     those not faster factorized. `rows` (input rows per example of each linear) are counted
     when the MAC budget or the latency selection need them and are not given.
     `progress(name)` is called after each layer. SVDs run on `device` (the command's device;
@@ -104,19 +106,49 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
                        calibration: Iterable | None, latency: LatencySelection | None, rows: dict[str, int] | None,
                        device: torch.device | None = None) -> Factorization:
     fac = recipe.factorize
+    sensitive = fac.allocation == "sensitivity"
+    if sensitive and calibration is None:
+        raise LowrankError("factorize.allocation 'sensitivity' needs calibration data (recipe key factorize.calib_data, argument "
+                           "`calibration`): a folder of images, 'digits' or 'synthetic'; for text models 'pydoc', a .txt or .jsonl "
+                           "file or a folder of them", param="calib_data")
     needs_rows = recipe.select.latency_aware and latency is None or fac.rank_rule == "budget" and fac.target_macs is not None
     if needs_rows and rows is None:
         rows = linear_rows(model, family)
     if latency is None and recipe.select.latency_aware:
         latency = LatencySelection(recipe.select, rows)
     call = family.forward if family is not None else call_model
-    if fac.method != "svd":
-        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, device)
+    sens, svds, measure = None, {}, None
+    if sensitive:  # one forward + backward per calibration batch, on the dense model
+        if iter(calibration) is calibration:  # a one-shot iterator: keep it for the statistics' passes
+            calibration = list(calibration)
+        names = [p.name for p in plans if p.factorized and p.rule.startswith("budget")]
+        task = family.task(model) if family is not None else None
+
+        def measure(directions: dict[str, torch.Tensor] | None = None) -> dict[str, LayerSensitivity]:
+            return layer_sensitivity(model, names, calibration, task=task, call=call, directions=directions)
+
+        if fac.method == "svd":  # each layer's (σ, V), so that the pass measures the inputs' power along every v_i (within calib_max_gram_mb)
+            svds = _right_singular(model, names, fac.calib_max_gram_mb * 2**20, device)
+            sens = measure({n: V for n, (_s, V) in svds.items()})
+        elif fac.method == "whitened":
+            sens = measure()
+    if fac.method != "svd":  # asvd measures after its statistics: the directions come from its basis
+        return _factorize_data_aware(model, recipe, plans, calibration, progress, latency, rows, call, sens,
+                                     measure if fac.method == "asvd" else None, device)
 
     allocation = None
-    if fac.rank_rule == "budget":  # every spectrum first (svdvals), then the usual loop
-        spectrum = lambda n: torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device(device)).float())  # noqa: E731
-        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows)
+    if fac.rank_rule == "budget" or sensitive:  # every spectrum first (svdvals), then the usual loop
+        weights = _loss_weights(sens, lambda n: 1.0 if n in svds else sens[n].input_power) if sens else {}
+
+        def spectrum(n: str) -> torch.Tensor:
+            if n in svds:  # ‖ΔW X‖² / rows = Σ_{i>r} σ_i² · mean (v_iᵀx)² exactly: the energies estimate the loss increase
+                s, _V = svds[n]
+                return s.double() * (sens[n].direction_power.cpu() * weights[n]).sqrt()
+            s = torch.linalg.svdvals(dense_weight(model.get_submodule(n))[0].to(svd_device(device)).float())
+            # without the directions: ‖ΔW X‖² / rows ≈ Σ_{i>r} σ_i² · mean ‖x‖² / d_in (inputs taken as isotropic)
+            return s * math.sqrt(weights[n]) if n in weights else s
+
+        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, sensitivity=_c(sens))
     if latency is not None:  # ranks known before the SVD (κ, rank, budget): time them all now, no SVD for dense ones
         for plan in latency.decide(plans):
             if progress is not None:
@@ -139,6 +171,34 @@ def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan],
     return Factorization(plans, allocation, latency)
 
 
+def _right_singular(model: nn.Module, names: list[str], max_bytes: int,
+                    device: torch.device | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(σ, V) of each layer's weight while their V (fp32) fit in `max_bytes`; the others are left out."""
+    out, used = {}, 0
+    for name in names:
+        w = dense_weight(model.get_submodule(name))[0]
+        need = w.shape[1] * min(w.shape) * 4
+        if used + need > max_bytes:
+            continue
+        _U, s, Vh = torch.linalg.svd(w.detach().to(svd_device(device)).float(), full_matrices=False)
+        out[name] = (s.cpu(), Vh.T.to(w.device).contiguous())  # beside the layer's inputs
+        used += need
+    return out
+
+
+def _c(sens: dict[str, LayerSensitivity] | None) -> dict[str, float] | None:
+    return None if sens is None else {n: st.c for n, st in sens.items()}
+
+
+def _loss_weights(sens: dict[str, LayerSensitivity], per_unit: Callable[[str], float]) -> dict[str, float]:
+    """Each layer's factor from its spectrum's energies to the expected increase of the output loss:
+    (c_l / d_out) · `per_unit(l)` (what one unit of the spectrum's energy is in squared output error per row).
+    Floored at 1e-12 of the largest, so that a layer the loss never felt gets ranks only when nothing else wants them."""
+    w = {n: st.weight * per_unit(n) for n, st in sens.items()}
+    top = max(w.values(), default=0.0)
+    return {n: max(v, 1e-12 * top) for n, v in w.items()}
+
+
 def _factorize_data_aware(
     model: nn.Module,
     recipe: Recipe,
@@ -148,6 +208,8 @@ def _factorize_data_aware(
     latency: LatencySelection | None,
     rows: dict[str, int] | None,
     call,
+    sens: dict[str, LayerSensitivity] | None = None,
+    measure: Callable[[dict[str, torch.Tensor]], dict[str, LayerSensitivity]] | None = None,
     device: torch.device | None = None,
 ) -> Factorization:
     """The `whitened` / `asvd` methods (see `decompose.whiten`).
@@ -155,7 +217,10 @@ def _factorize_data_aware(
     The calibration batches go through the dense model once per group of Grams (see
     `calibrate.gram_groups`): every layer's statistics are taken on the *original* model's
     inputs, and the layers are swapped for `LowRankLinear`s only after all passes. With
-    `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy).
+    `rank_rule: budget`, ranks are allocated on the spectra of `W·M` (output-error energy);
+    with `sens` (allocation sensitivity), on those spectra weighted by each layer's sensitivity.
+    ASVD with sensitivity passes `measure` instead: once its bases are known, the sensitivity pass
+    also measures the inputs' power along `Wᵀu_i`, which is exactly ASVD's output error per component.
     """
     fac = recipe.factorize
     if calibration is None:
@@ -164,12 +229,14 @@ def _factorize_data_aware(
                            "a .txt or .jsonl file or a folder of them", param="calib_data")
     todo = {p.name: p for p in plans if p.factorized}
     whitened = fac.method == "whitened"
-    budget = fac.rank_rule == "budget"
+    budget = fac.rank_rule == "budget" or sens is not None or measure is not None
+    directions: dict[str, torch.Tensor] = {}  # asvd with sensitivity: Wᵀu_i for every u_i of W·D
     groups = gram_groups(model, list(todo), fac.calib_max_gram_mb * 2**20) if whitened else [list(todo)]
     if len(groups) > 1 and iter(calibration) is calibration:  # a one-shot iterator: keep it for the next passes
         calibration = list(calibration)
 
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    unit: dict[str, float] = {}  # squared output error per row of one unit of the spectrum's energy
     for group in groups:
         stats = collect_input_stats(model, group, calibration, gram=whitened, call=call)
         for name in group:
@@ -182,12 +249,29 @@ def _factorize_data_aware(
                 set_rank(plan, *rule_of(plan), sigma.cpu())
                 keep = plan.rank if plan.factorized else 0
             bases[name] = (U[:, :keep].clone(), sigma.cpu())
+            if measure is not None:  # (I − U_r U_rᵀ) W x: component i's output error is (u_iᵀ W x)², the input's power along Wᵀu_i
+                directions[name] = (w.detach().to(U.device, U.dtype).T @ U).to(w.device, torch.float32).contiguous()
+            if sens is not None and name in sens:  # whitened: σ² of W·S sum the output error over the calibration rows
+                unit[name] = 1.0 / max(st.rows, 1)
             del U, st
             if progress is not None:
                 progress(name)
         del stats
 
-    allocation = allocate_ranks(plans, lambda n: bases[n][1], fac.min_rank, rows, spectrum_kind=fac.method) if budget else None
+    if measure is not None:
+        sens = measure(directions)
+        directions.clear()
+        unit = {n: 1.0 for n in sens}
+    allocation = None
+    if budget:
+        weights = _loss_weights(sens, unit.__getitem__) if sens else {}
+
+        def spectrum(n: str) -> torch.Tensor:
+            if n in weights and sens[n].direction_power is not None:  # exact per-component output error (asvd)
+                return (sens[n].direction_power.cpu().double() * weights[n]).sqrt()
+            return bases[n][1] * math.sqrt(weights[n]) if n in weights else bases[n][1]
+
+        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, spectrum_kind=fac.method, sensitivity=_c(sens))
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
         plan = todo[name]

@@ -40,7 +40,7 @@ from lowrank_cli.nn.surgery import named_in, replace_modules
 MANIFEST_KEY = "lowrank"
 FORMAT_VERSION = 1
 _KNOWN = ("format_version", "lowrank_version", "family", "architecture", "model_kwargs", "layers", "recipe", "source", "latency", "distill",
-          "weights_sha256")
+          "weights_sha256", "allocation")
 METHODS = ("svd", "whitened", "asvd", "pclora")
 KINDS = ("linear", "conv1d", "embedding")
 
@@ -119,6 +119,7 @@ class Manifest:
     recipe: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None  # factorize.allocation sensitivity: the budget, uniform κ and each layer's c_l
     distill: dict[str, Any] | None = None
     weights_sha256: str | None = None  # tensors_digest of the tensors written with it (absent in early files)
     format_version: int = FORMAT_VERSION
@@ -147,7 +148,7 @@ class Manifest:
         }
         if self.family is not None:
             d["family"] = self.family
-        for key in ("latency", "distill", "weights_sha256"):
+        for key in ("latency", "allocation", "distill", "weights_sha256"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -186,6 +187,7 @@ class Manifest:
         for key, kinds, accepted in (("architecture", (str, type(None)), "a string or null"), ("family", (str, type(None)), "a string or null"),
                                      ("model_kwargs", (dict, type(None)), "a map"), ("recipe", (dict, type(None)), "a map or null"),
                                      ("source", (dict, type(None)), "a map or null"), ("latency", (dict, type(None)), "a map or null"),
+                                     ("allocation", (dict, type(None)), "a map or null"),
                                      ("distill", (dict, type(None)), "a map or null"), ("lowrank_version", (str, type(None)), "a string"),
                                      ("weights_sha256", (str, type(None)), "a string or null")):
             if not isinstance(data.get(key), kinds):
@@ -194,7 +196,8 @@ class Manifest:
         family = data.get("family") or ("timm" if architecture is not None else None)
         return cls(
             layers=layers, architecture=architecture, family=family, model_kwargs=dict(data.get("model_kwargs") or {}),
-            recipe=data.get("recipe"), source=data.get("source"), latency=data.get("latency"), distill=data.get("distill"),
+            recipe=data.get("recipe"), source=data.get("source"), latency=data.get("latency"), allocation=data.get("allocation"),
+            distill=data.get("distill"),
             weights_sha256=data.get("weights_sha256"), format_version=version, lowrank_version=str(data.get("lowrank_version") or ""),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )

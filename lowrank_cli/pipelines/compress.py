@@ -175,20 +175,25 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
     calibration = None
-    if recipe.factorize.method != "svd":  # whitened | asvd: on factorize.calib_data (defaulted above)
+    if recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity":  # on factorize.calib_data (defaulted above)
         f = recipe.factorize
         calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+    allocation = None
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
         plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
     else:
-        plans = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev).plans
+        factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev)
+        plans, allocation = factorized.plans, factorized.allocation
     if not any(p.factorized for p in plans):
         raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
-    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method)
+    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method,
+                              allocation=allocation)
     task = family.task(teacher)
     base, match = _resolve_base(recipe, task, teacher, data)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
+    if allocation is not None:  # rank_rule budget or allocation sensitivity: the ranks beside uniform κ's (and each layer's c_l)
+        info["allocation"] = allocation.to_dict()
     return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
                        {**info, **_split_note(data)}, task, built.folder, calibration, started)
 
@@ -482,6 +487,7 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
         "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
                  "skipped_first": p.data.skipped[:5], **({"split": p.data.split} if isinstance(p.data, TextData) else {})},
+        **({"allocation": p.info["allocation"]} if "allocation" in p.info else {}),
         "world_size": p.env.world,
         "rank_weight_sha256": digests,
         "seconds": seconds,

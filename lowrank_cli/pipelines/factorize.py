@@ -48,10 +48,11 @@ def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int 
     """A copy with the given calibration settings, so that the manifest records what was used."""
     if calib_data is None and calib_samples is None:
         return recipe
-    if recipe.factorize.method == "svd":
+    if recipe.factorize.method == "svd" and recipe.factorize.allocation == "uniform":
         given = "calib_data" if calib_data is not None else "calib_samples"
-        raise LowrankError(f"{given} has no effect with factorize.method 'svd' (plain SVD uses no data); "
-                           "set factorize.method to whitened or asvd in the recipe, or leave calibration out", param=given)
+        raise LowrankError(f"{given} has no effect with factorize.method 'svd' and factorize.allocation 'uniform' (plain SVD uses no data); "
+                           "set factorize.method to whitened or asvd, or factorize.allocation to sensitivity, in the recipe, "
+                           "or leave calibration out", param=given)
     if calib_samples is not None and calib_samples < 1:
         raise LowrankError(f"calib_samples must be at least 1 (got {calib_samples})", param="calib_samples")
     recipe = recipe.model_copy(deep=True)
@@ -61,11 +62,14 @@ def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int 
 
 
 def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe,
-                   source: str | os.PathLike | None, method: str = "svd", latency: dict[str, Any] | None = None) -> Manifest:
-    """The manifest of a checkpoint factorized from `source` by `recipe` (with `latency` when latency-aware)."""
+                   source: str | os.PathLike | None, method: str = "svd", latency: dict[str, Any] | None = None,
+                   allocation=None) -> Manifest:
+    """The manifest of a checkpoint factorized from `source` by `recipe` (with `latency` when latency-aware, and the
+    `allocation` (`plan.Allocation`) when it was weighted by sensitivity)."""
+    record = allocation.manifest_record() if allocation is not None and allocation.allocation == "sensitivity" else None
     return Manifest(
         layers=manifest_layers(plans, method), architecture=arch, family=family, model_kwargs=model_kwargs, recipe=recipe.to_dict(),
-        source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency,
+        source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency, allocation=record,
     )
 
 
@@ -161,14 +165,14 @@ def factorize_checkpoint(
     macs = count_macs(model, example_at(family, model, seq_len), family.forward)
     todo = planned_count(model, family, recipe)
     calibration = None
-    if method != "svd":
+    if method != "svd" or recipe.factorize.allocation == "sensitivity":
         f = recipe.factorize
         calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
     result = factorize_model(model, recipe, family=family, progress=progress(todo) if progress else None, calibration=calibration,
                              latency=latency, rows=macs.linear_rows, device=svd_dev)
     timings = latency.to_dict() if latency is not None else None
-    manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings)
+    manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings, result.allocation)
     manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs)
     insp = Inspection(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,

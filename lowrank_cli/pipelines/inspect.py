@@ -124,9 +124,15 @@ def example_at(family, model, seq_len: int | None = None, batch: int = 1):
 
 
 def check_calibration(recipe: Recipe) -> None:
-    """`factorize.method: whitened | asvd` needs calibration data: checked the same way by `inspect` and `factorize`."""
+    """`factorize.method: whitened | asvd` and `factorize.allocation: sensitivity` need calibration data: checked the same
+    way by `inspect` and `factorize`."""
     method = recipe.factorize.method
-    if method != "svd" and recipe.with_calibration_default().factorize.calib_data is None:
+    calibrated = recipe.with_calibration_default().factorize.calib_data is not None
+    if recipe.factorize.allocation == "sensitivity" and not calibrated:
+        raise LowrankError("factorize.allocation 'sensitivity' needs calibration data to measure each layer's sensitivity: a folder "
+                           "of images, 'digits' or 'synthetic'; for text models 'pydoc', a .txt or .jsonl file or a folder of them "
+                           "(argument `calib_data`, recipe key factorize.calib_data, else data.source)", param="calib_data")
+    if method != "svd" and not calibrated:
         raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic'; for text models "
                            "'pydoc', a .txt or .jsonl file or a folder of them "
                            "(argument `calib_data`, recipe key factorize.calib_data, else data.source)", param="calib_data")
@@ -139,6 +145,9 @@ def build_or_weight_only(path, arch: str | None, model_kwargs: dict[str, Any], r
         return build_model(path, arch, model_kwargs, hint=hint_of(recipe)), None
     except NoArchitecture as e:
         method = recipe.factorize.method
+        if recipe.factorize.allocation == "sensitivity":
+            raise LowrankError(f"factorize.allocation 'sensitivity' needs an architecture to run calibration data through (forward and "
+                               f"backward): {e}; or set factorize.allocation to 'uniform'", param="model") from None
         if method != "svd":
             raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through: {e}", param="model") from None
         return None, str(e)
@@ -175,6 +184,11 @@ def inspect_checkpoint(
         if spectrum:
             raise LowrankError(f"{path}: is already factorized; a spectrum is computed from dense weights (inspect the original)", param="spectrum")
         return _inspect_factorized(header, manifest, arch, kwargs, seq_len)
+    notes = []
+    if recipe.factorize.allocation == "sensitivity":  # a backward pass over the calibration data: factorize's work, not inspect's
+        notes.append("factorize.allocation 'sensitivity' is decided by factorize (one backward pass per calibration batch); "
+                     "shown: the ranks of allocation 'uniform' at the same rule")
+        recipe = recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"allocation": "uniform"})})
     check_calibration(recipe)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
@@ -182,8 +196,10 @@ def inspect_checkpoint(
         plans, alloc = plan_weight_only(header, recipe, needs_spectrum)
         before = header_params(header)
         return Inspection(str(path), plans, before, before - saved_params(plans), tensors=tensor_rows(header),
-                          rank_rule=recipe.factorize.rule_label(), allocation=alloc, notes=[f"weight-only: {why}"])
-    return _inspect_model(built, recipe, needs_spectrum, layer_timer, seq_len)
+                          rank_rule=recipe.factorize.rule_label(), allocation=alloc, notes=[f"weight-only: {why}", *notes])
+    insp = _inspect_model(built, recipe, needs_spectrum, layer_timer, seq_len)
+    insp.notes += notes
+    return insp
 
 
 def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None) -> Inspection:

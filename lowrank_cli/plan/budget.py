@@ -13,6 +13,12 @@ little and recovers all its energy). The result meets the target exactly or just
 
 The uniform-κ baseline at the same budget (PELA's rule with the smallest κ that fits) is
 computed alongside, so reports can show what the allocation buys.
+
+`factorize.allocation: sensitivity` (docs/algorithms.md §8) passes spectra already weighted
+by each layer's measured output sensitivity (`factorize/sensitivity.py`), so that the
+energies are estimated increases of the output loss; with `rank_rule: kappa` the rule is
+`budget_kappa=κ`: the budget is the parameter count of uniform κ itself, and the uniform
+ranks shown beside the allocation are those of that same κ.
 """
 
 from __future__ import annotations
@@ -53,6 +59,15 @@ class Allocation:
     uniform_ranks: dict[str, int | None] = field(default_factory=dict)
     uniform_layer_dropped: dict[str, float] = field(default_factory=dict)
     spectrum: str = "svd"  # whose singular values: "svd" (W), "whitened" (W·S), "asvd" (W·D)
+    kappa: float | None = None  # rank_rule kappa with allocation sensitivity: the κ whose parameter count is the budget
+    allocation: str = "uniform"  # "sensitivity": the spectra were weighted by each layer's output sensitivity
+    sensitivity: dict[str, float] = field(default_factory=dict)  # c_l = mean over tokens of ‖∂L/∂y_l‖²
+
+    def manifest_record(self) -> dict:
+        """What a manifest keeps of a sensitivity allocation: the rule, the uniform κ beside it and each layer's c_l."""
+        return {"allocation": self.allocation, "spectrum": self.spectrum, "target": self.target, "fraction": self.fraction,
+                **({"kappa": self.kappa} if self.kappa is not None else {}), "uniform_kappa": self.uniform_kappa,
+                "sensitivity": dict(self.sensitivity)}
 
     def to_dict(self) -> dict:
         def rel(d: float | None) -> float | None:
@@ -62,6 +77,8 @@ class Allocation:
             "target": self.target,
             "fraction": self.fraction,
             "spectrum": self.spectrum,
+            "allocation": self.allocation,
+            **({"kappa": self.kappa} if self.kappa is not None else {}),
             "base": self.base_cost,
             "budget": {"cost": self.cost, "fraction": self.cost / self.base_cost, "dropped": self.dropped, "relative_error": rel(self.dropped)},
             "uniform_kappa": None if self.uniform_kappa is None else {
@@ -73,6 +90,7 @@ class Allocation:
                     "name": name, "rank": rank, "uniform_rank": self.uniform_ranks.get(name),
                     "dropped": self.layer_dropped[name], "uniform_dropped": self.uniform_layer_dropped.get(name),
                     "energy": self.layer_energy[name],
+                    **({"sensitivity": self.sensitivity.get(name)} if self.sensitivity else {}),
                 }
                 for name, rank in self.ranks.items()
             ],
@@ -95,10 +113,14 @@ def allocate_ranks(
     min_rank: int = 1,
     rows: dict[str, int] | None = None,
     spectrum_kind: str = "svd",
+    sensitivity: dict[str, float] | None = None,
 ) -> Allocation:
-    """Set `rank` (or dense) on every plan whose rule is `budget_params=F` / `budget_macs=F`.
+    """Set `rank` (or dense) on every plan whose rule is `budget_params=F` / `budget_macs=F` / `budget_kappa=κ`.
 
-    `spectrum(name)` gives a layer's singular values (descending). `rows` (input rows per
+    `spectrum(name)` gives a layer's singular values (descending), or its spectrum weighted by
+    its output sensitivity (then `sensitivity`, each layer's c_l, is recorded in the result).
+    `budget_kappa=κ` (rank_rule kappa with allocation sensitivity) allocates the parameters that
+    uniform κ keeps, and compares with that κ's ranks. `rows` (input rows per
     example of each linear: tokens × batch, from `measure.count_macs`) is needed for MACs.
     Selected layers with another rule (per-pattern overrides) keep their rank (an energy
     rule's is set here from `spectrum`); their cost counts against the budget. Raises `LowrankError` when the floors alone exceed it.
@@ -108,6 +130,9 @@ def allocate_ranks(
         raise LowrankError("rank_rule 'budget': no selected layer to allocate ranks to")
     kind, fraction = rule_of(budgeted[0])
     target = kind.removeprefix("budget_")
+    kappa = None
+    if target == "kappa":  # the budget is uniform κ's parameter count: the fraction follows below
+        kappa, target = fraction, "params"
     if target == "macs" and rows is None:
         raise LowrankError("factorize.target_macs needs an architecture to count MACs (argument `arch`, recipe key `model`), or use target_params", param="model")
     with_bias = target == "params"
@@ -118,8 +143,12 @@ def allocate_ranks(
         if p.factorized and p.rank is None:
             set_rank(p, *rule_of(p), spectrum(p.name).detach().cpu())
     base = sum(_cost(p, None, weight[p.name], with_bias) for p in selected)
-    budget = fraction * base
     fixed_cost = sum(_plan_cost(p, weight[p.name], with_bias) for p in fixed)
+    if kappa is not None:
+        budget = fixed_cost + sum(_cost(p, r, weight[p.name], with_bias) for p, r in zip(budgeted, _ranks_at(budgeted, kappa).values()))
+        fraction = budget / base
+    else:
+        budget = fraction * base
 
     power = {p.name: spectrum(p.name).detach().double().cpu().pow(2) for p in budgeted}
     energy = {n: float(s.sum()) for n, s in power.items()}
@@ -132,6 +161,9 @@ def allocate_ranks(
         ranks[p.name] = min(min_rank, min(p.d_in, p.d_out)) if min_rank <= r_max else None
     used = fixed_cost + sum(_cost(p, ranks[p.name], weight[p.name], with_bias) for p in budgeted)
     if used > budget + 1e-9:
+        if kappa is not None:
+            raise LowrankError(f"factorize.kappa {kappa:g} with allocation 'sensitivity': the floors (min_rank {min_rank}) and the layers with "
+                               f"their own rule already keep more than uniform κ's {fraction:.3f} of the selected layers' parameters", param="kappa")
         raise LowrankError(
             f"target_{target} {fraction:g} cannot be met: the floors (min_rank {min_rank}) and the layers with their own "
             f"rule already keep {used / base:.3f} of the selected layers' {target}"
@@ -178,25 +210,35 @@ def allocate_ranks(
             p.energy_kept = energy_kept(power[p.name].sqrt(), r)
     alloc = Allocation(
         target, fraction, base, used, sum(layer_dropped.values()), sum(energy.values()), ranks, layer_dropped, energy,
-        spectrum=spectrum_kind,
+        spectrum=spectrum_kind, kappa=kappa, allocation="sensitivity" if sensitivity is not None else "uniform",
+        sensitivity=dict(sensitivity or {}),
     )
-    _uniform_kappa(alloc, budgeted, tail, weight, with_bias, budget - fixed_cost)
+    _uniform_kappa(alloc, budgeted, tail, weight, with_bias, budget - fixed_cost, kappa)
     return alloc
 
 
-def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str, list[float]], weight: dict[str, int], with_bias: bool, budget: float) -> None:
-    """PELA's uniform κ rule at the smallest κ (to 4 digits) whose cost fits `budget` (bisection on log κ)."""
+def _ranks_at(budgeted: list[LayerPlan], kappa: float) -> dict[str, int | None]:
+    """PELA's uniform κ rule: each layer's rank at κ, None where it would not shrink the layer."""
+    out = {}
+    for p in budgeted:
+        r = rank_for_kappa(p.d_in, p.d_out, kappa)
+        out[p.name] = r if r * (p.d_in + p.d_out) < p.d_in * p.d_out else None
+    return out
+
+
+def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str, list[float]], weight: dict[str, int], with_bias: bool, budget: float,
+                   given: float | None = None) -> None:
+    """PELA's uniform κ rule at the smallest κ (to 4 digits) whose cost fits `budget` (bisection on log κ), or at κ = `given`."""
 
     def ranks_at(kappa: float) -> dict[str, int | None]:
-        out = {}
-        for p in budgeted:
-            r = rank_for_kappa(p.d_in, p.d_out, kappa)
-            out[p.name] = r if r * (p.d_in + p.d_out) < p.d_in * p.d_out else None
-        return out
+        return _ranks_at(budgeted, kappa)
 
     def cost_at(kappa: float) -> int:
         return sum(_cost(p, r, weight[p.name], with_bias) for p, r in zip(budgeted, ranks_at(kappa).values()))
 
+    if given is not None:
+        _set_uniform(alloc, budgeted, tail, weight, with_bias, given, ranks_at(given), cost_at(given))
+        return
     lo, hi = math.log(0.5), math.log(1e9)  # κ ≤ 1 keeps (almost) everything; κ = 1e9 gives rank 1 everywhere
     if cost_at(math.exp(hi)) > budget + 1e-9:
         return
@@ -214,9 +256,13 @@ def _uniform_kappa(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str,
     scale = 10 ** (math.floor(math.log10(exact)) - 3)
     kappa = math.ceil(exact / scale - 1e-9) * scale
     kappa = float(f"{kappa:.4g}") if cost_at(float(f"{kappa:.4g}")) <= budget + 1e-9 else exact
-    ranks = ranks_at(kappa)
+    _set_uniform(alloc, budgeted, tail, weight, with_bias, kappa, ranks_at(kappa), cost_at(kappa))
+
+
+def _set_uniform(alloc: Allocation, budgeted: list[LayerPlan], tail: dict[str, list[float]], weight: dict[str, int], with_bias: bool,
+                 kappa: float, ranks: dict[str, int | None], cost: int) -> None:
     alloc.uniform_kappa = kappa
     alloc.uniform_ranks = ranks
-    alloc.uniform_cost = alloc.cost - sum(_cost(p, alloc.ranks[p.name], weight[p.name], with_bias) for p in budgeted) + cost_at(kappa)
+    alloc.uniform_cost = alloc.cost - sum(_cost(p, alloc.ranks[p.name], weight[p.name], with_bias) for p in budgeted) + cost
     alloc.uniform_layer_dropped = {n: (0.0 if r is None else tail[n][min(r, len(tail[n]) - 1)]) for n, r in ranks.items()}
     alloc.uniform_dropped = sum(alloc.uniform_layer_dropped.values())

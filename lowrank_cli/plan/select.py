@@ -115,6 +115,8 @@ def plan_layers(
         kind, value = fac.rank_rule, {"kappa": fac.kappa, "rank": fac.rank, "energy": fac.energy}.get(fac.rank_rule)
         if kind == "budget":  # ranks set later by budget.allocate_ranks, once every spectrum is known
             kind, value = ("budget_params", fac.target_params) if fac.target_params is not None else ("budget_macs", fac.target_macs)
+        elif kind == "kappa" and fac.allocation == "sensitivity":  # uniform κ's parameter count, spread by allocate_ranks
+            kind = "budget_kappa"
         override = next((o for o in sel.overrides if matches(c.name, o.pattern)), None)
         reason = c.skip
         if reason is None and sel.include and not any(matches(c.name, p) for p in sel.include):

@@ -25,7 +25,7 @@ def factorize(
     kappa: Optional[float] = opt.KappaOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <input>.lowrank.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration images for factorize.method whitened/asvd: a folder, 'digits' or 'synthetic'."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data for factorize.method whitened/asvd and factorize.allocation sensitivity: a folder, 'digits' or 'synthetic' (text: 'pydoc', .txt, .jsonl)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration images (default: the recipe's, 256)."),
     latency_aware: bool = opt.LatencyOpt,
     seq_len: Optional[int] = opt.SeqLenOpt,
