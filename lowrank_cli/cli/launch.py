@@ -27,9 +27,6 @@ def argv_without_launch(argv: List[str]) -> List[str]:
     return out
 
 
-argv_without_nproc = argv_without_launch
-
-
 def launches(nproc: Optional[int], nnodes: int = 1) -> bool:
     """Whether this command, outside torchrun, starts torchrun: more than one process or more than one node."""
     return not under_torchrun() and ((nproc or 1) > 1 or nnodes > 1)

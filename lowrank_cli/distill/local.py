@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.blocks import BlockCall, BlockRunner
 from lowrank_cli.models.family import Inputs, ModelFamily, inputs_to
 from lowrank_cli.recipe import LocalConfig
@@ -83,7 +84,9 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
     teacher.to(device).eval()
     s_run, t_run = BlockRunner(family, student), BlockRunner(family, teacher)
     if s_run.names != t_run.names:
-        raise ValueError("student and teacher blocks differ")
+        raise LowrankError(f"the student's blocks ({len(s_run.names)}) are not the teacher's ({len(t_run.names)}); local distillation "
+                           "pairs them one by one (recipe key distill.local)", param="distill.local")
+    student_chain = cfg.inputs == "student"  # with inputs: teacher, the student's own activations are never needed
     first = inputs_to(batches[0], device)
     t_run.check(first)
     meta: list[_Batch] = []
@@ -93,7 +96,8 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
         inputs = inputs_to(inputs, device)
         hidden, call = t_run.first_input(inputs)
         t_first.append(hidden)
-        s_first.append(s_run.first_input(inputs)[0])
+        if student_chain:
+            s_first.append(s_run.first_input(inputs)[0])
         meta.append(_Batch(call, inputs.get("attention_mask") if isinstance(inputs, dict) else None))
     result = LocalResult(examples=sum(h.shape[0] for h in t_first),
                          tokens=sum(int(b.mask.sum()) if b.mask is not None else h[..., 0].numel() for h, b in zip(t_first, meta)))
@@ -108,10 +112,8 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
             t_block, s_block = t_run.block(i), s_run.block(i)
             with torch.no_grad():
                 target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
-            source = s_in if cfg.inputs == "student" else t_in
-            before, after = _train_block(s_block, source, target, meta, cfg, gen)
-            with torch.no_grad():
-                s_in = [b.call(s_block, h) for h, b in zip(s_in, meta)]
+            before, after, outputs = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen)
+            s_in = outputs if student_chain else []
             t_in = target
             record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": after,
                       "seconds": time.perf_counter() - t0}
@@ -123,17 +125,20 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
 
 
 def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
-                 gen: torch.Generator) -> tuple[float, float]:
-    """Adam on the block's trainable parameters for `cfg.steps` steps; (mean error before, mean error after) over every batch."""
+                 gen: torch.Generator) -> tuple[float, float, list[torch.Tensor]]:
+    """Adam on the block's trainable parameters for `cfg.steps` steps; (mean error before, mean error after, the trained
+    block's outputs on `source`) over every batch. No gradient is left on the block's parameters."""
     params = [p for p in block.parameters() if p.requires_grad]
 
-    def mean_error() -> float:
-        with torch.no_grad():
-            return sum(float(normalized_error(b.call(block, h), y, b.mask)) for h, y, b in zip(source, target, meta)) / len(source)
+    @torch.no_grad()
+    def outputs_and_error() -> tuple[list[torch.Tensor], float]:
+        outs = [b.call(block, h) for h, b in zip(source, meta)]
+        return outs, sum(float(normalized_error(o, y, b.mask)) for o, y, b in zip(outs, target, meta)) / len(source)
 
-    before = mean_error()
-    if not params or cfg.steps == 0:
-        return before, before
+    outs, before = outputs_and_error()
+    if not params:
+        return before, before, outs
+    del outs
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     for step in range(cfg.steps):
         lr = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / cfg.steps)).item())  # cosine to 0 over the block's steps
@@ -144,4 +149,6 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return before, mean_error()
+    optimizer.zero_grad(set_to_none=True)  # the end-to-end stage starts from clean gradients
+    outs, after = outputs_and_error()
+    return before, after, outs

@@ -266,6 +266,7 @@ def train(
             named[name].requires_grad_(False)
         model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
     trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)  # whatever came before (a local stage) leaves no gradient in the first step
     check_every_step = _checks_every_step(device, env)
     bad_losses = torch.zeros((), device=device)  # non-finite losses since the last checkpoint, counted without a sync
     last_saved, checked_step = None, pos.step

@@ -39,10 +39,6 @@ class BlockCall:
         out = block(hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def to(self, device: torch.device | str) -> "BlockCall":
-        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else tuple(move(x) for x in v) if isinstance(v, tuple) else v  # noqa: E731
-        return BlockCall(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
-
 
 def _split_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
     """(hidden states, the rest) of a block's call, whether the hidden states came by position or by name."""

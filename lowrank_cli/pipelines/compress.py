@@ -396,8 +396,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     if resume is None and (cfg.eval_every or cfg.local is not None):
         point(0, "local" if cfg.local is not None else "start")
 
+    last_step = total_steps(len(p.data.train), cfg, env.world)
+
     def every(pos: Position) -> None:
-        if cfg.eval_every and pos.step % cfg.eval_every == 0:
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last_step:  # the final evaluation follows the last
             point(pos.step, "train")
         if step_hook is not None:
             step_hook(pos)
@@ -415,6 +417,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                                          teacher_dtype(device, cfg.amp))
     else:
         objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp))
+    structures = all_gather_strings(env, tensors_digest({k: torch.tensor(v.shape) for k, v in p.student.state_dict().items()}))
+    if len(set(structures)) != 1:  # a sensitivity allocation measured apart on each process may choose other ranks
+        raise LowrankError(f"the {env.world} processes factorized the student with different ranks; factorize once (`lowrank factorize`, "
+                           "or factorize_checkpoint) and distill that checkpoint on several processes")
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)

@@ -268,10 +268,10 @@ def test_the_demo_recovers_most_of_what_svd_lost(cli, tmp_path, monkeypatch):
 
 
 def test_nproc_relaunch_keeps_every_argument_but_nproc():
-    from lowrank_cli.cli.launch import argv_without_launch as argv_without_nproc
+    from lowrank_cli.cli.launch import argv_without_launch
 
     argv = ["compress", "--recipe", "demo", "--nproc", "2", "--model-arg", "depth=2", "--nproc=4", "--json"]
-    assert argv_without_nproc(argv) == ["compress", "--recipe", "demo", "--model-arg", "depth=2", "--json"]
+    assert argv_without_launch(argv) == ["compress", "--recipe", "demo", "--model-arg", "depth=2", "--json"]
 
 
 def _image_folder(root, bad: dict[str, bytes]):

@@ -83,6 +83,7 @@ def test_each_block_learns_to_reproduce_its_teacher_block():
     result = local_distill(student, teacher, family, local_batches(data.train, cfg, seed=0), cfg, torch.device("cpu"))
     assert [b["block"] for b in result.blocks] == ["blocks.0", "blocks.1"]
     assert all(b["error_after"] < 0.7 * b["error_before"] for b in result.blocks), result.blocks
+    assert all(p.grad is None for p in student.parameters())  # the end-to-end stage starts from clean gradients
     assert result.examples == 128 and result.tokens == 128 * 17
     assert last_error() < 0.7 * before  # on held-out digits
     # the teacher's weights are untouched
@@ -116,12 +117,12 @@ def test_compress_with_a_local_stage_reports_the_curve(tmp_path, vit_ckpt):
     logged = []
     report = compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "run", device="cpu", log=logged.append)
     stages = [p["stage"] for p in report["curve"]]
-    assert stages == ["local", "train", "train", "train", "train", "final"]  # 8 steps, every 2
-    assert [p["step"] for p in report["curve"]] == [0, 2, 4, 6, 8, 8]
+    assert stages == ["local", "train", "train", "train", "final"]  # 8 steps, every 2; the final evaluation at step 8
+    assert [p["step"] for p in report["curve"]] == [0, 2, 4, 6, 8]
     assert all(p["seconds"] > 0 and p["eval"]["top1"] is not None for p in report["curve"])
     assert [p["seconds"] for p in report["curve"]] == sorted(p["seconds"] for p in report["curve"])
     assert len(report["local"]["blocks"]) == 2 and report["local"]["examples"] == 32
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum("eval" in m for m in metrics) == 5 and sum(m.get("stage") == "local" and "error_after" in m for m in metrics) == 2
+    assert sum("eval" in m for m in metrics) == 4 and sum(m.get("stage") == "local" and "error_after" in m for m in metrics) == 2
     assert sum(r.get("stage") == "local" and "done" in r for r in logged) == 2
     assert json.loads((tmp_path / "run" / "run.json").read_text())["local"]["examples"] == 32
