@@ -9,6 +9,11 @@ modules and anything in a lower layer, never a higher one or a sibling package o
 Imports inside functions are allowed only for optional third-party packages. The two
 registries that import by name (the CLI's commands, the model families) are checked to name
 modules that exist and sit where the layering allows.
+
+The model-family seam stays closed: no module of `pipelines/` or `cli/` branches on a family's or
+a task's name (or on which kind of data config a model has); that is asked of `models/` (the
+family, its `Task`) and `data.modality`. And the pipelines share code through one home,
+`pipelines/common/`: no command's module imports another's.
 """
 
 from __future__ import annotations
@@ -163,3 +168,77 @@ def test_version_and_help_import_neither_torch_nor_timm(argv):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
+
+
+# -- the model-family seam -----------------------------------------------------------------------
+
+SEAM_CLOSED = ("lowrank_cli.pipelines", "lowrank_cli.cli")
+DATA_KINDS = {"ImageConfig", "TextConfig", "ImageData", "TextData"}  # what `data.modality` dispatches on
+SHARED_HOME = "lowrank_cli.pipelines.common"
+
+
+def seam_names() -> tuple[set[str], set[str]]:
+    """(the family names, the task names) of the registries."""
+    from lowrank_cli.models.family import FAMILIES
+    from lowrank_cli.models.tasks import TASKS
+
+    return set(FAMILIES), set(TASKS)
+
+
+def branches_in(source: str, where: str = "<source>") -> list[str]:
+    """Where `source` branches on a family or task name, or on a model's kind of data: a comparison (or `in`, or a match
+    case) with a family's or task's name, any other mention of a task's name (a dict keyed by tasks), or an isinstance
+    check against a data config or a data set's class. Docstrings are not code and are skipped."""
+    families, tasks = seam_names()
+    tree = ast.parse(source, where)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found: dict[int, str] = {}  # line -> the first reason (a comparison before the names in it)
+
+    def names(node: ast.AST) -> set[str]:
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and names(node) & (families | tasks):
+            found.setdefault(node.lineno, f"compares with {sorted(names(node) & (families | tasks))}")
+        elif isinstance(node, ast.match_case) and names(node.pattern) & (families | tasks):
+            found.setdefault(node.pattern.lineno, f"a match case on {sorted(names(node.pattern) & (families | tasks))}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" and len(node.args) == 2
+              and {n.id if isinstance(n, ast.Name) else getattr(n, "attr", None) for n in ast.walk(node.args[1])} & DATA_KINDS):
+            found.setdefault(node.lineno, "isinstance on a kind of data")
+        elif isinstance(node, ast.Constant) and node.value in tasks and id(node) not in docstrings:
+            found.setdefault(node.lineno, f"names the task {node.value!r}")
+    return [f"{where}:{line}: {why}" for line, why in sorted(found.items())]
+
+
+def test_the_branch_scanner_finds_each_kind_of_branch():
+    snippets = ['if family.name == "transformers":\n    pass', 'if manifest.family != "timm":\n    pass',
+                'ok = task in ("classification", "image-classification")', 'PRIMARY = {"causal-lm": "log-perplexity"}',
+                'if isinstance(cfg, TextConfig):\n    pass', 'x = isinstance(data, family.ImageData)',
+                'match task:\n    case "features":\n        pass']
+    for code in snippets:
+        assert branches_in(code), code
+    assert not branches_in('"""Text models (`causal-lm`) and timm\'s."""\nfamily = get_family("timm")\nif task.labels:\n    pass')
+
+
+def test_no_family_or_task_branches_in_pipelines_or_cli():
+    bad = [hit for m, p in MODULES.items() if m.startswith(SEAM_CLOSED)
+           for hit in branches_in(p.read_text(), str(p.relative_to(PACKAGE.parent)))]
+    assert not bad, ("what depends on a model's family or task belongs behind the seam (a ModelFamily method, a Task's "
+                     "attribute, data.modality):\n" + "\n".join(bad))
+
+
+def test_pipeline_modules_share_code_only_through_the_shared_home():
+    bad = []
+    for m, edges in GRAPH.items():
+        if not m.startswith("lowrank_cli.pipelines."):
+            continue
+        in_home = m == SHARED_HOME or m.startswith(SHARED_HOME + ".")
+        for target, line, _ in edges:
+            if not target.startswith("lowrank_cli.pipelines") or target == m:
+                continue
+            if not (target == SHARED_HOME or target.startswith(SHARED_HOME + ".")) or target == "lowrank_cli.pipelines":
+                where = "the shared home" if in_home else "a command's module"
+                bad.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {where} {m} imports {target}")
+    assert not bad, f"pipeline modules import one another only through {SHARED_HOME}:\n" + "\n".join(bad)

@@ -1,6 +1,7 @@
 """Rich tables and progress bars for the pipeline's results. Tables go to stdout; progress and notes to stderr.
 
-Renders plain data (the pipelines' result objects and dicts); imports no pipeline.
+Renders plain data (the pipelines' result objects and dicts); imports no pipeline. What depends on a model's
+family or task (how to load an export, a task's primary figure) is asked of `models/`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Any, Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from lowrank_cli.models.build import DEFAULT_FAMILY
+from lowrank_cli.models.family import get_family
 
 console = Console()
 err_console = Console(stderr=True)
@@ -212,10 +216,8 @@ def export_table(result) -> Table:
         table.add_row("verified", f"{v['check']}: dtypes {', '.join(v['dtypes'])}, manifest kept: {v['manifest_kept']}")
     for extra in result.extra_files:
         table.add_row("external data", extra)
-    if result.format == "dense" and result.architecture and result.family == "transformers":
-        table.caption = f"load with transformers.{result.architecture}.from_pretrained('{result.out}')"
-    elif result.format == "dense" and result.architecture:
-        table.caption = f"load with timm.create_model('{result.architecture}', pretrained=False, checkpoint_path='{result.out}', **{result.model_kwargs})"
+    if result.format == "dense" and result.architecture:
+        table.caption = get_family(result.family or DEFAULT_FAMILY).load_instructions(result.architecture, result.out, result.model_kwargs)
     return table
 
 

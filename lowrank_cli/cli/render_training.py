@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowrank_cli.cli.render import err_console, fmt_count, ratio
+from lowrank_cli.models.tasks import TASKS
 
 
 @contextlib.contextmanager
@@ -63,12 +64,16 @@ def _acc(d: dict | None, key: str) -> str:
     return _pct((d or {}).get(key))
 
 
-# The figures an evaluation may hold, how each is shown, and what the primary one is called per task.
+# The figures an evaluation may hold and how each is shown (what the primary one is called: the task's `primary_label`).
 METRICS = (("top1", "top-1", "pct"), ("top5", "top-5", "pct"), ("mean_cosine", "embedding cosine to teacher (mean)", "num"),
            ("min_cosine", "embedding cosine to teacher (min)", "num"), ("neighbour_agreement", "nearest-neighbour agreement", "pct"),
            ("perplexity", "perplexity", "ppl"), ("feature_cosine", "feature cosine to teacher", "num"))
-PRIMARY = {"classification": "top-1 accuracy", "image-classification": "top-1 accuracy", "features": "embedding cosine",
-           "causal-lm": "log-perplexity"}
+
+
+def primary_label(task: str | None) -> str:
+    """What a report's task (its name) is judged by, in words; `score` for a task this version does not know."""
+    known = TASKS.get(task) if task is not None else None
+    return known.primary_label if known is not None else "score"
 
 
 def _show(value: float | None, how: str) -> str:
@@ -99,7 +104,7 @@ def compress_table(report: dict[str, Any], title: str = "Compressed") -> Table:
     table.caption = (
         (f"PC-LoRA: λ ({pc['schedule']}) from 1 to 0 over steps 0–{pc['zero_at_step']}, 0 from step {pc['zero_at_step']} "
          f"of {pc['total_steps']} on ({' · '.join(f'{s}: {v:.2f}' for s, v in pc['course'])}); " if pc else "")
-        + (f"recovered {frac:.0%} of the {PRIMARY.get(report.get('task'), 'score')} SVD lost; " if frac is not None else "")
+        + (f"recovered {frac:.0%} of the {primary_label(report.get('task'))} SVD lost; " if frac is not None else "")
         + f"{train.get('steps')} steps at lr {train.get('lr', 0):.2e} (global batch {train.get('global_batch')}), "
         + f"{train.get('examples_per_s', train.get('images_per_s', 0)):.0f} examples/s; student: {report.get('student')}"
         + (f"; {data['skipped_unreadable']} unreadable images skipped (data.skip_unreadable)" if data.get("skipped_unreadable") else "")

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from lowrank_cli.data.loaders import eval_loader
 from lowrank_cli.distill.losses import BlockOutputs, mean_pool, next_token_nll
 from lowrank_cli.models.family import ModelFamily, inputs_to
+from lowrank_cli.models.tasks import Task, get_task
 
 
 @dataclass
@@ -54,10 +55,11 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: torch.device | str = "cpu", batch_size: int = 256,
-             teacher: nn.Module | None = None, num_workers: int = 0, task: str | None = None) -> Evaluation:
-    """Evaluate `model` (dense or factorized) of `family` on `dataset`, in eval mode, in fp32, by its task (see `Evaluation`)."""
+             teacher: nn.Module | None = None, num_workers: int = 0, task: Task | str | None = None) -> Evaluation:
+    """Evaluate `model` (dense or factorized) of `family` on `dataset`, in eval mode, in fp32, by its task's metric (see
+    `Evaluation`; `task`, a `Task` or its name, defaults to the family's for the model)."""
     device = torch.device(device)
-    task = task or family.task(model)
+    metric = (get_task(task) if task is not None else family.task(model)).metric
     was_training = model.training
     model.eval().to(device)
     hooks = None
@@ -76,12 +78,12 @@ def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: to
             mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
             logits = family.forward(model, inputs)
             t_logits = logits if same else family.forward(teacher, inputs) if teacher is not None else None
-            if task in ("classification", "image-classification"):
+            if metric == "accuracy":
                 classes = logits.shape[-1]
                 top = logits.topk(min(5, classes), dim=-1).indices
                 correct1 += (top[:, 0] == labels).sum().item()
                 correct5 += (top == labels[:, None]).any(-1).sum().item()
-            elif task == "causal-lm":
+            elif metric == "perplexity":
                 total, count = next_token_nll(logits, inputs["input_ids"], mask)
                 nll, tokens = nll + total.item(), tokens + count.item()
             elif t_logits is not None:  # features: sentence embeddings against the teacher's
@@ -100,9 +102,9 @@ def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: to
                 h.remove()
         model.train(was_training)
     out = Evaluation(examples=n, feature_cosine=cos_sum / n if hooks is not None else None, logit_cosine=logit_cos_sum / n if hooks is not None else None)
-    if task in ("classification", "image-classification"):
+    if metric == "accuracy":
         out.top1, out.top5 = correct1 / max(n, 1), correct5 / max(n, 1) if classes and classes >= 5 else None
-    elif task == "causal-lm":
+    elif metric == "perplexity":
         out.perplexity = math.exp(nll / max(tokens, 1))
     elif student_emb:
         out.mean_cosine, out.min_cosine, out.neighbour_agreement = embedding_agreement(torch.cat(student_emb), torch.cat(teacher_emb))

@@ -38,11 +38,8 @@ from torch import nn
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import _batches_of
 from lowrank_cli.models.family import Inputs, batch_size, call_model, inputs_to
+from lowrank_cli.models.tasks import Task, get_task
 from lowrank_cli.nn.lowrank import linear_dims
-
-# the tasks (`ModelFamily.task`) whose output is a distribution over classes (per example, or per token)
-CLASS_TASKS = {"image-classification", "classification", "causal-lm", "masked-lm"}
-
 
 @dataclass
 class LayerSensitivity:
@@ -100,9 +97,10 @@ def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def output_loss(out: torch.Tensor, task: str | None, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """The loss whose gradient's second moment is the Fisher / Gauss–Newton matrix of `out` (see the module docstring)."""
-    if task in CLASS_TASKS or (task is None and out.dim() == 2):
+def output_loss(out: torch.Tensor, task: Task | str | None, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """The loss whose gradient's second moment is the Fisher / Gauss–Newton matrix of `out` (see the module docstring):
+    cross-entropy for a task whose output is a distribution over classes (`Task.distribution`)."""
+    if (get_task(task).distribution if task is not None else out.dim() == 2):
         logits = out.float()
         if logits.dim() == 3:  # per token: the real ones only
             logits = _real(logits, mask)
@@ -116,11 +114,11 @@ def output_loss(out: torch.Tensor, task: str | None, mask: torch.Tensor | None, 
     return (z * out.float()).sum()
 
 
-def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable, *, task: str | None = None,
+def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable, *, task: Task | str | None = None,
                       call: Callable[[nn.Module, Inputs], Any] = call_model, seed: int = 0,
                       directions: dict[str, torch.Tensor] | None = None) -> dict[str, LayerSensitivity]:
     """c_l and the mean input power of each layer in `names`, over `calibration` (input batches, or (inputs, labels)
-    pairs), with one forward and one backward pass per batch. `task` is the model's (`ModelFamily.task`); None: a
+    pairs), with one forward and one backward pass per batch. `task` is the model's (`ModelFamily.task`, or its name); None: a
     classifier when the output is (batch, classes), else a model of features. The model runs in eval mode; its
     weights are not changed. `directions` (d_in × k per layer, e.g. its right singular vectors) adds the mean input
     power along each."""

@@ -4,7 +4,8 @@ Everything else in lowrank (planning, factorization, distillation, counting, exp
 `ModelFamily` for what it needs to know about a model: how to build it from an architecture
 name and settings, which linears it has, which transformer blocks feature distillation
 compares, example inputs (for MAC counting, calibration, export and benchmarks), how to call
-it, and how its data is prepared. `timm` is the first family (`models/timm_family.py`).
+it, how its data is prepared, its task (`models/tasks.py`: how it is trained and evaluated),
+and how its folders are written. `timm` is the first family (`models/timm_family.py`).
 
 Inputs are a tensor (images, `(B, C, H, W)`) or a mapping of tensors (a text model's
 `input_ids` and `attention_mask`); `family.forward(model, inputs)` calls the model either way
@@ -25,6 +26,7 @@ from torch import nn
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.safetensors import CheckpointHeader
+from lowrank_cli.models.tasks import Task, get_task
 from lowrank_cli.nn.lowrank import LowRankLinear
 
 Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -51,6 +53,7 @@ class ImageConfig:
     std: tuple[float, ...]
     interpolation: str = "bilinear"
     crop_pct: float | None = None
+    modality: ClassVar[str] = "images"  # how `data.modality` loads its data
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class TextConfig:
     max_length: int
     task: str = "features"
     num_labels: int | None = None
+    modality: ClassVar[str] = "text"  # how `data.modality` loads its data
 
 
 def linear_candidates(model: nn.Module) -> list[Candidate]:
@@ -124,6 +128,14 @@ def embedding_candidates(model: nn.Module) -> list[Candidate]:
         skip = f"tied to '{others[0]}' (its weights are shared): stays dense" if others else None
         out.append(Candidate(name, module.num_embeddings, module.embedding_dim, False, skip, kind="embedding"))
     return out
+
+
+def model_classes(model: nn.Module) -> int | None:
+    """The number of classes a classifier outputs (timm: `num_classes`; transformers: `config.num_labels`)."""
+    classes = getattr(model, "num_classes", None)
+    if classes is None and hasattr(model, "config") and type(model).__name__.endswith("Classification"):
+        classes = getattr(model.config, "num_labels", None)
+    return classes
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
@@ -197,13 +209,41 @@ class ModelFamily(ABC):
         """A checkpoint's tensors as this model expects them (e.g. without buffers it now computes itself)."""
         return state_dict
 
-    def task(self, model: nn.Module) -> str:
-        """What the model's output is: `image-classification` for timm's models."""
-        return "image-classification"
+    def task(self, model: nn.Module) -> Task:
+        """What the model's output is for (`models.tasks`): `image-classification` for timm's models."""
+        return get_task("image-classification")
 
     def max_positions(self, model: nn.Module) -> int | None:
         """The longest input a text model takes (None for images)."""
         return None
+
+    def text_length(self, model: nn.Module, seq_len: int | None) -> int | None:
+        """The tokens per example a text model is counted and timed at (`seq_len`, else its data config's); None for
+        a model that takes images (where `seq_len` is a LowrankError)."""
+        cfg = self.data_config(model)
+        if cfg.modality != "text":
+            if seq_len is not None:
+                raise LowrankError(f"seq_len applies to text models; {type(model).__name__} takes images", param="seq_len")
+            return None
+        length = seq_len or cfg.max_length
+        limit = self.max_positions(model)
+        if limit is not None and length > limit:
+            raise LowrankError(f"seq_len {length} is above the model's maximum of {limit} positions", param="seq_len")
+        return length
+
+    def example_at(self, model: nn.Module, seq_len: int | None = None, batch: int = 1) -> Inputs:
+        """`example_inputs`, at `seq_len` tokens for a text model (checked against its positions)."""
+        return self.example_inputs(model, batch, seq_len=self.text_length(model, seq_len))
+
+    def write_hub_files(self, folder: Path, architecture: str, model_kwargs: dict[str, Any], source: Path | None) -> bool:
+        """Make `folder` (a factorized checkpoint's or a run's) the model's Hub folder: its `config.json` from the recorded
+        settings, and the tokenizer and usage files of `source`. False, writing nothing, where the family's models are
+        not Hub folders (timm: a file)."""
+        return False
+
+    def load_instructions(self, architecture: str, where: str, model_kwargs: dict[str, Any]) -> str:
+        """How a user loads a dense export at `where` with the family's own library (a line of code)."""
+        return f"load {where} into {architecture} with strict=True"
 
     def load_pretrained(self, folder: Path, architecture: str, kwargs: dict[str, Any]) -> nn.Module | None:
         """A plain (not factorized) checkpoint of a Hub folder loaded by the library's own loader, or None where
@@ -213,6 +253,10 @@ class ModelFamily(ABC):
     def load_dense(self, where: Path, architecture: str, kwargs: dict[str, Any] | None = None, *, dtype: torch.dtype | None = None) -> nn.Module:
         """A dense export loaded back the way the library loads it (strictly), in `dtype` when given, in eval mode."""
         raise LowrankError(f"{self.name} models are not exported as folders", param="format")
+
+    def dense_export_is_folder(self) -> bool:
+        """Whether a dense export is the library's own folder (`save_dense`), not one state-dict file."""
+        return False
 
     def save_dense(self, model: nn.Module, folder: Path, max_shard_size: int | str | None = None) -> None:
         """A dense model written as the library's own folder (config, weights in the model's dtype, shards of at most

@@ -21,8 +21,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.hub import copy_side_files, write_config
 from lowrank_cli.models.family import (Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, fill_tied,
                                        linear_candidates)
+from lowrank_cli.models.tasks import Task, get_task
 from lowrank_cli.nn.lowrank import is_conv1d
 
 # from_pretrained's dtype argument: `dtype` since transformers 4.56 (`torch_dtype` before)
@@ -30,8 +32,8 @@ _DTYPE_ARG = "dtype" if tuple(int(x) for x in re.findall(r"\d+", transformers.__
 transformers.logging.set_verbosity_error()  # its config warnings and progress bars would break the one-line output of the CLI
 transformers.logging.disable_progress_bar()
 
-# What a model does, from its class name: what its output is and how it is evaluated and trained.
-TASKS = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "classification"),
+# What a model does, from its class name: the task (`models.tasks`) that says how it is evaluated and trained.
+CLASS_TASKS = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "classification"),
          ("ForImageClassification", "image-classification"), ("ForMaskedLM", "masked-lm"))
 VISION_TYPES = {"vit", "deit", "beit", "dinov2", "vit_msn", "vit_mae"}
 DEFAULT_SEQ_LEN = 128
@@ -108,6 +110,19 @@ class HFFamily(ModelFamily):
             raise LowrankError(f"{where} does not match architecture '{architecture}': {parts}", param="model")
         return model.eval()
 
+    def dense_export_is_folder(self) -> bool:
+        return True
+
+    def write_hub_files(self, folder: Path, architecture: str, model_kwargs: dict[str, Any], source: Path | None) -> bool:
+        """`config.json` (the recorded config, naming `architecture`) and `source`'s tokenizer and usage files: the folder
+        is again a Hub folder."""
+        write_config(folder, {**model_kwargs, "architectures": [architecture]})
+        copy_side_files(source, folder)
+        return True
+
+    def load_instructions(self, architecture: str, where: str, model_kwargs: dict[str, Any]) -> str:
+        return f"load with transformers.{architecture}.from_pretrained('{where}')"
+
     def save_dense(self, model: nn.Module, folder: Path, max_shard_size: int | str | None = None) -> None:
         """`model.save_pretrained(folder)`: config (with the weights' dtype), weights (tied ones once), in shards of at most
         `max_shard_size` (bytes, or a size such as `"500MB"`; transformers' default otherwise) with their index."""
@@ -127,10 +142,10 @@ class HFFamily(ModelFamily):
         out = {k: v for k, v in state_dict.items() if k in expected or not _COMPUTED.search(k)}
         return fill_tied(model, out)
 
-    def task(self, model: nn.Module) -> str:
+    def task(self, model: nn.Module) -> Task:
         """`causal-lm`, `classification`, `image-classification`, `masked-lm`, or `features` (a base model's hidden states)."""
         name = type(model).__name__
-        return next((task for suffix, task in TASKS if name.endswith(suffix)), "features")
+        return get_task(next((task for suffix, task in CLASS_TASKS if name.endswith(suffix)), "features"))
 
     def is_vision(self, model: nn.Module) -> bool:
         return getattr(model.config, "model_type", None) in VISION_TYPES
@@ -181,7 +196,7 @@ class HFFamily(ModelFamily):
         return {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long)}
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
-        if self.task(model) == "causal-lm" and isinstance(inputs, dict):  # no KV cache: nothing is generated
+        if self.task(model).language_model and isinstance(inputs, dict):  # no KV cache: nothing is generated
             inputs = {**inputs, "use_cache": False}
         out = call_model(model, inputs)
         logits = getattr(out, "logits", None)
@@ -193,8 +208,8 @@ class HFFamily(ModelFamily):
             mean = tuple(getattr(config, "image_mean", None) or (0.5,) * config.num_channels)
             std = tuple(getattr(config, "image_std", None) or (0.5,) * config.num_channels)
             return ImageConfig((config.num_channels, config.image_size, config.image_size), mean, std, "bilinear", 1.0)
-        return TextConfig(max_length=min(DEFAULT_SEQ_LEN, self.max_positions(model) or DEFAULT_SEQ_LEN), task=self.task(model),
-                          num_labels=getattr(config, "num_labels", None) if self.task(model) == "classification" else None)
+        return TextConfig(max_length=min(DEFAULT_SEQ_LEN, self.max_positions(model) or DEFAULT_SEQ_LEN), task=self.task(model).name,
+                          num_labels=getattr(config, "num_labels", None) if self.task(model).name == "classification" else None)
 
 
 FAMILY = HFFamily()

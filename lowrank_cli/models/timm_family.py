@@ -191,6 +191,9 @@ class TimmFamily(ModelFamily):
     def exportable(self) -> ContextManager[None]:
         return timm.layers.set_exportable(True)
 
+    def load_instructions(self, architecture: str, where: str, model_kwargs: dict[str, Any]) -> str:
+        return f"load with timm.create_model('{architecture}', pretrained=False, checkpoint_path='{where}', **{model_kwargs})"
+
 
 @dataclass
 class Found:

@@ -25,10 +25,9 @@ from lowrank_cli.export.onnx import onnx_export_model
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.measure.timing import (LayerTiming, Timing, check_ort_device, check_runtime, layer_shapes, ort_cuda_available, ort_session,
                                         time_interleaved, time_linear_layers, torch_threads)
-from lowrank_cli.models.build import build_model
+from lowrank_cli.models.build import DEFAULT_FAMILY, build_model
 from lowrank_cli.models.family import Inputs, ModelFamily, get_family, inputs_to
 from lowrank_cli.pipelines.common import RUNS_DIR, require_manifest, resolve_model_path
-from lowrank_cli.pipelines.inspect import text_length
 
 
 @dataclass
@@ -124,7 +123,7 @@ def bench_checkpoint(
         check_ort_device(dev)
     path = resolve_model_path(model, runs_dir or RUNS_DIR)
     _, manifest = require_manifest(path, "lowrank bench", need_architecture=True)
-    family = get_family(manifest.family or "timm")
+    family = get_family(manifest.family or DEFAULT_FAMILY)
     with family.exportable() if runtime == "onnxruntime" else contextlib.nullcontext():  # the ONNX path wants export-friendly modules
         fact = build_model(path).model
         if baseline is not None:
@@ -135,7 +134,7 @@ def bench_checkpoint(
         else:
             dense = merge_model(copy.deepcopy(fact))
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
-    length = text_length(family, fact, seq_len)
+    length = family.text_length(fact, seq_len)
     one = family.example_inputs(fact, seq_len=length)
     macs_f, macs_d = count_macs(fact, one, family.forward), count_macs(dense, one, family.forward)
     x = inputs_to(family.example_inputs(fact, batch, seq_len=length), dev)

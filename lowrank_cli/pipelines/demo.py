@@ -43,7 +43,8 @@ from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import get_family
-from lowrank_cli.pipelines.compress import claimed, prepare_compress, run_distillation, with_run_options
+from lowrank_cli.pipelines.common.prepare import claimed, prepare_compress, with_run_options
+from lowrank_cli.pipelines.common.run_loop import run_distillation
 from lowrank_cli.recipe import DistillConfig, Recipe, load_recipe
 
 # How the teacher is trained: plain supervised training, same loop as distillation (the seed is the demo's).

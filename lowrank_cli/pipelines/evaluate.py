@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lowrank_cli.data.modality import load_data, needs_tokenizer, split_record
 from lowrank_cli.data.text import has_tokenizer
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.evaluate import evaluate
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.build import build_model
-from lowrank_cli.models.family import TextConfig
+from lowrank_cli.models.family import model_classes
 from lowrank_cli.pipelines.common import hint_of
-from lowrank_cli.pipelines.compress import load_data, model_classes
 from lowrank_cli.recipe import Recipe
 
 
@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     built = build_model(checkpoint, arch, model_kwargs, hint=hint_of(Recipe()))
     net, family = built.model, built.family
     task = family.task(net)
-    if task == "features" and teacher is None:
+    if task.needs_teacher and teacher is None:
         raise LowrankError(f"{checkpoint}: a model of text features is judged by how close its embeddings are to its teacher's; "
                            "give the original (argument `teacher`)", param="teacher")
     teacher_built = None
@@ -54,18 +54,18 @@ def evaluate_checkpoint(
     folder = built.folder
     if not has_tokenizer(folder) and teacher_built is not None and has_tokenizer(teacher_built.folder):
         folder = teacher_built.folder
-    if folder is None and isinstance(family.data_config(net), TextConfig):
+    if folder is None and needs_tokenizer(family, net):
         raise LowrankError(f"{checkpoint}: text data needs a tokenizer, and this checkpoint has no folder with a tokenizer; give its Hub folder, "
                            "or its original from a Hub folder as the teacher (argument `teacher`), whose tokenizer is then used", param="teacher")
     recipe = Recipe(data={"source": data, "skip_unreadable": skip_unreadable})
     images = load_data(recipe, family, net, folder, all_held_out=True)
     classes = model_classes(net)
-    if task in ("classification", "image-classification") and classes != images.num_classes:
+    if task.labels and classes != images.num_classes:
         raise LowrankError(f"{checkpoint}: the model has {classes} outputs but the data '{data}' has {images.num_classes} classes", param="data")
     teacher_net = teacher_built.model if teacher_built is not None else None
     result = evaluate(net, images.val, family, dev, batch_size=batch_size, teacher=teacher_net, task=task)
-    report = {"checkpoint": str(checkpoint), "data": images.source, "factorized": built.manifest is not None, "task": task, **result.to_dict(),
-              "skipped_unreadable": len(images.skipped), **({"split": images.split} if hasattr(images, "split") else {})}
+    report = {"checkpoint": str(checkpoint), "data": images.source, "factorized": built.manifest is not None, "task": task.name, **result.to_dict(),
+              "skipped_unreadable": len(images.skipped), **split_record(images)}
     if teacher_net is not None:  # the teacher's own figures on the same examples (against itself: cosines of 1)
         reference = evaluate(teacher_net, images.val, family, dev, batch_size=batch_size, teacher=teacher_net, task=task)
         report["teacher"] = {"checkpoint": str(teacher), **reference.to_dict()}

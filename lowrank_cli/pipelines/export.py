@@ -35,7 +35,7 @@ from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
 from lowrank_cli.io.safetensors import checkpoint_files, read_header, save_checkpoint
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import Built, build_model, load_state_dict_strict
+from lowrank_cli.models.build import DEFAULT_FAMILY, Built, build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily, fill_tied, get_family
 from lowrank_cli.nn.lowrank import LowRankLinear
 from lowrank_cli.pipelines.common import RUNS_DIR, output_beside, require_manifest, resolve_model_path
@@ -118,6 +118,11 @@ def _macs(built_model: nn.Module, family: ModelFamily) -> int:
     return count_macs(built_model, family.example_inputs(built_model), family.forward).macs
 
 
+def exports_folder(manifest: Manifest) -> bool:
+    """Whether the dense export of this factorized checkpoint is its library's own folder (a Hub folder), by its family."""
+    return manifest.family is not None and get_family(manifest.family).dense_export_is_folder()
+
+
 def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool = False,
                  max_shard_size: int | str | None = None) -> ExportResult:
     """Merge every factorized layer back to one dense weight and write a plain state dict, in `dtype` when given.
@@ -128,7 +133,7 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
     (`export_dense_hub`, shards of at most `max_shard_size`).
     """
     header, manifest = require_manifest(path, "export as dense", need_architecture=False)
-    if manifest.family == "transformers":
+    if exports_folder(manifest):
         return export_dense_hub(path, out, header, manifest, dtype=dtype, force=force, max_shard_size=max_shard_size)
     if max_shard_size is not None:
         raise LowrankError(f"max_shard_size applies to a transformers model's dense export (a Hub folder), not to {path}", param="max_shard_size")
@@ -160,7 +165,7 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
 
 def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype: str | None = None, force: bool = False,
                      max_shard_size: int | str | None = None) -> ExportResult:
-    """A transformers model's dense export: a Hub folder (config, merged weights in `dtype`, tokenizer and usage files)
+    """A transformers model's dense export (a family whose dense export is a folder): a Hub folder (config, merged weights in `dtype`, tokenizer and usage files)
     that its class's `from_pretrained` loads, in that dtype, with no missing or unexpected keys; its outputs (in fp32)
     checked against the factorized model's. `max_shard_size` (bytes, or `"5GB"`): `save_pretrained`'s shards."""
     check_output_folder(out, force=force, inputs=(path,))
@@ -193,7 +198,7 @@ def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype
     return ExportResult(
         "dense", str(path), str(out), sum(f.stat().st_size for f in checkpoint_files(path)[1]), bytes_after,
         params, macs, "+".join(written), manifest.architecture, {}, len(manifest.layers), verification,
-        family="transformers", weight_files=files,
+        family=manifest.family, weight_files=files,
     )
 
 
@@ -217,7 +222,7 @@ def export_safetensors(path: Path, out: Path, *, dtype: str = "float32", force: 
 def build_exportable(path: Path, img_size: int | None = None) -> Built:
     """The factorized model, built in its family's export-friendly form, in fp32, at `img_size` when given."""
     manifest = Manifest.from_header(read_header(path))
-    family = get_family(manifest.family) if manifest is not None and manifest.family else get_family("timm")
+    family = get_family(manifest.family if manifest is not None and manifest.family else DEFAULT_FAMILY)
     with family.exportable():
         built = build_model(path)
     model = built.model.float().eval()
@@ -273,7 +278,7 @@ def export_checkpoint(
         raise LowrankError(f"max_shard_size applies to the dense format only, not {fmt}", param="max_shard_size")
     path = resolve_model_path(model, runs_dir)
     manifest = Manifest.from_header(read_header(path)) if fmt == "dense" else None
-    hub = manifest is not None and manifest.family == "transformers"
+    hub = manifest is not None and exports_folder(manifest)
     out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32", hub)
     if fmt == "onnx":
         return export_onnx(path, out_path, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset, force=force)

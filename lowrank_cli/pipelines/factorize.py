@@ -15,21 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
+from lowrank_cli.data.modality import calibration_for
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
-from lowrank_cli.io.hub import copy_side_files, write_config
+from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, save_factorized
-from lowrank_cli.io.safetensors import open_tensors, read_header, sha256_file
+from lowrank_cli.io.safetensors import open_tensors, read_header
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.family import TextConfig
-from lowrank_cli.pipelines.common import output_beside
-from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, example_at, header_params, plan_weight_only, text_length
+from lowrank_cli.pipelines.common import build_manifest, output_beside
+from lowrank_cli.pipelines.common.inspection import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_embeddings, plan_layers
+from lowrank_cli.plan.select import plan_embeddings, plan_layers
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -61,39 +60,19 @@ def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int 
     return recipe
 
 
-def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe,
-                   source: str | os.PathLike | None, method: str = "svd", latency: dict[str, Any] | None = None,
-                   allocation=None) -> Manifest:
-    """The manifest of a checkpoint factorized from `source` by `recipe` (with `latency` when latency-aware, and the
-    `allocation` (`plan.Allocation`) when it was weighted by sensitivity)."""
-    record = allocation.manifest_record() if allocation is not None and allocation.allocation == "sensitivity" else None
-    return Manifest(
-        layers=manifest_layers(plans, method), architecture=arch, family=family, model_kwargs=model_kwargs, recipe=recipe.to_dict(),
-        source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency, allocation=record,
-    )
-
-
 def write_factorized(out: Path, tensors: dict, manifest: Manifest, as_folder: bool, folder: Path | None, built, *, force: bool,
                      inputs: tuple) -> Manifest:
-    """The factorized checkpoint: one file, or a Hub folder (its `model.safetensors`, config and tokenizer files)."""
+    """The factorized checkpoint: one file, or a Hub folder (its `model.safetensors`, and the config and tokenizer files the
+    family writes, else those of the input's folder)."""
     if not as_folder:
         return save_factorized(out, tensors, manifest, force=force, inputs=inputs)
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
         written = save_factorized(tmp / "model.safetensors", tensors, manifest)
-        if built is not None and built.family.name == "transformers":
-            write_config(tmp, {**built.model_kwargs, "architectures": [built.architecture]})
-        elif (folder / "config.json").is_file():
-            shutil.copyfile(folder / "config.json", tmp / "config.json")
-        copy_side_files(folder, tmp)
+        if built is None or not built.family.write_hub_files(tmp, built.architecture, built.model_kwargs, folder):
+            if (folder / "config.json").is_file():  # a folder the family does not write: its config as it was
+                shutil.copyfile(folder / "config.json", tmp / "config.json")
+            copy_side_files(folder, tmp)
     return written
-
-
-def calibration_for(source: str, family, model, folder: Path | None, n_samples: int, batch_size: int, max_length: int | None):
-    """Calibration batches in the model's own form: images at its input size, or its tokenizer's text."""
-    cfg = family.data_config(model)
-    if isinstance(cfg, TextConfig):
-        return text_calibration_batches(source, folder, max_length or cfg.max_length, n_samples, batch_size)
-    return calibration_batches(source, cfg, n_samples, batch_size)
 
 
 def planned_count(model, family, recipe: Recipe) -> int:
@@ -162,7 +141,7 @@ def factorize_checkpoint(
 
     model, family, arch = built.model, built.family, built.architecture
     before = count_params(model)
-    macs = count_macs(model, example_at(family, model, seq_len), family.forward)
+    macs = count_macs(model, family.example_at(model, seq_len), family.forward)
     todo = planned_count(model, family, recipe)
     calibration = None
     if method != "svd" or recipe.factorize.allocation == "sensitivity":
@@ -178,6 +157,6 @@ def factorize_checkpoint(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
         allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
-        architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=text_length(family, model, seq_len),
+        architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=family.text_length(model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)

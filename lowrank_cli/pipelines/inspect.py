@@ -8,158 +8,24 @@ factorized with. Returns plain data (`Inspection`) that the CLI renders and `--j
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header
+from lowrank_cli.io.safetensors import CheckpointHeader, read_header
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import Built, NoArchitecture, build_model
-from lowrank_cli.models.family import TextConfig
+from lowrank_cli.models.build import Built, build_model
 from lowrank_cli.nn.lowrank import dense_weight
-from lowrank_cli.pipelines.common import hint_of
+from lowrank_cli.pipelines.common.inspection import (Inspection, build_or_weight_only, check_calibration, header_params, model_tensor_rows,
+                                                     plan_weight_only, tensor_rows)
 from lowrank_cli.plan.budget import allocate_ranks
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, saved_params, weight_candidates
+from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, saved_params
 from lowrank_cli.recipe import Recipe
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-@dataclass
-class Inspection:
-    """What `inspect` (or `factorize`) found. MACs per example; None without an architecture."""
-
-    checkpoint: str | None
-    layers: list[LayerPlan]
-    params_before: int
-    params_after: int
-    architecture: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    factorized_checkpoint: bool = False
-    macs_before: int | None = None
-    macs_after: int | None = None
-    tensors: list[dict[str, Any]] = field(default_factory=list)
-    rank_rule: str = ""
-    allocation: dict[str, Any] | None = None  # rank_rule budget: plan.Allocation.to_dict()
-    latency: dict[str, Any] | None = None  # select.latency_aware: plan.LatencySelection.to_dict()
-    architecture_source: str | None = None  # given, manifest, config.json, recipe, search, random
-    notes: list[str] = field(default_factory=list)
-    seq_len: int | None = None  # text models: the tokens per example the MACs are counted at
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoint": self.checkpoint,
-            "architecture": self.architecture,
-            "model_kwargs": self.model_kwargs,
-            "factorized_checkpoint": self.factorized_checkpoint,
-            "rank_rule": self.rank_rule,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "layers": [p.to_dict() for p in self.layers],
-            "tensors": self.tensors,
-            "allocation": self.allocation,
-            "latency": self.latency,
-            "architecture_source": self.architecture_source,
-            "notes": self.notes,
-            "seq_len": self.seq_len,
-        }
-
-
-def header_params(header: CheckpointHeader) -> int:
-    """Floating-point parameters of a checkpoint, from its header alone."""
-    return sum(t.numel for t in header.tensors.values() if t.dtype in FLOAT_DTYPES)
-
-
-def tensor_rows(header: CheckpointHeader) -> list[dict[str, Any]]:
-    """Each tensor of a checkpoint; integer ones are buffers (e.g. position ids), not parameters: 0 params."""
-    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "params": t.numel if t.dtype in FLOAT_DTYPES else 0,
-             "buffer": t.dtype not in FLOAT_DTYPES} for t in header.tensors.values()]
-
-
-def model_tensor_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
-    return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "params": v.numel() if v.is_floating_point() else 0,
-             "buffer": not v.is_floating_point()} for k, v in model.state_dict().items()]
-
-
-def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bool) -> tuple[list[LayerPlan], dict | None]:
-    """Plans for a checkpoint without an architecture: every 2-D weight from the header, spectra read one weight at a time."""
-    no_latency_without_arch(recipe, header.path)
-    budget = recipe.factorize.rank_rule == "budget"
-    with contextlib.ExitStack() as stack:
-        spec = None
-        if need_spectrum or budget:
-            f = stack.enter_context(open_tensors(header.path))
-            spec = functools.cache(lambda name: torch.linalg.svdvals(f.get_tensor(f"{name}.weight").float()))
-        plans = plan_layers(weight_candidates(header), recipe, spec if need_spectrum else None)
-        alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank).to_dict() if budget else None
-    return plans, alloc
-
-
-def text_length(family, model, seq_len: int | None) -> int | None:
-    """The tokens per example a text model is counted and timed at (`seq_len`, else the family's default); None for images."""
-    cfg = family.data_config(model)
-    if not isinstance(cfg, TextConfig):
-        if seq_len is not None:
-            raise LowrankError(f"seq_len applies to text models; {type(model).__name__} takes images", param="seq_len")
-        return None
-    length = seq_len or cfg.max_length
-    limit = family.max_positions(model)
-    if limit is not None and length > limit:
-        raise LowrankError(f"seq_len {length} is above the model's maximum of {limit} positions", param="seq_len")
-    return length
-
-
-def example_at(family, model, seq_len: int | None = None, batch: int = 1):
-    """The family's example inputs, at `seq_len` tokens for a text model (checked against its positions)."""
-    return family.example_inputs(model, batch, seq_len=text_length(family, model, seq_len))
-
-
-def check_calibration(recipe: Recipe) -> None:
-    """`factorize.method: whitened | asvd` and `factorize.allocation: sensitivity` need calibration data: checked the same
-    way by `inspect` and `factorize`."""
-    method = recipe.factorize.method
-    calibrated = recipe.with_calibration_default().factorize.calib_data is not None
-    if recipe.factorize.allocation == "sensitivity" and not calibrated:
-        raise LowrankError("factorize.allocation 'sensitivity' needs calibration data to measure each layer's sensitivity: a folder "
-                           "of images, 'digits' or 'synthetic'; for text models 'pydoc', a .txt or .jsonl file or a folder of them "
-                           "(argument `calib_data`, recipe key factorize.calib_data, else data.source)", param="calib_data")
-    if method != "svd" and not calibrated:
-        raise LowrankError(f"factorize.method '{method}' needs calibration data: a folder of images, 'digits' or 'synthetic'; for text models "
-                           "'pydoc', a .txt or .jsonl file or a folder of them "
-                           "(argument `calib_data`, recipe key factorize.calib_data, else data.source)", param="calib_data")
-
-
-def build_or_weight_only(path, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> tuple[Built | None, str | None]:
-    """The model of a plain checkpoint, its architecture given or found (`models.build_model`), or None and the
-    reason when none is found: the checkpoint is then handled weight-only, from its tensors alone."""
-    try:
-        return build_model(path, arch, model_kwargs, hint=hint_of(recipe)), None
-    except NoArchitecture as e:
-        method = recipe.factorize.method
-        if recipe.factorize.allocation == "sensitivity":
-            raise LowrankError(f"factorize.allocation 'sensitivity' needs an architecture to run calibration data through (forward and "
-                               f"backward): {e}; or set factorize.allocation to 'uniform'", param="model") from None
-        if method != "svd":
-            raise LowrankError(f"factorize.method '{method}' needs an architecture to run calibration data through: {e}", param="model") from None
-        return None, str(e)
-
-
-def no_latency_without_arch(recipe: Recipe, path) -> None:
-    if recipe.select.latency_aware:
-        raise LowrankError(
-            f"{path}: select.latency_aware needs an architecture to know each layer's token count; "
-            "name the architecture (argument `arch`, recipe key `model`), or turn select.latency_aware off", param="model"
-        )
-
 
 def inspect_checkpoint(
     path: str | os.PathLike | None,
@@ -206,7 +72,7 @@ def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_tim
     model, family = built.model, built.family
     spec = functools.cache(lambda name: torch.linalg.svdvals(dense_weight(model.get_submodule(name))[0].float())) if needs_spectrum else None
     plans = plan_layers(family.linear_candidates(model), recipe, spec)
-    length = text_length(family, model, seq_len)
+    length = family.text_length(model, seq_len)
     macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
     alloc = None
     if recipe.factorize.rank_rule == "budget":  # allocated on σ(W): inspect has no calibration data
@@ -247,7 +113,7 @@ def _inspect_factorized(header: CheckpointHeader, manifest: Manifest, arch: str 
         for c in family.linear_candidates(model)
     ]
     after = count_params(model)
-    length = text_length(family, model, seq_len)
+    length = family.text_length(model, seq_len)
     macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
     inner = {"embedding": "lookup"}  # the module of a factorized layer whose input rows count its tokens
     macs_before = macs.macs + sum(macs.linear_rows.get(f"{p.name}.{inner.get(p.kind, 'down')}", 0) * p.macs_per_token_saved for p in plans)

@@ -45,8 +45,7 @@ def _digits_setup(calib_samples: int):
 def _hub_setup(folder: Path, data: str, calib_samples: int, max_length: int):
     from lowrank_cli.models import build_model
     from lowrank_cli.models.family import TextConfig
-    from lowrank_cli.pipelines.compress import load_data
-    from lowrank_cli.pipelines.factorize import calibration_for
+    from lowrank_cli.data.modality import calibration_for, load_data
 
     built = build_model(folder)
     model, family = built.model.eval(), built.family
@@ -77,7 +76,7 @@ def main() -> None:
     else:
         dense, family, calib, held_out, label = _hub_setup(args.model_dir, args.data, args.calib_samples, args.max_length)
         exclude = args.select_exclude if args.select_exclude is not None else ["norm", "pooler", "classifier", "pre_classifier", "lm_head", "score", "head"]
-    task = family.task(dense)
+    task = family.task(dense).name
     ref = evaluate(dense, held_out, family, teacher=dense, task=task)
     print(f"{label} ({task}): the original {ref.to_dict()}")
     print(f"{'method':>8} {'κ':>5} {'allocation':>11} | {'params':>10} {'primary':>9}  figures")

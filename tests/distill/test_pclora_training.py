@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import TINY_VIT, TINY_VIT_KWARGS, manifest_of, model_args, one_line_error, tiny_recipe, tiny_vit
 
-import lowrank_cli.pipelines.compress as compress_mod
+import lowrank_cli.pipelines.common.run_loop as run_loop
 from lowrank_cli.distill.objective import ProgressiveObjective
 from lowrank_cli.factorize import apply_pclora, factorize_model
 from lowrank_cli.models import get_family, load
@@ -81,7 +81,7 @@ def test_compress_pclora_ends_with_a_pela_structured_student(cli, tmp_path, vit_
     """λ reaches 0 exactly after the last step (decay_end 1); the model then and the saved student agree."""
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     at_zero = {}
-    real_finalize = compress_mod.finalize
+    real_finalize = run_loop.finalize
 
     def finalize(model):  # the model right after λ reached 0, before its frozen branches are dropped
         layers = [m for m in model.modules() if isinstance(m, PCLoRALinear)]
@@ -90,7 +90,7 @@ def test_compress_pclora_ends_with_a_pela_structured_student(cli, tmp_path, vit_
             at_zero["out"] = model.eval()(x)
         return real_finalize(model)
 
-    monkeypatch.setattr(compress_mod, "finalize", finalize)
+    monkeypatch.setattr(run_loop, "finalize", finalize)
     out = tmp_path / "run"
     recipe = pclora_recipe(tmp_path, decay_end=1.0)
     r = cli("compress", vit_ckpt, "--recipe", recipe, "--out", out, "--device", "cpu")

@@ -195,7 +195,7 @@ def test_cuda_rng_state_is_this_process_device_only(tmp_path, monkeypatch):
 def test_nan_between_log_steps_writes_no_checkpoint_and_keeps_the_good_ones(tmp_path, vit_ckpt, monkeypatch):
     """The CUDA / multi-process path (loss read only at log steps): a NaN at step 3 is caught before the checkpoint of step 3."""
     tr = importlib.import_module("lowrank_cli.distill.train")  # the package exports a function of the same name
-    import lowrank_cli.pipelines.compress as pc
+    import lowrank_cli.pipelines.common.run_loop as pc
 
     monkeypatch.setattr(tr, "_checks_every_step", lambda device, env: False)
     calls = {"n": 0}

@@ -55,7 +55,7 @@ def test_data_aware_bases_on_the_given_device(seen, method):
 
 def test_compress_factorizes_on_the_process_device(tmp_path, vit_ckpt, monkeypatch):
     """prepare_compress: the command's device; under torchrun this process's GPU (DistEnv), never cuda:0 for all."""
-    import lowrank_cli.pipelines.compress as pc
+    import lowrank_cli.pipelines.common.prepare as pc
 
     asked = []
     real = pc.factorize_model

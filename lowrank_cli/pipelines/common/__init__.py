@@ -1,15 +1,25 @@
-"""What several pipelines share: finding the model a command works on, and default output paths."""
+"""The pipelines' one shared home: what several commands use, so that no command module imports another.
+
+This module: finding the model a command works on, default output paths, a factorized
+checkpoint's manifest. Beside it: `inspection` (what `inspect` and `factorize` report, and the
+weight-only path), and the distillation run that `compress`, `distill` and `demo` share, in
+three parts: `prepare` (every input checked, teacher, student and data built, nothing written),
+`run_loop` (the training run: baseline, local stage, training, the final student) and `report`
+(the report a run writes).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, read_header
+from lowrank_cli.io.safetensors import CheckpointHeader, read_header, sha256_file
 from lowrank_cli.models.build import ArchitectureHint
+from lowrank_cli.plan.select import LayerPlan, manifest_layers
 from lowrank_cli.recipe import Recipe
 
 RUNS_DIR = Path("runs")
@@ -74,3 +84,15 @@ def require_manifest(path: Path, purpose: str, need_architecture: bool) -> tuple
             "export it as dense or safetensors"
         )
     return header, manifest
+
+
+def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str, Any], plans: list[LayerPlan], recipe: Recipe,
+                   source: str | os.PathLike | None, method: str = "svd", latency: dict[str, Any] | None = None,
+                   allocation=None) -> Manifest:
+    """The manifest of a checkpoint factorized from `source` by `recipe` (with `latency` when latency-aware, and the
+    `allocation` (`plan.Allocation`) when it was weighted by sensitivity)."""
+    record = allocation.manifest_record() if allocation is not None and allocation.allocation == "sensitivity" else None
+    return Manifest(
+        layers=manifest_layers(plans, method), architecture=arch, family=family, model_kwargs=model_kwargs, recipe=recipe.to_dict(),
+        source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency, allocation=record,
+    )

@@ -1,0 +1,92 @@
+"""A model's data, loaded the way its inputs say: images or text, behind one lookup.
+
+The family's `data_config(model)` describes the inputs (`ImageConfig`, `TextConfig`); its
+`modality` names the entry of `MODALITIES` that loads them, for training and evaluation
+(`load_data`) and for calibration (`calibration_for`). The pipelines call these two and never
+ask which kind of data a model takes. This registry sits in `data/` (layer 5) because loading
+needs `data/`'s readers, which `models/` (layer 4) may not import; the task (`models.tasks`)
+does not decide it, as a model without a head may take images or text.
+
+Adding a modality: a config class in `models/family.py` with its `modality`, and an entry here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+
+from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
+from lowrank_cli.data.images import ImageData, load_image_data
+from lowrank_cli.data.text import TextData, load_text_data
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.models.family import ModelFamily, model_classes
+from lowrank_cli.recipe import Recipe
+
+
+class Modality(Protocol):
+    """How one kind of input is loaded for a model."""
+
+    needs_tokenizer: bool  # the model's Hub folder (or its teacher's) must hold a tokenizer
+
+    def load(self, recipe: Recipe, family: ModelFamily, model: nn.Module, cfg: Any, folder: Path | None, all_held_out: bool) -> ImageData | TextData:
+        ...
+
+    def calibration(self, source: str, cfg: Any, folder: Path | None, n_samples: int, batch_size: int, max_length: int | None) -> list:
+        ...
+
+
+class Images:
+    """Images prepared by the model's `ImageConfig`; labels as many classes as the model has (10 for a model without)."""
+
+    needs_tokenizer = False
+
+    def load(self, recipe, family, model, cfg, folder, all_held_out):
+        return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
+
+    def calibration(self, source, cfg, folder, n_samples, batch_size, max_length):
+        return calibration_batches(source, cfg, n_samples, batch_size)
+
+
+class Text:
+    """Text tokenized by the tokenizer of the model's Hub `folder`, at `data.max_length` tokens (else the config's)."""
+
+    needs_tokenizer = True
+
+    def load(self, recipe, family, model, cfg, folder, all_held_out):
+        length = recipe.data.max_length or cfg.max_length
+        limit = family.max_positions(model)
+        if limit is not None and length > limit:
+            raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
+        return load_text_data(recipe.data.source, folder, length, all_held_out=all_held_out)
+
+    def calibration(self, source, cfg, folder, n_samples, batch_size, max_length):
+        return text_calibration_batches(source, folder, max_length or cfg.max_length, n_samples, batch_size)
+
+
+MODALITIES: dict[str, Modality] = {"images": Images(), "text": Text()}
+
+
+def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None, all_held_out: bool = False) -> ImageData | TextData:
+    """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer
+    (`all_held_out`: a text file or a folder without train/val parts is all held out, for evaluation)."""
+    cfg = family.data_config(model)
+    return MODALITIES[cfg.modality].load(recipe, family, model, cfg, folder, all_held_out)
+
+
+def calibration_for(source: str, family: ModelFamily, model: nn.Module, folder: Path | None, n_samples: int, batch_size: int,
+                    max_length: int | None) -> list:
+    """Calibration batches in the model's own form: images at its input size, or its tokenizer's text."""
+    cfg = family.data_config(model)
+    return MODALITIES[cfg.modality].calibration(source, cfg, folder, n_samples, batch_size, max_length)
+
+
+def needs_tokenizer(family: ModelFamily, model: nn.Module) -> bool:
+    """Whether the model's data (text) is read through the tokenizer of a Hub folder."""
+    return MODALITIES[family.data_config(model).modality].needs_tokenizer
+
+
+def split_record(data: ImageData | TextData) -> dict[str, Any]:
+    """`{"split": ...}`: how text data was split into training and held-out parts (images: their folders say; nothing)."""
+    return {"split": data.split} if isinstance(data, TextData) else {}

@@ -1,0 +1,186 @@
+"""A distillation run prepared: every input checked, teacher, student and data built, nothing written.
+
+`prepare_compress` (a dense checkpoint: the student is factorized here) and `prepare_distill` (a
+factorized checkpoint and its original) both return a `PreparedRun`; `run_loop.run_distillation`
+trains it. The task (`models.tasks`) resolves the base loss; `data.modality` loads the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from lowrank_cli.data.images import ImageData
+from lowrank_cli.data.modality import calibration_for, load_data, split_record
+from lowrank_cli.data.text import TextData
+from lowrank_cli.device import resolve_device
+from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.factorize.pclora import apply_pclora
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.rundir import RunDir
+from lowrank_cli.io.safetensors import read_header, sha256_file
+from lowrank_cli.models.build import build_model
+from lowrank_cli.models.family import ModelFamily, model_classes
+from lowrank_cli.models.tasks import Task
+from lowrank_cli.pipelines.common import build_manifest, hint_of
+from lowrank_cli.recipe import Recipe, recipe_from_dict
+
+
+def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None) -> Recipe:
+    """The recipe with the data source and the number of epochs given (a copy)."""
+    recipe = recipe.model_copy(deep=True)
+    if data is not None:
+        recipe.data = recipe.data.model_copy(update={"source": str(data)})
+    if epochs is not None:
+        if epochs < 1:
+            raise LowrankError(f"epochs must be at least 1 (got {epochs})", param="epochs")
+        recipe.distill = recipe.distill.model_copy(update={"epochs": int(epochs)})
+    return recipe
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and built, nothing written yet."""
+
+    recipe: Recipe
+    family: ModelFamily
+    teacher: nn.Module
+    student: nn.Module
+    manifest: Manifest
+    data: ImageData
+    run: RunDir
+    env: DistEnv
+    base: str
+    teacher_file: Path | None
+    resume_from: tuple[Path, Path] | None = None
+    labels_match: bool = True  # False: classification data whose labels are not the model's classes (no accuracy to report)
+    info: dict[str, Any] = field(default_factory=dict)
+    task: Task | None = None  # the teacher's (None: asked of the family); its `.name` is what the report records
+    folder: Path | None = None  # the teacher's Hub folder: its config and tokenizer go into the run folder
+    calibration: list | None = None  # factorize.method whitened | asvd: the calibration batches the student was factorized on
+    started: float = field(default_factory=time.perf_counter)  # when the command began (calibration included): the curve's clock
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = self.family.task(self.teacher)
+
+
+def _run_dir(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
+    """The run folder, checked: free of another writer, and empty (a new run) or holding this recipe's run (resume)."""
+    run = RunDir(out or Path("runs") / recipe.name)
+    run.check_free()
+    if resume:
+        return run, run.check_resumable(recipe)
+    run.check_new()
+    return run, None
+
+
+@contextlib.contextmanager
+def claimed(p: PreparedRun) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0) and check it again under the lock: what `prepare_*` saw may have changed."""
+    if not p.env.is_main:
+        yield
+        return
+    with p.run.locked():
+        if p.resume_from is not None:
+            p.resume_from = p.run.check_resumable(p.recipe)
+        else:
+            p.run.check_new()
+        yield
+
+
+def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
+                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
+    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    if checkpoint is None and recipe.checkpoint:
+        checkpoint = recipe.checkpoint
+    if checkpoint is None:
+        raise LowrankError("give the checkpoint to compress (argument `checkpoint`, recipe key `checkpoint`)", param="checkpoint")
+    recipe = recipe.with_calibration_default()  # whitened | asvd calibrate on the training data; the run's recipe says so (and resumes)
+    header = read_header(checkpoint)
+    if Manifest.from_header(header) is not None:
+        raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
+    built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
+    teacher, family, arch = built.model, built.family, built.architecture
+    data = load_data(recipe, family, teacher, built.folder)
+    run, resume_from = _run_dir(recipe, out, resume)
+    svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
+    student = copy.deepcopy(teacher)
+    pclora = recipe.distill.method == "pclora"
+    calibration = None
+    if recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity":  # on factorize.calib_data (defaulted above)
+        f = recipe.factorize
+        calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+    allocation = None
+    # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
+    if pclora:
+        plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
+    else:
+        factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev)
+        plans, allocation = factorized.plans, factorized.allocation
+    if not any(p.factorized for p in plans):
+        raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
+    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method,
+                              allocation=allocation)
+    task = family.task(teacher)
+    base, match = task.base_loss(recipe.distill.base_loss, model_classes(teacher), data.num_classes, data.source)
+    info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}
+    if allocation is not None:  # rank_rule budget or allocation sensitivity: the ranks beside uniform κ's (and each layer's c_l)
+        info["allocation"] = allocation.to_dict()
+    return PreparedRun(recipe, family, teacher, student, manifest, data, run, env or DistEnv(device=dev), base, Path(checkpoint), resume_from, match,
+                       {**info, **_split_note(data)}, task, built.folder, calibration, started)
+
+
+def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
+                    resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
+                    env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
+    """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    manifest = Manifest.from_header(read_header(factorized))
+    if manifest is None:
+        raise LowrankError(f"{factorized}: is not factorized (no lowrank manifest); run `lowrank compress` on it, or `lowrank factorize` first")
+    if manifest.weight_only:
+        raise LowrankError(f"{factorized}: was factorized weight-only (no architecture); distillation needs a model architecture")
+    if recipe is not None and note is not None and manifest.recipe is not None:
+        differs = [k for k in ("select", "factorize") if recipe.to_dict().get(k) != manifest.recipe.get(k)]
+        if differs:
+            note(f"the recipe's {' and '.join(differs)} sections are not used: {factorized} is already factorized (its manifest says how)")
+    recipe = recipe or recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
+    recipe = with_run_options(recipe, data, epochs)
+    if recipe.distill.method == "pclora":
+        raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
+                           "compress the original checkpoint with this recipe instead")
+    if Manifest.from_header(read_header(teacher_file)) is not None:
+        raise LowrankError(f"teacher {teacher_file}: is a factorized checkpoint; the teacher is the original dense model", param="teacher")
+    student = build_model(factorized)
+    arch = manifest.architecture
+    try:
+        teacher = build_model(teacher_file, arch, manifest.model_kwargs, family=manifest.family)
+    except LowrankError as e:
+        raise LowrankError(f"teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
+    data_ = load_data(recipe, teacher.family, teacher.model, teacher.folder or student.folder)
+    run, resume_from = _run_dir(recipe, out, resume)
+    manifest = manifest.replace(recipe=recipe.to_dict())
+    task = teacher.family.task(teacher.model)
+    base, match = task.base_loss(recipe.distill.base_loss, model_classes(teacher.model), data_.num_classes, data_.source)
+    return PreparedRun(recipe, teacher.family, teacher.model, student.model, manifest, data_, run, env or DistEnv(device=dev), base,
+                       Path(teacher_file), resume_from, match,
+                       {"factorized_input": {"file": Path(factorized).name, "sha256": sha256_file(factorized)}, **_split_note(data_)}, task,
+                       teacher.folder or student.folder, started=started)
+
+
+def _split_note(data: ImageData | TextData) -> dict[str, Any]:
+    return {"data_" + k: v for k, v in split_record(data).items()}
+
+

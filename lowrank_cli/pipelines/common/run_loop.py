@@ -1,0 +1,237 @@
+"""The distillation run: the teacher's and the SVD student's baseline, the local stage, training, the final student.
+
+`run_distillation` trains a `prepare.PreparedRun` and writes the run folder (rank 0): `run.json`,
+metrics, checkpoints, the student in the format `lowrank factorize` writes with a `distill`
+record in its manifest, and `report.json` (`report`). Under torchrun every process trains; rank 0
+alone evaluates, writes and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowrank_cli.data.loaders import Head
+from lowrank_cli.distill.distributed import all_gather_strings, barrier
+from lowrank_cli.distill.evaluate import Evaluation, evaluate
+from lowrank_cli.distill.local import local_batches, local_distill
+from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
+from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.io.atomic import write_json
+from lowrank_cli.io.manifest import read_checkpoint, save_factorized, tensors_digest
+from lowrank_cli.io.rundir import Position, load_training_state
+from lowrank_cli.io.safetensors import sha256_file
+from lowrank_cli.models.build import load_state_dict_strict
+from lowrank_cli.nn.pclora import decay_lambda, finalize, set_lambda
+from lowrank_cli.pipelines.common.prepare import PreparedRun
+from lowrank_cli.pipelines.common.report import curve, run_report
+
+Log = Callable[[dict[str, Any]], None]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): equal digests mean equal weights."""
+    return tensors_digest(model.state_dict())
+
+
+def _distill_record(p: PreparedRun, result_steps: int | None = None) -> dict[str, Any]:
+    cfg = p.recipe.distill
+    teacher = {"file": p.teacher_file.name, "sha256": sha256_file(p.teacher_file)} if p.teacher_file else None
+    if cfg.method == "pclora":
+        losses = {"method": "pclora", **cfg.pclora.model_dump(), **({"decay_steps": p.info["pclora"]["decay_steps"]} if "pclora" in p.info else {})}
+    else:
+        losses = {"method": "pela", "alpha": cfg.alpha, "beta": cfg.beta, "epsilon": cfg.epsilon, "rwp_form": cfg.rwp_form}
+    return {"teacher": teacher, "data": p.data.source, "epochs": cfg.epochs, **losses, "base_loss": p.base,
+            **({"steps": result_steps} if result_steps else {})}
+
+
+def decay_steps(p: PreparedRun) -> int:
+    """PC-LoRA's q: the step from which λ = 0, `decay_end` × the run's total optimizer steps (≥ 1).
+
+    A resumed run keeps the q it started with (run.json), whatever the number of epochs says now.
+    """
+    cfg = p.recipe.distill
+    total = total_steps(len(p.data.train), cfg, p.env.world)
+    if p.resume_from is not None:
+        q = int(p.run.run_info().get("pclora", {}).get("decay_steps", 0))
+        if q > total:
+            raise LowrankError(f"{p.run.root}: λ reaches 0 at step {q} in this run, but the run now has only {total} steps; "
+                               "resume with at least the epochs it was started with", param="epochs")
+        if q:
+            return q
+    return max(1, min(total, round(cfg.pclora.decay_end * total)))
+
+
+def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
+                     step_hook: Callable[[Position], None] | None = None) -> dict[str, Any]:
+    """Train the prepared student against its teacher; returns the report (also written, by rank 0).
+
+    A new run that fails before its first complete checkpoint is removed (rank 0); a later
+    failure leaves it resumable. Call it inside `claimed(p)`.
+    """
+    try:
+        return _run_distillation(p, log=log, note=note, step_hook=step_hook)
+    except BaseException:
+        if p.env.is_main and p.resume_from is None:
+            p.run.discard()
+        raise
+
+
+def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], None] | None,
+                      step_hook: Callable[[Position], None] | None) -> dict[str, Any]:
+    env, run, cfg, family = p.env, p.run, p.recipe.distill, p.family
+    note = note if (note is not None and env.is_main) else (lambda _msg: None)
+    device = env.device
+    check_steps(len(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
+    torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
+    teacher = freeze(p.teacher).to(device)
+    pclora = cfg.method == "pclora"
+    if pclora:
+        p.info["pclora"] = {"decay_steps": decay_steps(p)}
+    manifest = p.manifest.replace(distill=_distill_record(p))
+    t0 = time.perf_counter()
+
+    def accuracy(model: nn.Module, limit: int | None = None) -> Evaluation | None:
+        """The model on the held-out split (its first `limit` examples), by its task, against the teacher (the teacher
+        too: its reference figures)."""
+        if not p.labels_match:
+            return None
+        val = p.data.val if limit is None else Head(p.data.val, limit)
+        return evaluate(model, val, family, device, teacher=teacher, num_workers=p.recipe.data.num_workers, task=p.task)
+
+    objective = None  # its block hooks are paused while the student is evaluated
+
+    def point(step: int, stage: str) -> None:
+        """A held-out evaluation of the student now, with the wall time since the command began (rank 0)."""
+        if not env.is_main or not p.labels_match:
+            return
+        with objective.paused() if objective is not None else contextlib.nullcontext():
+            e = accuracy(p.student, cfg.eval_examples)
+        record = {"step": step, "stage": stage, "seconds": time.perf_counter() - p.started, "eval": e.to_dict()}
+        run.append_metrics(record)
+        if log is not None:
+            log(record)
+
+    resume = None
+    if p.resume_from is not None:
+        student_file, state_file = p.resume_from
+        load_state_dict_strict(p.student, read_checkpoint(student_file)[2], student_file, manifest.architecture)
+        resume = load_training_state(state_file)
+        baseline = run.run_info().get("baseline", {})
+        if "local" in run.run_info():
+            p.info["local"] = run.run_info()["local"]
+        if env.is_main:
+            stale, cut = run.remove_temporaries(), run.truncate_metrics(resume.position.step)
+            if stale or cut:
+                note(f"removed {len(stale)} temporary files of interrupted writes and {cut} metrics lines after step {resume.position.step}")
+        note(f"resuming {run.root} from {student_file.name} (step {resume.position.step})")
+        started = run.run_info().get("world_size")
+        if started and started != env.world:
+            note(f"the run started on {started} processes and resumes on {env.world}: the global batch, learning rate and data order "
+                 f"follow {env.world} from here, so it will not match an uninterrupted run")
+    else:
+        baseline = {}
+        if env.is_main:
+            note("evaluating the teacher and the SVD-only student")
+            # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
+            svd = p.student
+            if pclora:
+                svd = copy.deepcopy(p.teacher)
+                factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
+            t, s = accuracy(teacher), accuracy(svd)
+            baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
+            run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
+                                  "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
+            # the run folder is the student's Hub folder where the family's models are (its config and tokenizer)
+            family.write_hub_files(run.root, manifest.architecture, manifest.model_kwargs, p.folder)
+        barrier(env)
+
+    def save(pos: Position, optimizer, scaler) -> str:
+        path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
+        if env.is_main:
+            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(device), cfg.keep_checkpoints)
+        return str(path)
+
+    def log_metrics(record: dict[str, Any]) -> None:
+        if env.is_main:
+            run.append_metrics(record)
+            if log is not None:
+                log(record)
+
+    if resume is None and cfg.local is not None:
+        note(f"local distillation: {cfg.local.steps} steps per block on {min(cfg.local.examples, len(p.data.train))} training examples")
+
+        done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
+
+        def block_done(record: dict[str, Any]) -> None:
+            done[0] += 1
+            if env.is_main:
+                run.append_metrics({"step": 0, "stage": "local", **record})
+                if log is not None:
+                    log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
+
+        local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed), cfg.local, device,
+                              cfg.seed, block_done)
+        p.info["local"] = local.to_dict()
+        if env.is_main:
+            run.update_info({"local": p.info["local"]})
+    if resume is None and (cfg.eval_every or cfg.local is not None):
+        point(0, "local" if cfg.local is not None else "start")
+
+    last_step = total_steps(len(p.data.train), cfg, env.world)
+
+    def every(pos: Position) -> None:
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last_step:  # the final evaluation follows the last
+            point(pos.step, "train")
+        if step_hook is not None:
+            step_hook(pos)
+
+    schedule = None
+    if pclora:
+        q = p.info["pclora"]["decay_steps"]
+
+        def schedule(step: int) -> dict[str, float]:
+            lam = decay_lambda(cfg.pclora.schedule, step, q)
+            set_lambda(p.student, lam)
+            return {"lam": lam}
+
+        objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine,
+                                         teacher_dtype(device, cfg.amp))
+    else:
+        objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp))
+    structures = all_gather_strings(env, tensors_digest({k: torch.tensor(v.shape) for k, v in p.student.state_dict().items()}))
+    if len(set(structures)) != 1:  # a sensitivity allocation measured apart on each process may choose other ranks
+        raise LowrankError(f"the {env.world} processes factorized the student with different ranks; factorize once (`lowrank factorize`, "
+                           "or factorize_checkpoint) and distill that checkpoint on several processes")
+    try:
+        result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)
+    finally:
+        objective.close()
+    if result.untrained:
+        note(f"left untrained (no gradient reaches them from the loss): {', '.join(result.untrained)}")
+    digests = all_gather_strings(env, weights_digest(p.student))
+    if len(set(digests)) != 1:
+        raise LowrankError(f"the {env.world} processes ended with different student weights ({', '.join(d[:8] for d in digests)}); a DDP set-up problem")
+    if pclora:  # λ is 0 from step q ≤ total on: the frozen branch contributes nothing and is dropped
+        finalize(p.student).eval()
+    report: dict[str, Any] = {}
+    if env.is_main:
+        manifest = manifest.replace(distill=_distill_record(p, result.steps))
+        save_factorized(run.student_file, p.student.state_dict(), manifest, force=True)
+        note("evaluating the distilled student")
+        final = accuracy(p.student)
+        report = run_report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
+        report["curve"] = curve(run, final, result.steps, time.perf_counter() - p.started)
+        write_json(run.report_file, report)
+    barrier(env)
+    return report
+
+
