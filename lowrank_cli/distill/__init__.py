@@ -6,7 +6,7 @@
 - `distributed.py` torchrun / DDP set-up
 - `evaluate.py`    top-1/top-5 and feature cosine similarity to a teacher
 
-The whole `compress` / `distill` step, from checkpoints to a report, is `pipelines/compress.py`.
+The whole `compress` / `distill` step, from checkpoints to a report, is `pipelines/compress.py` (its parts in `pipelines/common/`).
 """
 
 from lowrank_cli.distill.evaluate import Evaluation, evaluate

@@ -13,7 +13,8 @@ has the `features` task and takes images): that is the family's `data_config`, d
 
 The registry `TASKS` names every task; `.name` is what reports and manifests record, so that
 their formats do not change. Adding a task: a `Task` here and the family that returns it.
-This module imports nothing heavy: the CLI reads it to render a report.
+The module itself imports no model library (the CLI reads it to render a report), though its
+package, `models/`, imports torch.
 """
 
 from __future__ import annotations
