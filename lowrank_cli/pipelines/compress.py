@@ -25,13 +25,13 @@ from torch import nn
 
 from lowrank_cli.data.images import ImageData, load_image_data
 from lowrank_cli.data.loaders import Head
-from lowrank_cli.data.text import TextData, load_text_data
+from lowrank_cli.data.text import StreamOptions, TextData, load_text_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, close_distributed, init_distributed
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.local import local_batches, local_distill
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
-from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
+from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train, train_examples
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
@@ -143,14 +143,17 @@ def claimed(p: PreparedRun) -> Iterator[None]:
 
 def load_data(recipe: Recipe, family: ModelFamily, model: nn.Module, folder: Path | None, all_held_out: bool = False) -> ImageData | TextData:
     """The training and held-out data of `recipe.data` for this model: images, or text tokenized by its own tokenizer
-    (`all_held_out`: a text file or a folder without train/val parts is all held out, for evaluation)."""
+    (`all_held_out`: a text file or a folder without train/val parts is all held out, for evaluation). Large text is
+    streamed (`data.streaming`), a causal LM's packed into full-length sequences."""
     cfg = family.data_config(model)
     if isinstance(cfg, TextConfig):
         length = recipe.data.max_length or cfg.max_length
         limit = family.max_positions(model)
         if limit is not None and length > limit:
             raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
-        return load_text_data(recipe.data.source, folder, length, all_held_out=all_held_out)
+        d = recipe.data
+        stream = StreamOptions(d.streaming, family.task(model) == "causal-lm", recipe.distill.seed, d.shuffle_window, d.val_documents)
+        return load_text_data(d.source, folder, length, all_held_out=all_held_out, stream=stream)
     return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
 
 
@@ -299,7 +302,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     env, run, cfg, family = p.env, p.run, p.recipe.distill, p.family
     note = note if (note is not None and env.is_main) else (lambda _msg: None)
     device = env.device
-    check_steps(len(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
+    check_steps(train_examples(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
     torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
     teacher = freeze(p.teacher).to(device)
     pclora = cfg.method == "pclora"
@@ -377,7 +380,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                 log(record)
 
     if resume is None and cfg.local is not None:
-        note(f"local distillation: {cfg.local.steps} steps per block on {min(cfg.local.examples, len(p.data.train))} training examples")
+        n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
+        note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
 
         done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
 
@@ -396,7 +400,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     if resume is None and (cfg.eval_every or cfg.local is not None):
         point(0, "local" if cfg.local is not None else "start")
 
-    last_step = total_steps(len(p.data.train), cfg, env.world)
+    last_step = total_steps(train_examples(p.data.train), cfg, env.world)
 
     def every(pos: Position) -> None:
         if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last_step:  # the final evaluation follows the last
@@ -491,7 +495,7 @@ def _report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evaluatio
         "method": p.recipe.distill.method,
         **({"local": p.info["local"]} if "local" in p.info else {}),
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
-        "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
+        "data": {"source": p.data.source, "train": train_examples(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
                  "skipped_first": p.data.skipped[:5], **({"split": p.data.split} if isinstance(p.data, TextData) else {})},
         **({"allocation": p.info["allocation"]} if "allocation" in p.info else {}),
         "world_size": p.env.world,
