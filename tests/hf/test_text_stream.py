@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import _byte_bpe, _wordpiece
+from hf_models import _byte_bpe, _wordpiece, hub_model
 from transformers import AutoTokenizer
 
 from lowrank_cli.data import stream as stream_mod
 from lowrank_cli.data.stream import Shards, StreamState, TextStream, held_out
 from lowrank_cli.data.text import StreamOptions, load_text_data, pydoc_documents, streams
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.io.rundir import load_training_state
+from lowrank_cli.pipelines.compress import compress_checkpoint
+from lowrank_cli.recipe import Recipe, load_recipe
 
 DOCS = pydoc_documents().texts
 
@@ -173,3 +176,46 @@ def test_when_text_streams(tmp_path, monkeypatch):
     assert not streams("pydoc", "auto")
     with pytest.raises(LowrankError, match="'pydoc' is held in memory"):
         streams("pydoc", True)
+
+
+def _stream_recipe(tmp_path: Path, corpus: Path, **distill) -> Recipe:
+    settings = {"epochs": 3, "max_steps": 20, "batch_size": 4, "lr": 1e-3, "warmup_steps": 3, "log_every": 1, "checkpoint_every": 4,
+                "amp": "none", **distill}
+    path = tmp_path / "stream.yaml"
+    path.write_text(f"name: gpt2-stream\nselect:\n  exclude: [lm_head]\nfactorize:\n  kappa: 2\n"
+                    f"data: {json.dumps({'source': str(corpus), 'num_workers': 0, 'streaming': True, 'shuffle_window': 8, 'max_length': 16, 'val_documents': 6})}\n"
+                    f"distill: {json.dumps(settings)}\n")
+    return load_recipe(str(path))
+
+
+@pytest.mark.slow
+def test_a_causal_lm_on_streamed_text_resumes_exactly_across_epochs(tmp_path):
+    hub = hub_model(tmp_path / "hub", "gpt2")
+    corpus = shards(tmp_path, n_files=2, per_file=3, jsonl=False)
+    recipe = _stream_recipe(tmp_path, corpus)
+    epochs = []
+    full = compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "full", device="cpu", step_hook=lambda pos: epochs.append(pos.epoch))
+    assert full["train"]["steps"] == 20 and full["data"]["train"] is None and 1 <= full["data"]["val"] <= 6
+    assert "streamed" in full["data"]["split"] and epochs[-1] >= 1  # the run crossed into a second pass over the stream
+
+    def interrupt(pos):
+        if pos.step == 15:  # after the checkpoint at step 12: steps 13-15 are lost and redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "cut", device="cpu", step_hook=interrupt)
+    state = load_training_state(tmp_path / "cut" / "checkpoint-000012.state.safetensors")
+    assert state.position.epoch == 1 and state.position.stream["token"] > 0  # mid-pass, inside a document: where the stream stood, saved
+    resumed = compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "cut", device="cpu", resume=True)
+    assert resumed["rank_weight_sha256"] == full["rank_weight_sha256"]  # the same weights, bit for bit
+    losses = lambda p: {r["step"]: r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines()) if "loss" in r}  # noqa: E731
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def test_streamed_training_needs_max_steps(tmp_path):
+    hub = hub_model(tmp_path / "hub", "gpt2")
+    corpus = shards(tmp_path, n_files=1, per_file=12)
+    recipe = _stream_recipe(tmp_path, corpus, max_steps=None)
+    with pytest.raises(LowrankError, match="set distill.max_steps"):
+        compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
