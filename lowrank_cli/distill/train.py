@@ -8,8 +8,8 @@ loop never waits on the device between them.
 
 The data order is a function of (seed, epoch, batch) and the RNG state is saved with each
 checkpoint, so a resumed run on CPU reproduces an uninterrupted one. Streamed text
-(`data/stream.py`) has no length: a run on it lasts `distill.max_steps` (or `distill.epochs` passes,
-whichever ends first), and its position in the stream is saved with each checkpoint.
+(`data/stream.py`) has no length: a run on it lasts `distill.max_steps`, passing over the stream as
+often as that takes (`distill.epochs` does not apply), and its position in the stream is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def train(
 
     t_start = t_log = time.perf_counter()
     images_seen, images_since_log, last_terms = 0, 0, {}
-    while pos.step < total and not (stream and pos.epoch >= cfg.epochs):
+    while pos.step < total:
         if stream:
             steps = stream_steps(dataset, pos, cfg, env)
         else:
@@ -406,8 +406,7 @@ def train(
                          "images_per_s": images_since_log / max(now - t_log, 1e-9)})  # the older name, kept for readers of metrics.jsonl
                 t_log, images_since_log = now, 0
             epoch_end = pos.batch == 0
-            due = ((cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total
-                   or (stream and epoch_end and pos.epoch >= cfg.epochs))  # a stream's last pass may end before max_steps
+            due = (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and epoch_end) or pos.step == total
             if checkpoint is not None and due:
                 if not check_every_step and _nonfinite_since(bad_losses, trainable, env):  # never write (nor rotate out good ones for) NaN weights
                     where = f"; the last checkpoint, {last_saved}, holds finite weights" if last_saved else ""

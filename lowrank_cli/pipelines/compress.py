@@ -266,7 +266,7 @@ def decay_steps(p: PreparedRun) -> int:
     A resumed run keeps the q it started with (run.json), whatever the number of epochs says now.
     """
     cfg = p.recipe.distill
-    total = total_steps(len(p.data.train), cfg, p.env.world)
+    total = total_steps(train_examples(p.data.train), cfg, p.env.world)
     if p.resume_from is not None:
         q = int(p.run.run_info().get("pclora", {}).get("decay_steps", 0))
         if q > total:
