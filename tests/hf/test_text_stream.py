@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from hf_models import _byte_bpe, _wordpiece, hub_model
 from transformers import AutoTokenizer
 
@@ -219,3 +220,26 @@ def test_streamed_training_needs_max_steps(tmp_path):
     with pytest.raises(LowrankError, match="set distill.max_steps"):
         compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_stream_train_as_one_with_their_global_batch(tmp_path):
+    """Each process takes every other packed sequence: two processes of batch 2 see what one of batch 4 sees, and end with its weights."""
+    import os
+    import subprocess
+    import sys
+
+    hub = hub_model(tmp_path / "hub", "gpt2")
+    corpus = shards(tmp_path, n_files=2, per_file=3, jsonl=False)
+    one = compress_checkpoint(hub / "model.safetensors", _stream_recipe(tmp_path, corpus, max_steps=6, clip_grad=None, dropout=False), out=tmp_path / "one", device="cpu")
+    recipe = _stream_recipe(tmp_path, corpus, max_steps=6, clip_grad=None, dropout=False, batch_size=2)
+    path = tmp_path / "two.yaml"
+    path.write_text(json.dumps(recipe.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "lowrank_cli", "compress", str(hub), "--recipe", str(path), "--out", str(tmp_path / "two"),
+                           "--device", "cpu", "--nproc", "2", "--json"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["world_size"] == 2 and two["train"]["steps"] == 6 and two["train"]["global_batch"] == one["train"]["global_batch"] == 4
+    a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "two" / "student.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
