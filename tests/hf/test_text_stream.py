@@ -2,6 +2,7 @@
 
 import json
 import weakref
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,34 @@ def test_two_processes_on_a_stream_train_as_one_with_their_global_batch(tmp_path
     a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "two" / "student.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_local_distillation_and_calibration_take_a_streams_first_examples(tmp_path, bpe, monkeypatch):
+    from lowrank_cli.data.calibration import text_calibration_batches
+    from lowrank_cli.distill.local import local_batches
+    from lowrank_cli.recipe import LocalConfig
+
+    folder = shards(tmp_path, jsonl=False)
+    s = make(folder, bpe, pack=True, window=4)
+    batches = local_batches(s, LocalConfig(examples=10, batch_size=4), seed=0)
+    assert [b["input_ids"].shape for b in batches] == [(4, 16), (4, 16), (2, 16)]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.stack([x for (x, _), _ in islice(s.sequences(0), 10)]))
+    monkeypatch.setattr("lowrank_cli.data.text.STREAM_BYTES", 100)  # the corpus is "large": calibration streams it
+    lines_read = []
+    real_read = Shards.read
+    monkeypatch.setattr(Shards, "read", lambda self, *a: (lines_read.append(1), real_read(self, *a))[1])
+    calib = text_calibration_batches(str(folder), Path(bpe.name_or_path), 24, n_samples=6, batch_size=4)
+    first = [d for d in DOCS[:40] if not held_out(d, 0, 0.2)][:6]  # the first training documents, in order
+    assert [bpe.decode(row[m.bool()]) for inputs, _ in calib for row, m in zip(inputs["input_ids"], inputs["attention_mask"])] == \
+        [bpe.decode(bpe(d, truncation=True, max_length=24)["input_ids"]) for d in first]
+    assert len(lines_read) == 1  # the first shard was enough
+
+
+def test_an_encoder_compresses_on_streamed_documents(tmp_path):
+    hub = hub_model(tmp_path / "hub", "bert")
+    corpus = shards(tmp_path, n_files=2, per_file=10, jsonl=False)
+    recipe = _stream_recipe(tmp_path, corpus, max_steps=3, checkpoint_every=0)
+    recipe.select.exclude = ["pooler"]
+    report = compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "run", device="cpu")
+    assert report["task"] == "features" and report["train"]["steps"] == 3 and report["train"]["global_batch"] == 4
+    assert report["accuracy"]["distilled"]["mean_cosine"] > 0 and report["data"]["val"] == len([d for d in DOCS[:20] if held_out(d, 0, 0.2)][:6])
