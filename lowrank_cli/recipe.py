@@ -141,7 +141,8 @@ class DataConfig(_Strict):
     """Where training and validation images come from (`compress`, `distill`, `evaluate`).
 
     `source`: an image folder in timm's layout (`root/train/<class>/*`, `root/val/<class>/*`),
-    `digits` (scikit-learn's handwritten digits, resized) or `synthetic` (random, seeded).
+    `digits` (scikit-learn's handwritten digits, resized) or `synthetic` (random, seeded); for a text
+    model, a `.txt`/`.jsonl` file, a folder of them or `pydoc`, streamed when large (`streaming`).
     """
 
     source: str | None = None
