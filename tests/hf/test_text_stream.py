@@ -17,7 +17,8 @@ from lowrank_cli.data.text import StreamOptions, load_text_data, pydoc_documents
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import load_training_state
 from lowrank_cli.pipelines.compress import compress_checkpoint
-from lowrank_cli.recipe import Recipe, load_recipe
+from lowrank_cli.distill.train import warmup_steps
+from lowrank_cli.recipe import DistillConfig, Recipe, load_recipe
 
 DOCS = pydoc_documents().texts
 
@@ -221,6 +222,16 @@ def test_streamed_training_needs_max_steps(tmp_path):
     with pytest.raises(LowrankError, match="set distill.max_steps"):
         compress_checkpoint(hub / "model.safetensors", recipe, out=tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(LowrankError, match="the streamed training text holds fewer than one step of 1000 sequences"):
+        compress_checkpoint(hub / "model.safetensors", _stream_recipe(tmp_path, corpus, batch_size=1000), out=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()  # a new run that failed before its first checkpoint is removed
+
+
+def test_warmup_in_steps_or_in_epochs():
+    cfg = DistillConfig(warmup_epochs=2)
+    assert warmup_steps(cfg, 10, 100) == 20 and warmup_steps(cfg, None, 100) == 0  # a stream's epochs have no known length
+    steps = cfg.model_copy(update={"warmup_steps": 7})
+    assert warmup_steps(steps, 10, 100) == 7 and warmup_steps(steps, None, 100) == 7 and warmup_steps(steps, None, 5) == 4
 
 
 @pytest.mark.slow
