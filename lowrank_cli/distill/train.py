@@ -18,8 +18,8 @@ import contextlib
 import math
 import random
 import time
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
