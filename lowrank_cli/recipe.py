@@ -141,7 +141,8 @@ class DataConfig(_Strict):
     """Where training and validation images come from (`compress`, `distill`, `evaluate`).
 
     `source`: an image folder in timm's layout (`root/train/<class>/*`, `root/val/<class>/*`),
-    `digits` (scikit-learn's handwritten digits, resized) or `synthetic` (random, seeded).
+    `digits` (scikit-learn's handwritten digits, resized) or `synthetic` (random, seeded); for a text
+    model, a `.txt`/`.jsonl` file, a folder of them or `pydoc`, streamed when large (`streaming`).
     """
 
     source: str | None = None
@@ -149,6 +150,10 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=2, ge=0)
     skip_unreadable: bool = False  # an image folder's unreadable images: an error (default), or left out and counted
     synthetic_size: int = Field(default=256, ge=8)
+    # text read lazily (docs/algorithms.md §10): auto streams a file or folder of more than 256 MiB, true any file or folder, false none
+    streaming: Literal["auto"] | bool = "auto"
+    shuffle_window: int = Field(default=1024, ge=0)  # streamed text: sequences permuted within windows of this many (0 or 1: stream order)
+    val_documents: int = Field(default=1000, ge=1)  # streamed text: the held-out documents evaluated (the first ones)
 
 
 class PCLoRAConfig(_Strict):
@@ -207,6 +212,7 @@ class DistillConfig(_Strict):
     lr_base_scale: Literal["linear", "sqrt"] = "linear"
     min_lr: float = Field(default=1e-6, ge=0, le=10)
     warmup_epochs: float = Field(default=5, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0)  # the warm-up in optimizer steps instead (a streamed source's, whose epochs have no known length)
     weight_decay: float = Field(default=0.05, ge=0)
     clip_grad: float | None = Field(default=5.0, gt=0)
     amp: Literal["bf16", "fp16", "none"] = "bf16"

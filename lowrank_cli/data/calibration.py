@@ -9,7 +9,8 @@ import timm.data
 import torch
 
 from lowrank_cli.data.images import IMAGE_EXTENSIONS, ImageFiles, digits
-from lowrank_cli.data.text import load_text_data
+from lowrank_cli.data.stream import first_documents
+from lowrank_cli.data.text import Documents, load_text_data, stream_shards, streams, tokenize, tokenizer_of
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import ImageConfig
 
@@ -53,8 +54,16 @@ def _folder_images(root: Path, cfg: ImageConfig, n_samples: int, gen: torch.Gene
 def text_calibration_batches(source: str, folder: Path | None, max_length: int, n_samples: int = 256, batch_size: int = 32,
                              seed: int = 0) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """`n_samples` documents of the training part of a text source, tokenized by the checkpoint's tokenizer and
-    padded per batch (with their attention mask, so that Grams count real tokens only)."""
-    data = load_text_data(source, folder, max_length, seed)
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
-    items = [data.train[i] for i in order]
-    return [data.train.collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    padded per batch (with their attention mask, so that Grams count real tokens only): a seeded draw, or a
+    large (streamed) source's first `n_samples` training documents, read without the rest."""
+    if streams(source, "auto"):
+        tokenizer = tokenizer_of(folder)
+        shards, val_shards = stream_shards(source)
+        texts, labels = first_documents(shards, n_samples, None if val_shards is not None else (seed, 0.2), False)
+        train = tokenize(Documents(texts, labels), tokenizer, max_length)
+        order = list(range(len(train)))
+    else:
+        train = load_text_data(source, folder, max_length, seed).train
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    items = [train[i] for i in order]
+    return [train.collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]

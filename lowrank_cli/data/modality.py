@@ -19,7 +19,7 @@ from torch import nn
 
 from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
 from lowrank_cli.data.images import ImageData, load_image_data
-from lowrank_cli.data.text import TextData, load_text_data
+from lowrank_cli.data.text import StreamOptions, TextData, load_text_data
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import ModelFamily, model_classes
 from lowrank_cli.recipe import Recipe
@@ -59,7 +59,9 @@ class Text:
         limit = family.max_positions(model)
         if limit is not None and length > limit:
             raise LowrankError(f"data.max_length {length} is above the model's {limit} positions")
-        return load_text_data(recipe.data.source, folder, length, all_held_out=all_held_out)
+        d = recipe.data  # large text streams (`data.streaming`); a language model's is packed into full-length sequences
+        stream = StreamOptions(d.streaming, family.task(model).language_model, recipe.distill.seed, d.shuffle_window, d.val_documents)
+        return load_text_data(d.source, folder, length, all_held_out=all_held_out, stream=stream)
 
     def calibration(self, source, cfg, folder, n_samples, batch_size, max_length):
         return text_calibration_batches(source, folder, max_length or cfg.max_length, n_samples, batch_size)

@@ -7,6 +7,8 @@ and the split is stated in `TextData.split`; a file or folder given for evaluati
 (`all_held_out`) is held out whole (a folder with train/val parts still gives its val part). Documents are tokenized with the checkpoint's own
 tokenizer (read from its folder, never downloaded), truncated to `max_length` tokens and padded
 per batch.
+
+A large source (or any, with `data.streaming: true`) is streamed instead: `data/stream.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lowrank_cli.data.stream import STREAM_BYTES, Shards, TextStream, first_documents, pad_batch, source_bytes
 from lowrank_cli.errors import LowrankError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -39,10 +42,11 @@ class Documents:
 
 @dataclass
 class TextData:
-    """A train and a held-out split of tokenized documents; `split` says how they were made."""
+    """A train and a held-out split of tokenized documents; `split` says how they were made. A streamed source's
+    `train` is a `TextStream` (no length, read as it is trained on); its `val` is always in memory, bounded."""
 
     source: str
-    train: Dataset
+    train: Dataset | TextStream
     val: Dataset
     num_classes: int | None
     split: str
@@ -176,13 +180,7 @@ class TokenizedTexts(Dataset):
 
     def collate(self, items: list[tuple[dict[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Right-padded `input_ids` and their `attention_mask`, and the labels (-1 where there are none)."""
-        length = max(len(x["input_ids"]) for x, _ in items)
-        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(items), length, dtype=torch.long)
-        for row, (x, _) in enumerate(items):
-            ids[row, : len(x["input_ids"])] = x["input_ids"]
-            mask[row, : len(x["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask}, torch.tensor([label for _, label in items], dtype=torch.long)
+        return pad_batch([x["input_ids"] for x, _ in items], [label for _, label in items], self.pad_id)
 
 
 def tokenizer_of(folder: Path | None) -> Any:
@@ -214,17 +212,95 @@ def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a text source is streamed (recipe keys `data.streaming`, `data.shuffle_window`, `data.val_documents`).
+
+    `streaming`: "auto" streams a folder or file of more than `STREAM_BYTES` of text, True always
+    (a file or folder), False never. `pack`: a causal LM's documents are packed into full-length sequences.
+    """
+
+    streaming: bool | str = "auto"
+    pack: bool = False
+    seed: int = 0  # the shuffle's (distill.seed)
+    window: int = 1024
+    val_documents: int = 1000
+
+
+def streams(source: str, streaming: bool | str) -> bool:
+    """Whether `source` is streamed (see `StreamOptions`); `pydoc` never is (it ships in memory)."""
+    if streaming is False or source == BUILTIN or not Path(source).exists():
+        if streaming is True and source == BUILTIN:
+            raise LowrankError(f"data.streaming true: '{BUILTIN}' is held in memory, not streamed; give a .txt or .jsonl file or a folder of them, "
+                               "or set data.streaming to auto", param="data")
+        return False
+    if streaming is True:
+        return True
+    path = Path(source)
+    return source_bytes(_files(path) if path.is_dir() else [path]) > STREAM_BYTES
+
+
 def load_text_data(source: str | None, folder: Path | None, max_length: int, seed: int = 0, val_fraction: float = 0.2,
-                   all_held_out: bool = False) -> TextData:
-    """Tokenized train and held-out text from `source` for the checkpoint in `folder` (see the module docstring and `load_documents`)."""
+                   all_held_out: bool = False, stream: StreamOptions | None = None) -> TextData:
+    """Tokenized train and held-out text from `source` for the checkpoint in `folder` (see the module docstring and `load_documents`);
+    streamed (`TextData.train` a `TextStream`) when `stream` says so."""
     if source is None:
         raise LowrankError(f"no data: give a .txt or .jsonl file, a folder of them, or '{BUILTIN}' (argument `data`, recipe key data.source)", param="data")
     if source in ("digits", "synthetic"):
         raise LowrankError(f"data '{source}' is images, and this is a text model; give a .txt or .jsonl file, a folder of them, or '{BUILTIN}'", param="data")
     if Path(source).is_dir() and any(p.suffix.lower() in (".png", ".jpg", ".jpeg") for p in Path(source).rglob("*")):
         raise LowrankError(f"data '{source}' is a folder of images, and this is a text model; give text (.txt, .jsonl) or '{BUILTIN}'", param="data")
+    stream = stream or StreamOptions()
+    if streams(source, stream.streaming):
+        return stream_text_data(source, tokenizer_of(folder), max_length, seed, val_fraction, all_held_out, stream)
     train, val, split = load_documents(source, seed, val_fraction, all_held_out)
     tokenizer = tokenizer_of(folder)
     labels = (train.labels or []) + (val.labels or [])
     return TextData(source, tokenize(train, tokenizer, max_length), tokenize(val, tokenizer, max_length),
                     max(labels) + 1 if labels else None, split)
+
+
+def stream_shards(source: str) -> tuple[Shards, Shards | None]:
+    """The shards of a streamed source: (all of them, None), or a folder's (train part, val part)."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in TEXT_SUFFIXES:
+            raise LowrankError(f"text data '{source}': expected a .txt or .jsonl file (or a folder of them, or '{BUILTIN}')", param="data")
+        return Shards([path], path), None
+    files = _files(path)
+    if not files:
+        raise LowrankError(f"text data '{source}': the folder holds no .txt or .jsonl files", param="data")
+    train = [f for f in files if f.stem == "train" or f.parent.name == "train"]
+    val = [f for f in files if f.stem in VAL_NAMES or f.parent.name in VAL_NAMES]
+    if train and val:
+        return Shards(train, path), Shards(val, path)
+    return Shards(files, path), None
+
+
+def stream_text_data(source: str, tokenizer: Any, max_length: int, seed: int, val_fraction: float, all_held_out: bool,
+                     opts: StreamOptions) -> TextData:
+    """A streamed source (`data/stream.py`): the training part as a `TextStream`, the held-out part the first
+    `opts.val_documents` held-out documents, in memory, tokenized as in-memory text is."""
+    shards, val_shards = stream_shards(source)
+    n = opts.val_documents
+    if all_held_out and val_shards is None:  # evaluate: nothing to train on; the first documents are held out
+        texts, labels = first_documents(shards, n, None, True)
+        split = f"{source}: its first {len(texts)} documents (streamed; no split: given for evaluation)"
+        train = None
+    elif val_shards is not None:
+        texts, labels = first_documents(val_shards, n, None, True)
+        split = f"its train part ({len(shards.files)} files, streamed) and the first {len(texts)} documents of its val part"
+        train = TextStream(shards, tokenizer, max_length, opts.pack, None, opts.seed, opts.window)
+    else:
+        holdout = (seed, val_fraction)
+        texts, labels = first_documents(shards, n, holdout, True)
+        if not texts:
+            raise LowrankError(f"text data '{source}': no document is held out (a fraction {val_fraction} by a hash seeded with {seed}); "
+                               "give more documents", param="data")
+        split = (f"{len(shards.files)} files, streamed: a document is held out when its seeded hash (seed {seed}) falls below {val_fraction}; "
+                 f"the first {len(texts)} held-out documents are evaluated")
+        train = TextStream(shards, tokenizer, max_length, opts.pack, holdout, opts.seed, opts.window)
+    val = tokenize(Documents(texts, labels), tokenizer, max_length)
+    if train is None:
+        train = TokenizedTexts([], None if labels is None else [], val.pad_id)
+    return TextData(source, train, val, max(labels) + 1 if labels else None, split)

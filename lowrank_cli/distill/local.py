@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from lowrank_cli.data.stream import TextStream
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.blocks import BlockCall, BlockRunner
 from lowrank_cli.models.family import Inputs, ModelFamily, inputs_to
@@ -53,7 +54,10 @@ class _Batch:
 
 
 def local_batches(dataset: Dataset, cfg: LocalConfig, seed: int) -> list[Inputs]:
-    """`cfg.examples` training examples (a seeded draw) in batches of `cfg.batch_size`, as the model takes them."""
+    """`cfg.examples` training examples (a seeded draw; a stream's first ones) in batches of `cfg.batch_size`, as the model takes them."""
+    if isinstance(dataset, TextStream):
+        items = dataset.head(cfg.examples)
+        return [dataset.collate(items[i:i + cfg.batch_size])[0] for i in range(0, len(items), cfg.batch_size)]
     n = min(cfg.examples, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919))[:n].tolist()
     collate = getattr(dataset, "collate", default_collate)

@@ -7,7 +7,9 @@ non-blocking copies. Loss terms stay on the device and are read only at log step
 loop never waits on the device between them.
 
 The data order is a function of (seed, epoch, batch) and the RNG state is saved with each
-checkpoint, so a resumed run on CPU reproduces an uninterrupted one.
+checkpoint, so a resumed run on CPU reproduces an uninterrupted one. Streamed text
+(`data/stream.py`) has no length: a run on it lasts `distill.max_steps`, passing over the stream as
+often as that takes (`distill.epochs` does not apply), and its position in the stream is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from itertools import islice
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_cli.data.loaders import EpochSampler, train_loader
+from lowrank_cli.data.stream import StreamState, TextStream
 from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import Position, TrainingState
@@ -65,14 +69,26 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> flo
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def total_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> int:
-    """Optimizer steps of a run on `n_images` training images (what `train` will take), ≥ 0."""
+def train_examples(dataset) -> int | None:
+    """How many training examples `dataset` holds; None for a stream (not known before it is read)."""
+    return None if isinstance(dataset, TextStream) else len(dataset)
+
+
+def total_steps(n_images: int | None, cfg: DistillConfig, world: int = 1) -> int:
+    """Optimizer steps of a run on `n_images` training images (what `train` will take), ≥ 0; a stream's (None): `cfg.max_steps`."""
+    if n_images is None:
+        return cfg.max_steps or 0
     per_epoch = ((n_images // world) // cfg.batch_size) // cfg.accum_steps
     return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
 
 
-def check_steps(n_images: int, cfg: DistillConfig, world: int = 1) -> None:
-    """A LowrankError unless `n_images` make at least one optimizer step (checked before a run writes anything)."""
+def check_steps(n_images: int | None, cfg: DistillConfig, world: int = 1) -> None:
+    """A LowrankError unless `n_images` make at least one optimizer step (checked before a run writes anything); a
+    stream (None) needs `distill.max_steps`, its length being unknown (a stream too short for one step is found when read)."""
+    if n_images is None:
+        if cfg.max_steps is None:
+            raise LowrankError("streamed text data has no length known in advance: set distill.max_steps (and distill.warmup_steps for a warm-up)")
+        return
     if ((n_images // world) // cfg.batch_size) // cfg.accum_steps == 0:
         global_batch = cfg.batch_size * world * cfg.accum_steps
         raise LowrankError(f"the training split has {n_images} examples, fewer than one step of {global_batch} (distill.batch_size × processes × distill.accum_steps)")
@@ -180,6 +196,37 @@ def without_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def warmup_steps(cfg: DistillConfig, steps_per_epoch: int | None, total: int) -> int:
+    """`cfg.warmup_steps` when given, else `warmup_epochs` epochs (none for a stream, whose epoch length is unknown); below `total`."""
+    steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+    return max(0, min(steps, total - 1))
+
+
+StreamStep = tuple[list[tuple[Inputs, torch.Tensor]], StreamState, bool]
+
+
+def stream_steps(stream: TextStream, pos: Position, cfg: DistillConfig, env: DistEnv) -> Iterator[StreamStep]:
+    """The optimizer steps left in `pos.epoch` of a stream: (`accum_steps` micro-batches, the stream's state after them,
+    whether it is the epoch's last whole step). One step is read ahead, to know the last."""
+    batches = stream.batches(pos.epoch, StreamState.from_dict(pos.stream), cfg.batch_size, env.rank, env.world)
+
+    def step() -> StreamStep | None:
+        group = list(islice(batches, cfg.accum_steps))
+        return ([b for b, _ in group], group[-1][1], False) if len(group) == cfg.accum_steps else None
+
+    current = step()
+    while current is not None:
+        following = step()
+        yield current[0], current[1], following is None
+        current = following
+
+
+def _too_short(cfg: DistillConfig, env: DistEnv) -> LowrankError:
+    """A stream whose epoch holds not one whole step (else the loop would pass over it forever)."""
+    return LowrankError(f"the streamed training text holds fewer than one step of {cfg.batch_size * env.world * cfg.accum_steps} sequences "
+                        "(distill.batch_size × processes × distill.accum_steps); give more text or lower distill.batch_size")
+
+
 def _all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
@@ -233,12 +280,13 @@ def train(
     if not cfg.dropout:
         without_dropout(student)
 
-    sampler = EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
-    steps_per_epoch = sampler.batches // cfg.accum_steps
+    stream = isinstance(dataset, TextStream)
+    sampler = None if stream else EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
+    steps_per_epoch = None if stream else sampler.batches // cfg.accum_steps
     global_batch = cfg.batch_size * env.world * cfg.accum_steps
-    check_steps(len(dataset), cfg, env.world)
-    total = total_steps(len(dataset), cfg, env.world)
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    check_steps(train_examples(dataset), cfg, env.world)
+    total = total_steps(train_examples(dataset), cfg, env.world)
+    warmup = warmup_steps(cfg, steps_per_epoch, total)
     peak = learning_rate(cfg, global_batch)
     optimizer = create_optimizer(student, cfg, peak)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
@@ -249,7 +297,7 @@ def train(
             scaler.load_state_dict(resume.scaler)
         pos = Position(**vars(resume.position))
         set_rng_state(resume.rng, device)
-        if pos.batch and pos.batch + cfg.accum_steps > sampler.batches:  # resumed on more processes: this epoch's rest is shorter than a step
+        if not stream and pos.batch and pos.batch + cfg.accum_steps > sampler.batches:  # resumed on more processes: this epoch's rest is shorter than a step
             pos.epoch, pos.batch = pos.epoch + 1, 0
     scheduled = schedule(pos.step) if schedule is not None else {}
     untrained: list[str] | None = None
@@ -258,8 +306,14 @@ def train(
         # DDP waits for a gradient of every parameter it reduces: find those no gradient reaches (an unused
         # pooler, a head the loss never reads) on the first batch, and freeze them before wrapping. The
         # optimizer was built with them (they stay in its state, never stepped), so a resume at any world size loads it.
-        sampler.set_epoch(pos.epoch, pos.batch)
-        inputs, labels = next(iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda)))
+        if stream:
+            got = next(stream_steps(dataset, pos, cfg, env), None)
+            if got is None:
+                raise _too_short(cfg, env)
+            inputs, labels = got[0][0]
+        else:
+            sampler.set_epoch(pos.epoch, pos.batch)
+            inputs, labels = next(iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda)))
         untrained, varies = probe_unused(student, objective, inputs_to(inputs, device), labels.to(device), env, cfg.amp)
         named = dict(student.named_parameters())
         for name in untrained:
@@ -274,9 +328,21 @@ def train(
     t_start = t_log = time.perf_counter()
     images_seen, images_since_log, last_terms = 0, 0, {}
     while pos.step < total:
-        sampler.set_epoch(pos.epoch, pos.batch)
-        batches = iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda))
-        while pos.step < total and pos.batch + cfg.accum_steps <= sampler.batches:
+        if stream:
+            steps = stream_steps(dataset, pos, cfg, env)
+        else:
+            sampler.set_epoch(pos.epoch, pos.batch)
+            batches = iter(train_loader(dataset, sampler, num_workers, pin_memory=cuda))
+        while pos.step < total and (stream or pos.batch + cfg.accum_steps <= sampler.batches):
+            if stream:
+                got = next(steps, None)
+                if got is None and pos.stream is None:
+                    raise _too_short(cfg, env)
+                if got is None:  # resumed on more processes where this epoch's rest is shorter than a step
+                    pos.epoch, pos.batch, pos.stream = pos.epoch + 1, 0, None
+                    break
+                micro_batches, stream_after, last = got
+                batches, stream_before = iter(micro_batches), pos.stream
             lr = lr_at(pos.step, total, warmup, peak, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -294,6 +360,8 @@ def train(
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0) + v.float() / cfg.accum_steps
             pos.batch += cfg.accum_steps
+            if stream:
+                pos.stream = stream_after.to_dict()
             if not check_every_step:
                 bad_losses += ~torch.isfinite(loss_sum)
             is_log = (pos.step + 1) % cfg.log_every == 0 or pos.step + 1 == total
@@ -304,6 +372,8 @@ def train(
                     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
                 if bad.item():
                     pos.batch -= cfg.accum_steps  # this step did not happen
+                    if stream:
+                        pos.stream = stream_before
                     saved = checkpoint(pos, optimizer, scaler) if checkpoint is not None and _all_finite(trainable) else None
                     where = f"; saved the weights before this step to {saved}" if saved else ""
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
@@ -324,8 +394,8 @@ def train(
             scheduled = schedule(pos.step) if schedule is not None else {}
             images_seen += global_batch
             images_since_log += global_batch
-            if pos.batch + cfg.accum_steps > sampler.batches:  # the epoch is done
-                pos.epoch, pos.batch = pos.epoch + 1, 0
+            if (last if stream else pos.batch + cfg.accum_steps > sampler.batches):  # the epoch is done
+                pos.epoch, pos.batch, pos.stream = pos.epoch + 1, 0, None
 
             if is_log:
                 now = time.perf_counter()

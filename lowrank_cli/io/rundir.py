@@ -59,11 +59,13 @@ RESUMABLE_CHANGES = {("distill", "epochs"), ("distill", "max_steps"), ("distill"
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done, and micro-batches consumed in `epoch`."""
+    """Where training stands: optimizer steps done, and micro-batches consumed in `epoch`; for streamed text, also
+    where the stream stands in `epoch` (`data.stream.StreamState` as a dict of JSON scalars; None at an epoch's start)."""
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    stream: dict[str, Any] | None = None
 
 
 @dataclass

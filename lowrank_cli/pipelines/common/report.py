@@ -8,7 +8,7 @@ from torch import nn
 
 from lowrank_cli.data.modality import split_record
 from lowrank_cli.distill.evaluate import Evaluation
-from lowrank_cli.distill.train import TrainResult
+from lowrank_cli.distill.train import TrainResult, train_examples
 from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.nn.pclora import decay_lambda
@@ -60,7 +60,7 @@ def run_report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evalua
         "method": p.recipe.distill.method,
         **({"local": p.info["local"]} if "local" in p.info else {}),
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),
-        "data": {"source": p.data.source, "train": len(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
+        "data": {"source": p.data.source, "train": train_examples(p.data.train), "val": len(p.data.val), "skipped_unreadable": len(p.data.skipped),
                  "skipped_first": p.data.skipped[:5], **split_record(p.data)},
         **({"allocation": p.info["allocation"]} if "allocation" in p.info else {}),
         "world_size": p.env.world,

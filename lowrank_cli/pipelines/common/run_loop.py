@@ -21,7 +21,7 @@ from lowrank_cli.distill.distributed import all_gather_strings, barrier
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.local import local_batches, local_distill
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
-from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train
+from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train, train_examples
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.io.atomic import write_json
@@ -58,7 +58,7 @@ def decay_steps(p: PreparedRun) -> int:
     A resumed run keeps the q it started with (run.json), whatever the number of epochs says now.
     """
     cfg = p.recipe.distill
-    total = total_steps(len(p.data.train), cfg, p.env.world)
+    total = total_steps(train_examples(p.data.train), cfg, p.env.world)
     if p.resume_from is not None:
         q = int(p.run.run_info().get("pclora", {}).get("decay_steps", 0))
         if q > total:
@@ -89,7 +89,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     env, run, cfg, family = p.env, p.run, p.recipe.distill, p.family
     note = note if (note is not None and env.is_main) else (lambda _msg: None)
     device = env.device
-    check_steps(len(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
+    check_steps(train_examples(p.data.train), cfg, env.world)  # before run.create: no half-written run on this error
     torch.manual_seed(cfg.seed)  # the same start on every process and in every resumed run
     teacher = freeze(p.teacher).to(device)
     pclora = cfg.method == "pclora"
@@ -166,7 +166,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                 log(record)
 
     if resume is None and cfg.local is not None:
-        note(f"local distillation: {cfg.local.steps} steps per block on {min(cfg.local.examples, len(p.data.train))} training examples")
+        n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
+        note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
 
         done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
 
@@ -185,7 +186,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     if resume is None and (cfg.eval_every or cfg.local is not None):
         point(0, "local" if cfg.local is not None else "start")
 
-    last_step = total_steps(len(p.data.train), cfg, env.world)
+    last_step = total_steps(train_examples(p.data.train), cfg, env.world)
 
     def every(pos: Position) -> None:
         if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last_step:  # the final evaluation follows the last
