@@ -15,6 +15,11 @@ from lowrank_cli.distill.losses import BlockOutputs, mean_pool, next_token_nll
 from lowrank_cli.models.family import ModelFamily, inputs_to
 from lowrank_cli.models.tasks import Task, get_task
 
+# The most output values (logits or features) one forward may produce in evaluation: 64 M, 256 MB in fp32. A causal
+# LM's logits are tokens × vocabulary per example (256 × 49 152 = 12.6 M for a small Llama), so a batch of 256 such
+# examples would need 13 GB for each of the student's and the teacher's; batches are cut into sub-batches to stay under.
+EVAL_OUTPUT_ELEMENTS = 1 << 26
+
 
 @dataclass
 class Evaluation:
@@ -62,6 +67,7 @@ def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: to
     metric = (get_task(task) if task is not None else family.task(model)).metric
     was_training = model.training
     model.eval().to(device)
+    width = _output_width(model, family, dataset, device)  # before the block hooks, which expect one forward per batch
     hooks = None
     same = teacher is model  # the teacher's own reference figures: one forward, compared with itself
     if teacher is not None:
@@ -73,7 +79,7 @@ def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: to
     classes = None
     student_emb, teacher_emb = [], []
     try:
-        for inputs, labels in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        for inputs, labels in _bounded(eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"), width):
             inputs, labels = inputs_to(inputs, device, non_blocking=True), labels.to(device, non_blocking=True)
             mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
             logits = family.forward(model, inputs)
@@ -109,6 +115,30 @@ def evaluate(model: nn.Module, dataset: Dataset, family: ModelFamily, device: to
     elif student_emb:
         out.mean_cosine, out.min_cosine, out.neighbour_agreement = embedding_agreement(torch.cat(student_emb), torch.cat(teacher_emb))
     return out
+
+
+def _tokens(inputs) -> int:
+    """Positions per example: a text batch's sequence length, 1 for anything else (an image's outputs count as one)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    return int(ids.shape[-1]) if ids is not None and ids.dim() == 2 else 1
+
+
+def _output_width(model: nn.Module, family: ModelFamily, dataset: Dataset, device: torch.device) -> int:
+    """Output values per example and position (a causal LM: its vocabulary), from one forward of one example."""
+    if len(dataset) == 0:
+        return 1
+    inputs, _ = next(iter(eval_loader(dataset, 1, 0, pin_memory=False)))
+    out = family.forward(model, inputs_to(inputs, device))
+    return max(1, out.numel() // _tokens(inputs))
+
+
+def _bounded(batches, width: int):
+    """The loader's batches, each cut into sub-batches whose outputs hold at most `EVAL_OUTPUT_ELEMENTS` values."""
+    for inputs, labels in batches:
+        rows = max(1, EVAL_OUTPUT_ELEMENTS // (width * _tokens(inputs)))
+        for i in range(0, len(labels), rows):
+            sub = {k: v[i:i + rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + rows]
+            yield sub, labels[i:i + rows]
 
 
 def _token_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
