@@ -15,21 +15,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
+from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed, source_keys
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files, write_config
-from lowrank_cli.io.manifest import Manifest, save_factorized
-from lowrank_cli.io.safetensors import open_tensors, read_header, sha256_file
+from lowrank_cli.io.manifest import Manifest, finish_factorized, save_factorized, tied_once
+from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header, read_tensors, sha256_file, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.family import TextConfig
+from lowrank_cli.models.build import hub_config
+from lowrank_cli.models.family import ModelFamily, TextConfig, get_family
+from lowrank_cli.models.skeleton import build_skeleton, zero_weights
 from lowrank_cli.pipelines.common import output_beside
 from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, example_at, header_params, plan_weight_only, text_length
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_embeddings, plan_layers
+from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_embeddings, plan_layers, saved_params
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -74,18 +79,29 @@ def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str,
 
 
 def write_factorized(out: Path, tensors: dict, manifest: Manifest, as_folder: bool, folder: Path | None, built, *, force: bool,
-                     inputs: tuple) -> Manifest:
-    """The factorized checkpoint: one file, or a Hub folder (its `model.safetensors`, config and tokenizer files)."""
+                     inputs: tuple, max_bytes: int) -> Manifest:
+    """The factorized checkpoint: one file, or a Hub folder (its weights in shards of at most `max_bytes`, config and
+    tokenizer files)."""
     if not as_folder:
         return save_factorized(out, tensors, manifest, force=force, inputs=inputs)
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
-        written = save_factorized(tmp / "model.safetensors", tensors, manifest)
-        if built is not None and built.family.name == "transformers":
-            write_config(tmp, {**built.model_kwargs, "architectures": [built.architecture]})
-        elif (folder / "config.json").is_file():
-            shutil.copyfile(folder / "config.json", tmp / "config.json")
-        copy_side_files(folder, tmp)
+        with shard_writer(tmp, max_bytes) as writer:
+            for key, value in tied_once(tensors).items():
+                writer.add(key, value)
+            written = finish_factorized(writer, manifest)
+        write_folder_files(tmp, folder, built.family.name if built is not None else None, built.model_kwargs if built is not None else {},
+                           built.architecture if built is not None else None)
     return written
+
+
+def write_folder_files(tmp: Path, folder: Path | None, family: str | None, model_kwargs: dict[str, Any], arch: str | None) -> None:
+    """A factorized Hub folder's files besides its weights: a transformers model's config (the whole config, with its
+    class), else the input's config.json as it is; the tokenizer and usage files."""
+    if family == "transformers":
+        write_config(tmp, {**model_kwargs, "architectures": [arch]})
+    elif folder is not None and (folder / "config.json").is_file():
+        shutil.copyfile(folder / "config.json", tmp / "config.json")
+    copy_side_files(folder, tmp)
 
 
 def calibration_for(source: str, family, model, folder: Path | None, n_samples: int, batch_size: int, max_length: int | None):
@@ -104,6 +120,49 @@ def planned_count(model, family, recipe: Recipe) -> int:
     return n
 
 
+@dataclass
+class Streamable:
+    """A checkpoint that streamed factorization takes: its skeleton model, and the checkpoint's name for each saved tensor."""
+
+    model: Any
+    family: ModelFamily
+    architecture: str
+    model_kwargs: dict[str, Any]
+    sources: dict[str, str]
+    source: str = "config.json"  # where the architecture came from: the folder's config, or given
+
+
+_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def streamable(header: CheckpointHeader, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> Streamable | None:
+    """The skeleton of a transformers Hub folder that plain SVD can factorize one tensor at a time, or None where the
+    in-memory path must run: another family or method, a rank decided across layers (budget, sensitivity), latency-aware
+    selection; or tensors transformers' own loader would change (another dtype than the one it loads in, keys it renames,
+    drops or must fill in, layers it keeps in fp32)."""
+    f = recipe.factorize
+    if f.method != "svd" or f.allocation != "uniform" or f.rank_rule == "budget" or recipe.select.latency_aware:
+        return None
+    cfg = hub_config(header)
+    if cfg is None or "model_type" not in cfg:
+        return None
+    family = get_family("transformers")
+    given = arch is not None
+    arch = arch or family.architecture_for(cfg)
+    kwargs = {**cfg, **model_kwargs}
+    stored = {_STORED.get(t.dtype) for t in header.tensors.values() if t.dtype in _STORED}
+    named = kwargs.get("dtype") or kwargs.get("torch_dtype")  # what from_pretrained loads in ("auto")
+    if len(stored) != 1 or (isinstance(named, str) and getattr(torch, named, None) not in stored):
+        return None
+    model = build_skeleton(family, arch, family.complete_kwargs(arch, header, kwargs))
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return None
+    sources, missing, unexpected = source_keys(model, header.tensors)
+    if missing or unexpected:
+        return None
+    return Streamable(model, family, arch, family.recorded_kwargs(model, kwargs), sources, "given" if given else "config.json")
+
+
 def factorize_checkpoint(
     path: str | os.PathLike | None,
     recipe: Recipe,
@@ -117,6 +176,7 @@ def factorize_checkpoint(
     layer_timer: LayerTimer | None = None,
     seq_len: int | None = None,
     device: str | None = "auto",
+    max_shard_size: int | str | None = None,
 ) -> FactorizeResult:
     """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`; for a
     Hub folder, the folder `<folder>.lowrank` with its config and tokenizer files, unless `out` names a .safetensors file).
@@ -125,8 +185,14 @@ def factorize_checkpoint(
     `synthetic`) and `calib_samples` override the recipe's calibration settings, which
     `factorize.method: whitened | asvd` needs. With `select.latency_aware`, layers not faster
     factorized (timed by `layer_timer`) stay dense; the manifest records the timings. The SVDs run
-    on `device` (`auto`: the GPU when there is one).
+    on `device` (`auto`: the GPU when there is one). A folder's weights are written in shards of at most `max_shard_size`
+    (bytes, or `"500MB"`; default `"5GB"`), with their index when there are several.
+
+    A transformers Hub folder factorized by plain SVD is streamed (`factorize.stream`): the model is built without its
+    weights, and each tensor is read from the checkpoint's files, factorized and written to the output's shards in turn,
+    so that memory holds one weight and its SVD, never the model. The output is the in-memory path's, tensor for tensor.
     """
+    max_bytes = shard_bytes(max_shard_size)
     svd_dev = resolve_device(device)
     recipe = with_calibration(recipe, calib_data, calib_samples).with_calibration_default()
     method = recipe.factorize.method
@@ -143,9 +209,13 @@ def factorize_checkpoint(
     else:
         out = output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch or recipe.model}.lowrank.safetensors")
     inputs = (path,) if path is not None else ()
+    if max_shard_size is not None and not as_folder:
+        raise LowrankError(f"max_shard_size applies to a Hub folder's output folder, not to the file {out}", param="max_shard_size")
     # before the (long) SVDs; again atomically at the write
     (check_output_folder if as_folder else check_output)(out, force=force, inputs=inputs)
     check_calibration(recipe)
+    if as_folder and (stream := streamable(header, arch, kwargs, recipe)) is not None:
+        return _factorize_streamed(stream, path, header, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
     if built is None:  # weight-only: from the file alone
@@ -154,7 +224,7 @@ def factorize_checkpoint(
             todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None, svd_dev)
         manifest = build_manifest(None, None, {}, plans, recipe, path)
-        manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs)
+        manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs, max_bytes=max_bytes)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc,
                           notes=[f"weight-only: {why}"])
@@ -173,11 +243,34 @@ def factorize_checkpoint(
                              latency=latency, rows=macs.linear_rows, device=svd_dev)
     timings = latency.to_dict() if latency is not None else None
     manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings, result.allocation)
-    manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs)
+    manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs,
+                                max_bytes=max_bytes)
     insp = Inspection(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
         allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
         architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=text_length(family, model, seq_len),
+    )
+    return FactorizeResult(out, insp, manifest)
+
+
+def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, recipe: Recipe, out: Path, force: bool, inputs: tuple,
+                        progress, seq_len: int | None, device, max_bytes: int) -> FactorizeResult:
+    """Plain SVD of a Hub folder, one tensor at a time from its files to the output's shards (see `factorize_checkpoint`)."""
+    model, family, arch = stream.model, stream.family, stream.architecture
+    before = count_params(model)
+    macs = count_macs(zero_weights(model), example_at(family, model, seq_len), family.forward)  # weights of no memory
+    todo = sum(p.factorized for p in plan_streamed(model, recipe, family))
+    with atomic_folder(out, force=force, inputs=inputs) as tmp:
+        with read_tensors(header) as reader, shard_writer(tmp, max_bytes) as writer:
+            result = factorize_streamed(model, recipe, reader.get_tensor, stream.sources, writer.add, family=family,
+                                        progress=progress(todo) if progress else None, device=device)
+            manifest = build_manifest(arch, family.name, stream.model_kwargs, result.plans, recipe, path)
+            manifest = finish_factorized(writer, manifest)
+        write_folder_files(tmp, header.folder, family.name, stream.model_kwargs, arch)
+    insp = Inspection(
+        str(path), result.plans, before, before - saved_params(result.plans), architecture=arch, model_kwargs=stream.model_kwargs,
+        macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
+        architecture_source=stream.source, seq_len=text_length(family, model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)

@@ -1,0 +1,58 @@
+"""A model's skeleton: its modules, shapes and ties without its weights, for work that reads the weights one at a time.
+
+Streamed factorization plans, names and counts from the skeleton and reads each weight from the
+checkpoint only when it factorizes or copies it, so that the model is never whole in memory.
+Parameters live on the meta device (no memory, no initialization); buffers stay real, since a
+model computes some of them at construction (rotary frequencies) and never stores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lowrank_cli.models.family import ModelFamily
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (their buffers as usual).
+
+    A parameter is created on the CPU before it is registered, but its memory is never touched
+    (the initialization that would touch it runs on the meta copy), so it is never resident.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_skeleton(family: ModelFamily, architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`family.create(architecture, kwargs)` with its parameters on the meta device, in eval mode."""
+    with parameters_on_meta():
+        return family.create(architecture, kwargs).eval()
+
+
+def zero_weights(model: nn.Module) -> nn.Module:
+    """Give every meta parameter a zero of its shape and dtype that takes no memory (one element, expanded), tied
+    parameters staying tied: a model that runs a forward pass at the cost of its activations (MAC counting)."""
+    zeros: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            if id(param) not in zeros:
+                zeros[id(param)] = nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+            module._parameters[name] = zeros[id(param)]
+    return model
