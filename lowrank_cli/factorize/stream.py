@@ -11,7 +11,7 @@ then its state dict with tied tensors once) writes for plain SVD: same names, sa
 
 from __future__ import annotations
 
-from typing import Callable, Collection
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,34 +19,12 @@ from torch import nn
 from lowrank_cli.decompose.svd import svd, svd_device, truncated_factors
 from lowrank_cli.factorize.model import Factorization
 from lowrank_cli.models.family import ModelFamily
+from lowrank_cli.models.skeleton import state_names
 from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, rule_of, set_rank
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
 Write = Callable[[str, torch.Tensor], None]
-
-
-def state_names(model: nn.Module) -> list[list[str]]:
-    """The model's state dict as it is saved: one entry per tensor, tied tensors once, each with all its names (the
-    first the one it is saved under, as `io.manifest.tied_once` keeps it)."""
-    groups: dict[int, list[str]] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(value), []).append(key)
-    return list(groups.values())
-
-
-def source_keys(model: nn.Module, present: Collection[str]) -> tuple[dict[str, str], list[str], list[str]]:
-    """(saved name -> the checkpoint's name for it, the missing names, the checkpoint's names the model does not have):
-    a tied tensor may be stored under any of its names."""
-    found, missing, known = {}, [], set()
-    for names in state_names(model):
-        known.update(names)
-        source = next((n for n in names if n in present), None)
-        if source is None:
-            missing.append(names[0])
-        else:
-            found[names[0]] = source
-    return found, missing, [k for k in present if k not in known]
 
 
 def plan_streamed(model: nn.Module, recipe: Recipe, family: ModelFamily) -> list[LayerPlan]:
@@ -69,7 +47,7 @@ def factorize_streamed(
     device: torch.device | str | None = None,
 ) -> Factorization:
     """Plain truncated SVD of every planned layer of the skeleton `model`, streamed: each tensor of its state dict is read by
-    `get(sources[name])` (`source_keys`) and what replaces it handed to `write(name, tensor)`, in the state dict's order.
+    `get(sources[name])` (`models.skeleton.source_keys`) and what replaces it handed to `write(name, tensor)`, in the state dict's order.
 
     A factorized linear's `<layer>.weight` becomes `<layer>.down.weight` and `<layer>.up.weight` and its bias
     `<layer>.up.bias` (`LowRankLinear`); an embedding table becomes `<table>.lookup.weight` and `<table>.proj.weight`

@@ -9,7 +9,7 @@ model computes some of them at construction (rotary frequencies) and never store
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 from torch import nn
@@ -56,3 +56,26 @@ def zero_weights(model: nn.Module) -> nn.Module:
                 zeros[id(param)] = nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
             module._parameters[name] = zeros[id(param)]
     return model
+
+
+def state_names(model: nn.Module) -> list[list[str]]:
+    """The model's state dict as it is saved: one entry per tensor, tied tensors once, each with all its names (the
+    first the one it is saved under, as `io.manifest.tied_once` keeps it)."""
+    groups: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(value), []).append(key)
+    return list(groups.values())
+
+
+def source_keys(model: nn.Module, present: Collection[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(saved name -> the checkpoint's name for it, the missing names, the checkpoint's names the model does not have):
+    a tied tensor may be stored under any of its names."""
+    found, missing, known = {}, [], set()
+    for names in state_names(model):
+        known.update(names)
+        source = next((n for n in names if n in present), None)
+        if source is None:
+            missing.append(names[0])
+        else:
+            found[names[0]] = source
+    return found, missing, [k for k in present if k not in known]

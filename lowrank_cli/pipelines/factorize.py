@@ -15,24 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from lowrank_cli.data.calibration import calibration_batches, text_calibration_batches
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
-from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed, source_keys
+from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files, write_config
 from lowrank_cli.io.manifest import Manifest, finish_factorized, save_factorized, tied_once
 from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header, read_tensors, sha256_file, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import hub_config
-from lowrank_cli.models.family import ModelFamily, TextConfig, get_family
-from lowrank_cli.models.skeleton import build_skeleton, zero_weights
+from lowrank_cli.models.build import Built
+from lowrank_cli.models.family import TextConfig
+from lowrank_cli.models.skeleton import zero_weights
 from lowrank_cli.pipelines.common import output_beside
-from lowrank_cli.pipelines.inspect import Inspection, build_or_weight_only, check_calibration, example_at, header_params, plan_weight_only, text_length
+from lowrank_cli.pipelines.inspect import (Inspection, build_or_weight_only, check_calibration, example_at, header_params, hub_skeleton,
+                                           plan_weight_only, text_length)
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import LayerPlan, manifest_layers, plan_embeddings, plan_layers, saved_params
 from lowrank_cli.recipe import Recipe
@@ -122,45 +121,22 @@ def planned_count(model, family, recipe: Recipe) -> int:
 
 @dataclass
 class Streamable:
-    """A checkpoint that streamed factorization takes: its skeleton model, and the checkpoint's name for each saved tensor."""
+    """A checkpoint that streamed factorization takes: its skeleton model (`Built` without weights), and the checkpoint's
+    name for each saved tensor."""
 
-    model: Any
-    family: ModelFamily
-    architecture: str
-    model_kwargs: dict[str, Any]
+    built: Built
     sources: dict[str, str]
-    source: str = "config.json"  # where the architecture came from: the folder's config, or given
-
-
-_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def streamable(header: CheckpointHeader, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> Streamable | None:
-    """The skeleton of a transformers Hub folder that plain SVD can factorize one tensor at a time, or None where the
-    in-memory path must run: another family or method, a rank decided across layers (budget, sensitivity), latency-aware
-    selection; or tensors transformers' own loader would change (another dtype than the one it loads in, keys it renames,
-    drops or must fill in, layers it keeps in fp32)."""
+    """The skeleton of a transformers Hub folder that plain SVD can factorize one tensor at a time (`inspect.hub_skeleton`),
+    or None where the in-memory path must run: another family or method, a rank decided across layers (budget,
+    sensitivity), latency-aware selection, or tensors transformers' own loader would change."""
     f = recipe.factorize
     if f.method != "svd" or f.allocation != "uniform" or f.rank_rule == "budget" or recipe.select.latency_aware:
         return None
-    cfg = hub_config(header)
-    if cfg is None or "model_type" not in cfg:
-        return None
-    family = get_family("transformers")
-    given = arch is not None
-    arch = arch or family.architecture_for(cfg)
-    kwargs = {**cfg, **model_kwargs}
-    stored = {_STORED.get(t.dtype) for t in header.tensors.values() if t.dtype in _STORED}
-    named = kwargs.get("dtype") or kwargs.get("torch_dtype")  # what from_pretrained loads in ("auto")
-    if len(stored) != 1 or (isinstance(named, str) and getattr(torch, named, None) not in stored):
-        return None
-    model = build_skeleton(family, arch, family.complete_kwargs(arch, header, kwargs))
-    if getattr(model, "_keep_in_fp32_modules", None):
-        return None
-    sources, missing, unexpected = source_keys(model, header.tensors)
-    if missing or unexpected:
-        return None
-    return Streamable(model, family, arch, family.recorded_kwargs(model, kwargs), sources, "given" if given else "config.json")
+    found = hub_skeleton(header, arch, model_kwargs)
+    return None if found is None else Streamable(*found)
 
 
 def factorize_checkpoint(
@@ -257,7 +233,8 @@ def factorize_checkpoint(
 def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, recipe: Recipe, out: Path, force: bool, inputs: tuple,
                         progress, seq_len: int | None, device, max_bytes: int) -> FactorizeResult:
     """Plain SVD of a Hub folder, one tensor at a time from its files to the output's shards (see `factorize_checkpoint`)."""
-    model, family, arch = stream.model, stream.family, stream.architecture
+    built = stream.built
+    model, family, arch = built.model, built.family, built.architecture
     before = count_params(model)
     macs = count_macs(zero_weights(model), example_at(family, model, seq_len), family.forward)  # weights of no memory
     todo = sum(p.factorized for p in plan_streamed(model, recipe, family))
@@ -265,12 +242,12 @@ def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, reci
         with read_tensors(header) as reader, shard_writer(tmp, max_bytes) as writer:
             result = factorize_streamed(model, recipe, reader.get_tensor, stream.sources, writer.add, family=family,
                                         progress=progress(todo) if progress else None, device=device)
-            manifest = build_manifest(arch, family.name, stream.model_kwargs, result.plans, recipe, path)
+            manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path)
             manifest = finish_factorized(writer, manifest)
-        write_folder_files(tmp, header.folder, family.name, stream.model_kwargs, arch)
+        write_folder_files(tmp, header.folder, family.name, built.model_kwargs, arch)
     insp = Inspection(
-        str(path), result.plans, before, before - saved_params(result.plans), architecture=arch, model_kwargs=stream.model_kwargs,
+        str(path), result.plans, before, before - saved_params(result.plans), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
-        architecture_source=stream.source, seq_len=text_length(family, model, seq_len),
+        architecture_source=built.source, seq_len=text_length(family, model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)

@@ -18,10 +18,11 @@ import torch
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header
+from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header, read_tensors
 from lowrank_cli.measure.macs import count_macs, count_params
-from lowrank_cli.models.build import Built, NoArchitecture, build_model
-from lowrank_cli.models.family import TextConfig
+from lowrank_cli.models.build import Built, NoArchitecture, build_model, hub_config
+from lowrank_cli.models.family import TextConfig, get_family
+from lowrank_cli.models.skeleton import build_skeleton, source_keys, zero_weights
 from lowrank_cli.nn.lowrank import dense_weight
 from lowrank_cli.pipelines.common import hint_of
 from lowrank_cli.plan.budget import allocate_ranks
@@ -102,6 +103,34 @@ def plan_weight_only(header: CheckpointHeader, recipe: Recipe, need_spectrum: bo
         plans = plan_layers(weight_candidates(header), recipe, spec if need_spectrum else None)
         alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank).to_dict() if budget else None
     return plans, alloc
+
+
+_STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def hub_skeleton(header: CheckpointHeader, arch: str | None, model_kwargs: dict[str, Any]) -> tuple[Built, dict[str, str]] | None:
+    """A transformers Hub folder's model without its weights (`models.skeleton`: parameters on the meta device) and the
+    checkpoint's name for each tensor its state dict saves (`models.skeleton.source_keys`), or None where the weights
+    must be loaded by transformers itself: not such a folder, or tensors its loader would change (stored in another dtype
+    than it loads them in, keys it renames, drops or must fill in, layers it keeps in fp32)."""
+    cfg = hub_config(header)
+    if cfg is None or "model_type" not in cfg or Manifest.from_header(header) is not None:
+        return None
+    family = get_family("transformers")
+    source = "config.json" if arch is None else "given"
+    arch = arch or family.architecture_for(cfg)
+    kwargs = family.complete_kwargs(arch, header, {**cfg, **model_kwargs})
+    stored = {_STORED[t.dtype] for t in header.tensors.values() if t.dtype in _STORED}
+    named = kwargs.get("dtype") or kwargs.get("torch_dtype")  # what from_pretrained loads in (its dtype "auto")
+    if len(stored) != 1 or (isinstance(named, str) and getattr(torch, named, None) not in stored):
+        return None
+    model = build_skeleton(family, arch, kwargs)
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return None
+    sources, missing, unexpected = source_keys(model, header.tensors)
+    if missing or unexpected:
+        return None
+    return Built(model, family, arch, family.recorded_kwargs(model, kwargs), header, None, source), sources
 
 
 def text_length(family, model, seq_len: int | None) -> int | None:
@@ -191,6 +220,13 @@ def inspect_checkpoint(
         recipe = recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"allocation": "uniform"})})
     check_calibration(recipe)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
+    skeleton = hub_skeleton(header, arch, kwargs) if header is not None and not recipe.select.latency_aware else None
+    if skeleton is not None:  # a Hub folder: its headers, one weight at a time for spectra, never the model's weights
+        built, sources = skeleton
+        with read_tensors(header) as reader:
+            insp = _inspect_model(built, recipe, needs_spectrum, layer_timer, seq_len, lambda name: reader.get_tensor(sources[f"{name}.weight"]))
+        insp.notes += notes
+        return insp
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
     if built is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
         plans, alloc = plan_weight_only(header, recipe, needs_spectrum)
@@ -202,12 +238,15 @@ def inspect_checkpoint(
     return insp
 
 
-def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None) -> Inspection:
+def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None,
+                   weight=None) -> Inspection:
+    """`weight(name)`: a layer's weight as stored (a skeleton's, read from the checkpoint); default: the model's own."""
     model, family = built.model, built.family
-    spec = functools.cache(lambda name: torch.linalg.svdvals(dense_weight(model.get_submodule(name))[0].float())) if needs_spectrum else None
+    weight = weight or (lambda name: dense_weight(model.get_submodule(name))[0])
+    spec = functools.cache(lambda name: torch.linalg.svdvals(weight(name).float())) if needs_spectrum else None  # σ(Wᵀ) = σ(W)
     plans = plan_layers(family.linear_candidates(model), recipe, spec)
     length = text_length(family, model, seq_len)
-    macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
+    macs = count_macs(zero_weights(model), family.example_inputs(model, seq_len=length), family.forward)  # a skeleton's: zeros of no memory
     alloc = None
     if recipe.factorize.rank_rule == "budget":  # allocated on σ(W): inspect has no calibration data
         alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank, macs.linear_rows).to_dict()

@@ -33,7 +33,7 @@ import torch
 from lowrank_cli.io.safetensors import read_header, shard_writer
 from lowrank_cli.models import get_family
 from lowrank_cli.models.skeleton import build_skeleton
-from lowrank_cli.factorize.stream import state_names
+from lowrank_cli.models.skeleton import state_names
 
 TINYLLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 22,
              "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,

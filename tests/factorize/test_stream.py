@@ -11,12 +11,14 @@ from transformers import AutoConfig
 
 import lowrank_cli.factorize.stream as stream_module
 import lowrank_cli.pipelines.factorize as factorize_pipeline
+import lowrank_cli.pipelines.inspect as inspect_pipeline
 from lowrank_cli import load
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import read_checkpoint, tensors_digest
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.pipelines.export import export_checkpoint
 from lowrank_cli.pipelines.factorize import factorize_checkpoint, streamable
+from lowrank_cli.pipelines.inspect import inspect_checkpoint
 from lowrank_cli.recipe import EmbeddingsConfig, load_recipe
 
 from conftest import one_line_error
@@ -126,3 +128,19 @@ def test_what_streaming_does_not_take_goes_in_memory(bf16_folder, tmp_path):
     assert streamable(header, None, {}, _recipe(rank_rule="budget", target_params=0.5)) is None  # ranks decided across layers
     assert streamable(header, None, {}, load_recipe("causal-lm")) is None  # whitened: calibrated in memory
     assert streamable(header, None, {"dtype": "float32"}, _recipe()) is None  # loaded in another dtype than stored
+
+
+@pytest.mark.parametrize("factorize", [{}, {"rank_rule": "energy", "energy": 0.9}], ids=["kappa", "energy"])
+def test_inspect_of_a_folder_reads_headers_only(bf16_folder, monkeypatch, factorize):
+    recipe = _recipe(**factorize)
+    with monkeypatch.context() as m:
+        m.setattr(inspect_pipeline, "hub_skeleton", lambda *a: None)
+        loaded = inspect_checkpoint(bf16_folder, recipe)  # the model loaded whole by transformers
+    family = type(streamable(read_header(bf16_folder), None, {}, recipe).built.family)
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(family, "load_pretrained", refuse)
+    monkeypatch.setattr(family, "load_dense", refuse)
+    assert inspect_checkpoint(bf16_folder, recipe).to_dict() == loaded.to_dict()  # plans (spectra read one weight at a time), MACs
