@@ -133,10 +133,19 @@ def streamable(header: CheckpointHeader, arch: str | None, model_kwargs: dict[st
     or None where the in-memory path must run: another family or method, a rank decided across layers (budget,
     sensitivity), latency-aware selection, or tensors transformers' own loader would change."""
     f = recipe.factorize
-    if f.method != "svd" or f.allocation != "uniform" or f.rank_rule == "budget" or recipe.select.latency_aware:
+    if f.allocation != "uniform" or f.rank_rule == "budget" or recipe.select.latency_aware:
+        return None
+    if f.method != "svd" and f.embeddings is not None:
         return None
     found = hub_skeleton(header, arch, model_kwargs)
-    return None if found is None else Streamable(*found)
+    if found is None:
+        return None
+    if f.method != "svd":  # calibrated block by block: every planned layer inside a transformer block
+        built = found[0]
+        blocks = tuple(f"{name}." for name, _ in built.family.blocks(built.model))
+        if not all(p.name.startswith(blocks) for p in plan_streamed(built.model, recipe, built.family) if p.factorized):
+            return None
+    return Streamable(*found)
 
 
 def factorize_checkpoint(
@@ -164,9 +173,11 @@ def factorize_checkpoint(
     on `device` (`auto`: the GPU when there is one). A folder's weights are written in shards of at most `max_shard_size`
     (bytes, or `"500MB"`; default `"5GB"`), with their index when there are several.
 
-    A transformers Hub folder factorized by plain SVD is streamed (`factorize.stream`): the model is built without its
-    weights, and each tensor is read from the checkpoint's files, factorized and written to the output's shards in turn,
-    so that memory holds one weight and its SVD, never the model. The output is the in-memory path's, tensor for tensor.
+    A transformers Hub folder is streamed (`factorize.stream`) unless ranks are decided across layers (budget,
+    sensitivity) or latency-aware: the model is built without its weights, and each tensor is read from the checkpoint's
+    files, factorized and written to the output's shards in turn, so that memory holds one weight and its SVD (whitened,
+    ASVD: one block, its Grams and the calibration set's hidden states), never the model. The output is the in-memory
+    path's, tensor for tensor.
     """
     max_bytes = shard_bytes(max_shard_size)
     svd_dev = resolve_device(device)
@@ -232,17 +243,22 @@ def factorize_checkpoint(
 
 def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, recipe: Recipe, out: Path, force: bool, inputs: tuple,
                         progress, seq_len: int | None, device, max_bytes: int) -> FactorizeResult:
-    """Plain SVD of a Hub folder, one tensor at a time from its files to the output's shards (see `factorize_checkpoint`)."""
+    """A Hub folder factorized one tensor (plain SVD) or one block (whitened, ASVD) at a time from its files to the output's
+    shards (see `factorize_checkpoint`)."""
     built = stream.built
     model, family, arch = built.model, built.family, built.architecture
     before = count_params(model)
     macs = count_macs(zero_weights(model), example_at(family, model, seq_len), family.forward)  # weights of no memory
     todo = sum(p.factorized for p in plan_streamed(model, recipe, family))
+    calibration = None
+    if recipe.factorize.method != "svd":
+        f = recipe.factorize
+        calibration = calibration_for(f.calib_data, family, model, header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
         with read_tensors(header) as reader, shard_writer(tmp, max_bytes) as writer:
             result = factorize_streamed(model, recipe, reader.get_tensor, stream.sources, writer.add, family=family,
-                                        progress=progress(todo) if progress else None, device=device)
-            manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path)
+                                        progress=progress(todo) if progress else None, device=device, calibration=calibration)
+            manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, recipe.factorize.method)
             manifest = finish_factorized(writer, manifest)
         write_folder_files(tmp, header.folder, family.name, built.model_kwargs, arch)
     insp = Inspection(
