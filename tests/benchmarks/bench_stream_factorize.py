@@ -11,10 +11,15 @@ memory (VmHWM) is its own (the imports, transformers' included, and the solver's
   reads are not timed): seconds (goal: the factorization ≤ 1.1× these) and peak RSS;
 - with `--in-memory`, the in-memory path on the same folder too (the model loaded whole): the figure before.
 
+`--method whitened` factorizes with whitened SVD instead (the causal-lm recipe's own method), block by block on
+`--calib-samples` (128) documents of Python's documentation tokenized by a BPE trained here: its goal is a peak
+of at most 1.5× the checkpoint plus one block's Grams (the bare SVDs are then not its baseline).
+
 The output is then checked: its shards and index, and `lowrank_cli.io.read_header` of it. `--layers N` builds
 fewer layers (the same matrices per layer) for a shorter run; say so when reporting.
 
 Run: python tests/benchmarks/bench_stream_factorize.py [--layers 22] [--shard 500MB] [--path DIR] [--in-memory]
+     [--method svd|whitened] [--calib-samples 128]
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ TINYLLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidd
 
 
 def build_folder(folder: Path, layers: int) -> int:
-    """The Hub folder with random weights (N(0, 0.02²), norms at 1), written one tensor at a time; its bytes on disk."""
+    """The Hub folder with random weights (N(0, 0.02²), norms at 1), written one tensor at a time, and a byte-level BPE
+    tokenizer trained here on Python's documentation (for whitened's calibration text); its weights' bytes on disk."""
     config = {**TINYLLAMA, "num_hidden_layers": layers}
     folder.mkdir(parents=True, exist_ok=True)
+    _tokenizer().save_pretrained(str(folder))
     skeleton = build_skeleton(get_family("transformers"), "LlamaForCausalLM", config)
     shapes = {names[0]: tuple(t.shape) for names, t in zip(state_names(skeleton), _first(skeleton))}
     gen = torch.Generator().manual_seed(0)
@@ -54,6 +61,18 @@ def build_folder(folder: Path, layers: int) -> int:
         writer.finish({})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from lowrank_cli.data.text import pydoc_documents
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(pydoc_documents().texts[:400], vocab_size=2000, min_frequency=2, special_tokens=["<s>", "</s>", "<pad>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="</s>")
 
 
 def _first(model):
@@ -76,7 +95,7 @@ torch.linalg.svd(torch.randn(64, 64), full_matrices=False)
 {patch}
 from lowrank_cli.recipe import load_recipe
 recipe = load_recipe("causal-lm")
-recipe = recipe.model_copy(update={{"factorize": recipe.factorize.model_copy(update={{"method": "svd"}})}})
+recipe = recipe.model_copy(update={{"factorize": recipe.factorize.model_copy(update={{"method": sys.argv[4], "calib_samples": int(sys.argv[5])}})}})
 start = time.perf_counter()
 result = factorize_checkpoint(sys.argv[1], recipe, sys.argv[2], max_shard_size=sys.argv[3], device="cpu")
 seconds = time.perf_counter() - start
@@ -114,18 +133,21 @@ def main() -> None:
     ap.add_argument("--shard", default="500MB")
     ap.add_argument("--path", type=Path, default=None)
     ap.add_argument("--in-memory", action="store_true")
+    ap.add_argument("--method", choices=("svd", "whitened"), default="svd")
+    ap.add_argument("--calib-samples", type=int, default=128)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.path.parent if args.path else None) as tmp:
         folder = args.path or Path(tmp) / "tinyllama"
         if (folder / "config.json").is_file():
             on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+            args.layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
         else:
             start = time.perf_counter()
             on_disk = build_folder(folder, args.layers)
             print(f"built {folder} ({args.layers} layers): {on_disk / 1e9:.2f} GB on disk in {time.perf_counter() - start:.0f} s")
         names = [n for n, t in read_header(folder).tensors.items() if len(t.shape) == 2 and "layers." in n]
         bare = child(BARE, str(folder), json.dumps(names))
-        ours = child(FACTORIZE.format(patch=""), str(folder), str(Path(tmp) / "out"), args.shard)
+        ours = child(FACTORIZE.format(patch=""), str(folder), str(Path(tmp) / "out"), args.shard, args.method, str(args.calib_samples))
         out = Path(tmp) / "out"
         shards = sorted(p.name for p in out.glob("*.safetensors"))
         written = sum((out / s).stat().st_size for s in shards)
@@ -135,8 +157,13 @@ def main() -> None:
         print(f"streamed factorize:       {ours['seconds']:7.1f} s   peak RSS {ours['maxrss'] / 1e9:.2f} GB ({ours['maxrss'] / on_disk:.2f}x the checkpoint)"
               f"   time {ours['seconds'] / bare['seconds']:.2f}x the bare SVDs (goal <= 1.1x), memory goal <= 1.2x")
         print(f"output: {len(shards)} shards of at most {args.shard} + index, {written / 1e9:.2f} GB")
+        if args.method == "whitened":  # fp64 Grams of one block's inputs: q, k, v, o, gate, up (2048²) and down (5632²)
+            grams = (6 * 2048**2 + 5632**2) * 8
+            print(f"one block's Grams: {grams / 1e9:.2f} GB; goal: peak <= 1.5x the checkpoint + these = "
+                  f"{(1.5 * on_disk + grams) / 1e9:.2f} GB (measured {ours['maxrss'] / (1.5 * on_disk + grams):.2f} of it)")
         if args.in_memory:
-            mem = child(FACTORIZE.format(patch=IN_MEMORY), str(folder), str(Path(tmp) / "out-memory"), args.shard)
+            mem = child(FACTORIZE.format(patch=IN_MEMORY), str(folder), str(Path(tmp) / "out-memory"), args.shard, args.method,
+                        str(args.calib_samples))
             print(f"in-memory factorize:      {mem['seconds']:7.1f} s   peak RSS {mem['maxrss'] / 1e9:.2f} GB ({mem['maxrss'] / on_disk:.2f}x the checkpoint)")
 
 

@@ -22,7 +22,7 @@ from lowrank_cli.pipelines.inspect import inspect_checkpoint
 from lowrank_cli.recipe import EmbeddingsConfig, load_recipe
 
 from conftest import one_line_error
-from hf_models import _byte_bpe
+from hf_models import _byte_bpe, hub_model
 
 
 def _recipe(**factorize):
@@ -159,3 +159,15 @@ def test_inspect_of_a_folder_reads_headers_only(bf16_folder, monkeypatch, factor
     monkeypatch.setattr(family, "load_pretrained", refuse)
     monkeypatch.setattr(family, "load_dense", refuse)
     assert inspect_checkpoint(bf16_folder, recipe).to_dict() == loaded.to_dict()  # plans (spectra read one weight at a time), MACs
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_gpt2_transposed_conv1d_streams_too(tmp_path, monkeypatch, method):
+    source = hub_model(tmp_path, "gpt2")  # fp32, one file, Conv1D weights stored (d_in, d_out), LM head tied
+    recipe = _recipe(**({**DATA_AWARE, "method": method} if method != "svd" else {}))
+    assert streamable(read_header(source), None, {}, recipe) is not None
+    streamed = factorize_checkpoint(source, recipe, tmp_path / "streamed")
+    reference = _in_memory(monkeypatch, source, recipe, tmp_path / "memory")
+    got, want = _tensors(streamed.out), _tensors(reference.out)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert streamed.manifest.to_dict() == reference.manifest.to_dict() and len(streamed.manifest.layers) == 8
