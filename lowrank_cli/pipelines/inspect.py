@@ -112,7 +112,7 @@ def hub_skeleton(header: CheckpointHeader, arch: str | None, model_kwargs: dict[
     """A transformers Hub folder's model without its weights (`models.skeleton`: parameters on the meta device) and the
     checkpoint's name for each tensor its state dict saves (`models.skeleton.source_keys`), or None where the weights
     must be loaded by transformers itself: not such a folder, or tensors its loader would change (stored in another dtype
-    than it loads them in, keys it renames, drops or must fill in, layers it keeps in fp32)."""
+    than it loads them in, keys it renames, drops or must fill in, shapes that do not fit, layers it keeps in fp32)."""
     cfg = hub_config(header)
     if cfg is None or "model_type" not in cfg or Manifest.from_header(header) is not None:
         return None
@@ -128,8 +128,9 @@ def hub_skeleton(header: CheckpointHeader, arch: str | None, model_kwargs: dict[
     if getattr(model, "_keep_in_fp32_modules", None):
         return None
     sources, missing, unexpected = source_keys(model, header.tensors)
-    if missing or unexpected:
-        return None
+    state = model.state_dict(keep_vars=True)
+    if missing or unexpected or any(tuple(state[k].shape) != header.tensors[v].shape for k, v in sources.items()):
+        return None  # the loader's error names what does not fit
     return Built(model, family, arch, family.recorded_kwargs(model, kwargs), header, None, source), sources
 
 

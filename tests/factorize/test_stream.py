@@ -143,6 +143,7 @@ def test_what_streaming_does_not_take_goes_in_memory(bf16_folder, tmp_path):
     every.select.exclude = []  # the LM head too (tied: dense); a layer outside the blocks is calibrated in memory
     assert streamable(header, None, {}, every) is not None
     assert streamable(header, None, {"dtype": "float32"}, _recipe()) is None  # loaded in another dtype than stored
+    assert streamable(header, None, {"intermediate_size": 96}, _recipe()) is None  # shapes that do not fit: the loader says which
 
 
 @pytest.mark.parametrize("factorize", [{}, {"rank_rule": "energy", "energy": 0.9}], ids=["kappa", "energy"])
