@@ -2,9 +2,11 @@
 
 from lowrank_cli.io.atomic import atomic_output, check_output, write_json, write_text
 from lowrank_cli.io.manifest import FORMAT_VERSION, MANIFEST_KEY, LayerEntry, Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, TensorInfo, load_tensors, open_tensors, read_header, save_checkpoint, sha256_file
+from lowrank_cli.io.safetensors import (CheckpointHeader, ShardWriter, TensorInfo, TensorReader, load_tensors, open_tensors, read_header,
+                                        read_tensors, save_checkpoint, sha256_file, shard_bytes)
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_KEY", "CheckpointHeader", "LayerEntry", "Manifest", "TensorInfo", "atomic_output", "check_output",
-    "load_tensors", "open_tensors", "read_header", "save_checkpoint", "sha256_file", "write_json", "write_text",
+    "ShardWriter", "TensorReader", "load_tensors", "open_tensors", "read_header", "read_tensors", "save_checkpoint", "sha256_file",
+    "shard_bytes", "write_json", "write_text",
 ]

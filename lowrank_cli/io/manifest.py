@@ -33,7 +33,7 @@ from torch import nn
 
 from lowrank_cli._version import __version__
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.io.safetensors import FLOAT_DTYPES, CheckpointHeader, load_tensors, read_header, save_checkpoint
+from lowrank_cli.io.safetensors import FLOAT_DTYPES, CheckpointHeader, ShardWriter, digest_update, load_tensors, read_header, save_checkpoint
 from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, is_conv1d, linear_dims
 from lowrank_cli.nn.surgery import named_in, replace_modules
 
@@ -100,11 +100,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu()
-        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        if t.numel():
-            # flattened: a "contiguous" tensor may still have a size-1 last dimension with a stride other than 1
-            # (a rank-1 factor cut from a column-major SVD), which a byte view refuses
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        # flattened: a "contiguous" tensor may still have a size-1 last dimension with a stride other than 1
+        # (a rank-1 factor cut from a column-major SVD), which a byte view refuses
+        digest_update(h, name, t.dtype, t.shape, [t.contiguous().reshape(-1).view(torch.uint8).numpy().data] if t.numel() else None)
     return h.hexdigest()
 
 
@@ -269,6 +267,14 @@ def save_factorized(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     state_dict = tied_once(state_dict)
     manifest = manifest.replace(weights_sha256=tensors_digest(state_dict))
     save_checkpoint(path, state_dict, manifest.metadata(), force=force, inputs=inputs)
+    return manifest
+
+
+def finish_factorized(writer: ShardWriter, manifest: Manifest) -> Manifest:
+    """Write the shards a `ShardWriter` holds with the manifest, which records the digest of exactly the tensors written
+    (one file's header holds it; several shards' index holds it in its `metadata`)."""
+    manifest = manifest.replace(weights_sha256=writer.digest())
+    writer.finish(manifest.metadata())
     return manifest
 
 

@@ -169,13 +169,18 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
     """Read and validate the header of a checkpoint (a file, a Hub folder, or a sharded index) without reading its tensors.
 
     A sharded checkpoint's headers are merged; a tensor in two shards, or one that the index
-    places in another shard than the one holding it, is a LowrankError.
+    places in another shard than the one holding it, is a LowrankError. Its metadata is the index's
+    string `metadata` (where a factorized folder in shards keeps its manifest).
     """
     where, files = checkpoint_files(path)
     if len(files) == 1:
         return read_file_header(files[0])
     index = where if where.is_file() else where / f"model{INDEX_SUFFIX}"
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    data = json.loads(index.read_text(encoding="utf-8"))
+    weight_map = data["weight_map"]
+    # the index's string metadata (a factorized folder's manifest); its `total_size` is a number, not metadata of ours
+    extra = data.get("metadata")
+    metadata = {k: v for k, v in extra.items() if isinstance(v, str)} if isinstance(extra, dict) else {}
     tensors: dict[str, TensorInfo] = {}
     owners: dict[str, Path] = {}
     for shard in files:
@@ -188,7 +193,7 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
         extra = sorted(set(owners) - set(weight_map))
         raise LowrankError(f"{index}: its weight_map does not match the shards ({len(misplaced)} tensors missing or elsewhere, e.g. "
                            f"{', '.join((misplaced or extra)[:3])})")
-    return CheckpointHeader(path=where, tensors=tensors, files=owners)
+    return CheckpointHeader(path=where, tensors=tensors, metadata=metadata, files=owners)
 
 
 def read_file_header(path: str | os.PathLike) -> CheckpointHeader:
@@ -209,12 +214,15 @@ def read_file_header(path: str | os.PathLike) -> CheckpointHeader:
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if _looks_like_pickle(head):
+            head = f.read(9)
+            # a header length of 0x280..0x5ff bytes ending in 0x80 starts like a raw pickle: a JSON header after it says which
+            plausible = len(head) == 9 and 0 < struct.unpack("<Q", head[:8])[0] <= min(_MAX_HEADER_BYTES, size - 8) and head[8:] == b"{"
+            if _looks_like_pickle(head) and not plausible:
                 raise LowrankError(f"{path}: looks like a PyTorch pickle (.pth/.pt), not safetensors; " + _PICKLE_HINT.format(path=path))
             if len(head) < 8:
                 raise LowrankError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if n == 0 or n > _MAX_HEADER_BYTES or n > size - 8:
                 raise LowrankError(
                     f"{path}: not a safetensors file (its first 8 bytes give a header length of {n} "
@@ -367,3 +375,229 @@ def _first_line(e: BaseException) -> str:
 
 def _shares_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+# -- sizes -------------------------------------------------------------------------------------
+DEFAULT_SHARD_SIZE = "5GB"  # save_pretrained's default
+SHARD_SIZE = re.compile(r"([0-9]+)(GiB|MiB|KiB|GB|MB|KB)", re.IGNORECASE)  # what save_pretrained's max_shard_size reads
+_UNITS = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 10**9, "mb": 10**6, "kb": 10**3}
+
+
+def shard_bytes(size: int | str | None, param: str = "max_shard_size") -> int:
+    """A shard size in bytes: a positive number of bytes, or digits and a unit (`500MB`, `2GB`, `1GiB`: units of 1000 or
+    1024 as transformers reads them); None is the default (5GB). Anything else is a LowrankError naming `param`."""
+    if size is None:
+        size = DEFAULT_SHARD_SIZE
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = SHARD_SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise LowrankError(f"{param} {size!r} is not a size; accepted: a positive number of bytes, or digits and a unit such as "
+                           "'500MB', '2GB' or '1GiB'", param=param)
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+# -- reading one tensor at a time ----------------------------------------------------------------
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_CODES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def _data_spans(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(where the data section starts, each tensor's [begin, end) in it) of a file whose header `read_file_header` validated."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+    header.pop("__metadata__", None)
+    return 8 + n, {name: tuple(info["data_offsets"]) for name, info in header.items()}
+
+
+class TensorReader:
+    """`keys()` and `get_tensor(name)` over a checkpoint's files with positioned reads (no memory map): a tensor takes memory
+    while the caller holds it, and nothing of the file stays mapped into the process once it is read. What streamed
+    factorization reads its weights with, so that its resident memory is what it holds, not what it has read."""
+
+    def __init__(self, header: CheckpointHeader):
+        self.header = header
+        self._files: dict[Path, Any] = {}
+        self._spans: dict[Path, tuple[int, dict[str, tuple[int, int]]]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header.tensors[name]
+        if info.dtype not in _TORCH_DTYPES:
+            raise LowrankError(f"{self.header.file_of(name)}: tensor '{name}' is stored as {info.dtype}, which streamed reading does not take")
+        where = self.header.file_of(name)
+        try:
+            if where not in self._files:
+                self._files[where] = open(where, "rb")
+                self._spans[where] = _data_spans(where)
+            start, spans = self._spans[where]
+            begin, end = spans[name]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            view, f = memoryview(buf.numpy()), self._files[where]
+            f.seek(start + begin)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise OSError(f"it ends before tensor '{name}' does")
+                done += got
+        except OSError as e:
+            raise LowrankError(f"{where}: tensor '{name}' cannot be read ({e.strerror or e})") from None
+        return buf.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+@contextlib.contextmanager
+def read_tensors(path: str | os.PathLike | CheckpointHeader) -> Iterator[TensorReader]:
+    """The validated checkpoint (a file, a Hub folder or a sharded index), its tensors read one at a time by `TensorReader`."""
+    reader = TensorReader(path if isinstance(path, CheckpointHeader) else read_header(path))
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+# -- writing shards as tensors come --------------------------------------------------------------
+def digest_update(h: Any, name: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int], chunks: Iterator[bytes] | None = None) -> None:
+    """One tensor's part of `manifest.tensors_digest`: its name, dtype and shape, then its bytes (`chunks`)."""
+    h.update(f"{name}\0{dtype}\0{list(shape)}\0".encode())
+    for chunk in chunks or ():
+        h.update(chunk)
+
+
+@dataclass
+class _Shard:
+    data: Path  # its tensors' bytes, in order, until the header is known
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = field(default_factory=dict)  # name -> dtype, shape, begin, end
+    size: int = 0
+
+
+class ShardWriter:
+    """Tensors written to disk as they come, into shards of at most `max_bytes` (a tensor larger than that gets a shard
+    of its own, as transformers does), inside `folder` (a temporary folder the caller renames into place).
+
+    A safetensors header comes first in its file but holds the metadata (the manifest and its digest of every tensor),
+    which is known only when the last tensor is in: each shard's bytes go to a data file as they come, and `finish`
+    writes every shard as header + data. Memory stays at one tensor; the disk holds the output twice at the end.
+    One shard is `model.safetensors` with the metadata in its header; several are `model-0000N-of-0000M.safetensors`
+    with the index `model.safetensors.index.json`, whose `metadata` carries the metadata besides `total_size`.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.shards: list[_Shard] = []
+        self._out: Any = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _CODES:
+            raise LowrankError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors shards here do not take")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        nbytes = data.numel()
+        if not self.shards or (self.shards[-1].size and self.shards[-1].size + nbytes > self.max_bytes):
+            self._next_shard()
+        shard = self.shards[-1]
+        shard.entries[name] = (tensor.dtype, tuple(tensor.shape), shard.size, shard.size + nbytes)
+        if nbytes:
+            self._out.write(memoryview(data.numpy()))
+        shard.size += nbytes
+
+    def _next_shard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        shard = _Shard(self.folder / f".shard{len(self.shards) + 1}.data")
+        self.shards.append(shard)
+        self._out = open(shard.data, "wb")
+
+    def digest(self) -> str:
+        """`manifest.tensors_digest` of every tensor added, read back from the data files one chunk at a time."""
+        self._flush()
+        h = hashlib.sha256()
+        where = {name: (shard, e) for shard in self.shards for name, e in shard.entries.items()}
+        for name in sorted(where):
+            shard, (dtype, shape, begin, end) = where[name]
+            digest_update(h, name, dtype, shape, _chunks(shard.data, begin, end))
+        return h.hexdigest()
+
+    def finish(self, metadata: dict[str, str]) -> list[str]:
+        """Write the shards (and the index, when more than one) with `metadata`; the names of the files written."""
+        self._flush()
+        if not self.shards:
+            self._next_shard()
+            self._flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for shard, name in zip(self.shards, names):
+            shard_metadata = {"format": "pt", **(metadata if n == 1 else {})}
+            _write_shard(self.folder / name, shard, shard_metadata)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(s.size for s in self.shards), **metadata},
+                     "weight_map": {t: name for shard, name in zip(self.shards, names) for t in shard.entries}}
+            (self.folder / f"model{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
+            names.append(f"model{INDEX_SUFFIX}")
+        return names
+
+    def _flush(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def close(self) -> None:
+        """Remove what is left of the data files (after `finish`, or on an error)."""
+        self._flush()
+        for shard in self.shards:
+            shard.data.unlink(missing_ok=True)
+
+
+def _chunks(path: Path, begin: int, end: int, size: int = 1 << 24) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = end - begin
+        while left > 0:
+            block = f.read(min(size, left))
+            if not block:
+                raise OSError(f"{path} ends early")
+            left -= len(block)
+            yield block
+
+
+def _write_shard(path: Path, shard: _Shard, metadata: dict[str, str]) -> None:
+    """A safetensors file: the header (padded with spaces to 8 bytes, as safetensors pads it), then the data file's bytes."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for name, (dtype, shape, begin, end) in shard.entries.items():
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out, open(shard.data, "rb") as data:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        out.flush()
+        size = shard.size
+        offset = 0
+        while offset < size:  # in the kernel: the data never passes through this process's memory
+            sent = os.sendfile(out.fileno(), data.fileno(), offset, size - offset)
+            if sent == 0:
+                raise OSError(f"{shard.data} ends early")
+            offset += sent
+    shard.data.unlink()
+
+
+@contextlib.contextmanager
+def shard_writer(folder: Path, max_bytes: int) -> Iterator[ShardWriter]:
+    """A `ShardWriter` into `folder` whose data files are removed however the block ends."""
+    writer = ShardWriter(folder, max_bytes)
+    try:
+        yield writer
+    finally:
+        writer.close()

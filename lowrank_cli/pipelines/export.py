@@ -17,7 +17,6 @@ and verified, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from lowrank_cli.export.verify import LOW_PRECISION, compare_outputs, require_ma
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, read_checkpoint, save_factorized
-from lowrank_cli.io.safetensors import checkpoint_files, read_header, save_checkpoint
+from lowrank_cli.io.safetensors import checkpoint_files, read_header, save_checkpoint, shard_bytes
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import DEFAULT_FAMILY, Built, build_model, load_state_dict_strict
 from lowrank_cli.models.family import ModelFamily, fill_tied, get_family
@@ -41,15 +40,10 @@ from lowrank_cli.nn.lowrank import LowRankLinear
 from lowrank_cli.pipelines.common import RUNS_DIR, output_beside, require_manifest, resolve_model_path
 
 FORMATS = ("onnx", "dense", "safetensors")
-SHARD_SIZE = re.compile(r"[0-9]+(GiB|MiB|KiB|GB|MB|KB)", re.IGNORECASE)  # what save_pretrained's max_shard_size reads
-
-
 def check_shard_size(size: int | str | None) -> None:
     """A positive number of bytes, or digits and a unit (`500MB`, `2GB`, `1GiB`); else a LowrankError naming it."""
-    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (isinstance(size, str) and SHARD_SIZE.fullmatch(size)):
-        return
-    raise LowrankError(f"max_shard_size {size!r} is not a size; accepted: a positive number of bytes, or digits and a unit such as "
-                       "'500MB', '2GB' or '1GiB'", param="max_shard_size")
+    if size is not None:
+        shard_bytes(size)
 
 
 @dataclass

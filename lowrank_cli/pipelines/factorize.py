@@ -20,15 +20,18 @@ from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
+from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files
-from lowrank_cli.io.manifest import Manifest, save_factorized
-from lowrank_cli.io.safetensors import open_tensors, read_header
+from lowrank_cli.io.manifest import Manifest, finish_factorized, save_factorized, tied_once
+from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header, read_tensors, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.models.build import Built
+from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
 from lowrank_cli.pipelines.common import build_manifest, output_beside
 from lowrank_cli.pipelines.common.inspection import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
-from lowrank_cli.plan.select import plan_embeddings, plan_layers
+from lowrank_cli.plan.select import plan_embeddings, plan_layers, saved_params
 from lowrank_cli.recipe import Recipe
 
 Progress = Callable[[str], None]
@@ -61,18 +64,27 @@ def with_calibration(recipe: Recipe, calib_data: str | None, calib_samples: int 
 
 
 def write_factorized(out: Path, tensors: dict, manifest: Manifest, as_folder: bool, folder: Path | None, built, *, force: bool,
-                     inputs: tuple) -> Manifest:
-    """The factorized checkpoint: one file, or a Hub folder (its `model.safetensors`, and the config and tokenizer files the
-    family writes, else those of the input's folder)."""
+                     inputs: tuple, max_bytes: int) -> Manifest:
+    """The factorized checkpoint: one file, or a Hub folder (its weights in shards of at most `max_bytes`, and the config
+    and tokenizer files the family writes, else those of the input's folder)."""
     if not as_folder:
         return save_factorized(out, tensors, manifest, force=force, inputs=inputs)
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
-        written = save_factorized(tmp / "model.safetensors", tensors, manifest)
-        if built is None or not built.family.write_hub_files(tmp, built.architecture, built.model_kwargs, folder):
-            if (folder / "config.json").is_file():  # a folder the family does not write: its config as it was
-                shutil.copyfile(folder / "config.json", tmp / "config.json")
-            copy_side_files(folder, tmp)
+        with shard_writer(tmp, max_bytes) as writer:
+            for key, value in tied_once(tensors).items():
+                writer.add(key, value)
+            written = finish_factorized(writer, manifest)
+        write_folder_files(tmp, folder, built)
     return written
+
+
+def write_folder_files(tmp: Path, folder: Path | None, built: Built | None) -> None:
+    """A factorized Hub folder's files besides its weights: the config and tokenizer files the family writes, else the
+    input folder's config.json as it was and its tokenizer and usage files."""
+    if built is None or not built.family.write_hub_files(tmp, built.architecture, built.model_kwargs, folder):
+        if folder is not None and (folder / "config.json").is_file():
+            shutil.copyfile(folder / "config.json", tmp / "config.json")
+        copy_side_files(folder, tmp)
 
 
 def planned_count(model, family, recipe: Recipe) -> int:
@@ -81,6 +93,36 @@ def planned_count(model, family, recipe: Recipe) -> int:
     if recipe.factorize.embeddings is not None:
         n += sum(p.factorized for p in plan_embeddings(family.embedding_candidates(model), recipe))
     return n
+
+
+@dataclass
+class Streamable:
+    """A checkpoint that streamed factorization takes: its skeleton model (`Built` without weights), and the checkpoint's
+    name for each saved tensor."""
+
+    built: Built
+    sources: dict[str, str]
+
+
+def streamable(header: CheckpointHeader, arch: str | None, model_kwargs: dict[str, Any], recipe: Recipe) -> Streamable | None:
+    """The skeleton of a Hub folder that can be factorized one tensor (plain SVD) or one block (whitened, ASVD) at a time
+    (`models.skeleton.hub_skeleton`), or None where the in-memory path must run: another family, a rank decided across
+    layers (budget, sensitivity), latency-aware selection, a data-aware method with embedding tables or layers outside the
+    blocks, or tensors the library's own loader would change."""
+    f = recipe.factorize
+    if f.allocation != "uniform" or f.rank_rule == "budget" or recipe.select.latency_aware:
+        return None
+    if f.method != "svd" and f.embeddings is not None:
+        return None
+    found = hub_skeleton(header, arch, model_kwargs)
+    if found is None:
+        return None
+    if f.method != "svd":  # calibrated block by block: every planned layer inside a transformer block
+        built = found[0]
+        blocks = tuple(f"{name}." for name, _ in built.family.blocks(built.model))
+        if not all(p.name.startswith(blocks) for p in plan_streamed(built.model, recipe, built.family) if p.factorized):
+            return None
+    return Streamable(*found)
 
 
 def factorize_checkpoint(
@@ -96,6 +138,7 @@ def factorize_checkpoint(
     layer_timer: LayerTimer | None = None,
     seq_len: int | None = None,
     device: str | None = "auto",
+    max_shard_size: int | str | None = None,
 ) -> FactorizeResult:
     """Factorize a checkpoint and write it, with its manifest, to `out` (default `<input>.lowrank.safetensors`; for a
     Hub folder, the folder `<folder>.lowrank` with its config and tokenizer files, unless `out` names a .safetensors file).
@@ -104,8 +147,16 @@ def factorize_checkpoint(
     `synthetic`) and `calib_samples` override the recipe's calibration settings, which
     `factorize.method: whitened | asvd` needs. With `select.latency_aware`, layers not faster
     factorized (timed by `layer_timer`) stay dense; the manifest records the timings. The SVDs run
-    on `device` (`auto`: the GPU when there is one).
+    on `device` (`auto`: the GPU when there is one). A folder's weights are written in shards of at most `max_shard_size`
+    (bytes, or `"500MB"`; default `"5GB"`), with their index when there are several.
+
+    A transformers Hub folder is streamed (`factorize.stream`) unless ranks are decided across layers (budget,
+    sensitivity) or latency-aware: the model is built without its weights, and each tensor is read from the checkpoint's
+    files, factorized and written to the output's shards in turn, so that memory holds one weight and its SVD (whitened,
+    ASVD: one block, its Grams and the calibration set's hidden states), never the model. The output is the in-memory
+    path's, tensor for tensor.
     """
+    max_bytes = shard_bytes(max_shard_size)
     svd_dev = resolve_device(device)
     recipe = with_calibration(recipe, calib_data, calib_samples).with_calibration_default()
     method = recipe.factorize.method
@@ -122,9 +173,13 @@ def factorize_checkpoint(
     else:
         out = output_beside(Path(path), ".lowrank.safetensors") if path is not None else Path(f"{arch or recipe.model}.lowrank.safetensors")
     inputs = (path,) if path is not None else ()
+    if max_shard_size is not None and not as_folder:
+        raise LowrankError(f"max_shard_size applies to a Hub folder's output folder, not to the file {out}", param="max_shard_size")
     # before the (long) SVDs; again atomically at the write
     (check_output_folder if as_folder else check_output)(out, force=force, inputs=inputs)
     check_calibration(recipe)
+    if as_folder and (stream := streamable(header, arch, kwargs, recipe)) is not None:
+        return _factorize_streamed(stream, path, header, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
     if built is None:  # weight-only: from the file alone
@@ -133,7 +188,7 @@ def factorize_checkpoint(
             todo = sum(p.factorized for p in plans)
             tensors = factorize_state_dict(f.get_tensor, plans, list(header.tensors), progress(todo) if progress else None, svd_dev)
         manifest = build_manifest(None, None, {}, plans, recipe, path)
-        manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs)
+        manifest = write_factorized(out, tensors, manifest, as_folder, folder, None, force=force, inputs=inputs, max_bytes=max_bytes)
         after = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         insp = Inspection(str(path), plans, header_params(header), after, rank_rule=recipe.factorize.rule_label(), allocation=alloc,
                           notes=[f"weight-only: {why}"])
@@ -152,11 +207,40 @@ def factorize_checkpoint(
                              latency=latency, rows=macs.linear_rows, device=svd_dev)
     timings = latency.to_dict() if latency is not None else None
     manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, method, timings, result.allocation)
-    manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs)
+    manifest = write_factorized(out, model.state_dict(), manifest, as_folder, built.folder, built, force=force, inputs=inputs,
+                                max_bytes=max_bytes)
     insp = Inspection(
         str(path) if path else None, result.plans, before, count_params(model), architecture=arch, model_kwargs=built.model_kwargs,
         macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
         allocation=result.allocation.to_dict() if result.allocation else None, latency=timings,
         architecture_source=built.source, notes=[built.note] if built.note else [], seq_len=family.text_length(model, seq_len),
+    )
+    return FactorizeResult(out, insp, manifest)
+
+
+def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, recipe: Recipe, out: Path, force: bool, inputs: tuple,
+                        progress, seq_len: int | None, device, max_bytes: int) -> FactorizeResult:
+    """A Hub folder factorized one tensor (plain SVD) or one block (whitened, ASVD) at a time from its files to the output's
+    shards (see `factorize_checkpoint`)."""
+    built = stream.built
+    model, family, arch = built.model, built.family, built.architecture
+    before = count_params(model)
+    macs = count_macs(zero_weights(model), family.example_at(model, seq_len), family.forward)  # weights of no memory
+    todo = sum(p.factorized for p in plan_streamed(model, recipe, family))
+    calibration = None
+    if recipe.factorize.method != "svd":
+        f = recipe.factorize
+        calibration = calibration_for(f.calib_data, family, model, header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+    with atomic_folder(out, force=force, inputs=inputs) as tmp:
+        with read_tensors(header) as reader, shard_writer(tmp, max_bytes) as writer:
+            result = factorize_streamed(model, recipe, reader.get_tensor, stream.sources, writer.add, family=family,
+                                        progress=progress(todo) if progress else None, device=device, calibration=calibration)
+            manifest = build_manifest(arch, family.name, built.model_kwargs, result.plans, recipe, path, recipe.factorize.method)
+            manifest = finish_factorized(writer, manifest)
+        write_folder_files(tmp, header.folder, built)
+    insp = Inspection(
+        str(path), result.plans, before, before - saved_params(result.plans), architecture=arch, model_kwargs=built.model_kwargs,
+        macs_before=macs.macs, macs_after=macs.macs_after(result.plans), rank_rule=recipe.factorize.rule_label(),
+        architecture_source=built.source, seq_len=family.text_length(model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)

@@ -16,9 +16,10 @@ import torch
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, read_header
+from lowrank_cli.io.safetensors import CheckpointHeader, read_header, read_tensors
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built, build_model
+from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
 from lowrank_cli.nn.lowrank import dense_weight
 from lowrank_cli.pipelines.common.inspection import (Inspection, build_or_weight_only, check_calibration, header_params, model_tensor_rows,
                                                      plan_weight_only, tensor_rows)
@@ -57,6 +58,13 @@ def inspect_checkpoint(
         recipe = recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"allocation": "uniform"})})
     check_calibration(recipe)
     needs_spectrum = spectrum or recipe.factorize.rank_rule in ("energy", "budget")
+    skeleton = hub_skeleton(header, arch, kwargs) if header is not None and not recipe.select.latency_aware else None
+    if skeleton is not None:  # a Hub folder: its headers, one weight at a time for spectra, never the model's weights
+        built, sources = skeleton
+        with read_tensors(header) as reader:
+            insp = _inspect_model(built, recipe, needs_spectrum, layer_timer, seq_len, lambda name: reader.get_tensor(sources[f"{name}.weight"]))
+        insp.notes += notes
+        return insp
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
     if built is None:  # weight-only: the header is all we read, plus one weight at a time for spectra
         plans, alloc = plan_weight_only(header, recipe, needs_spectrum)
@@ -68,12 +76,15 @@ def inspect_checkpoint(
     return insp
 
 
-def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None) -> Inspection:
+def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_timer: LayerTimer | None, seq_len: int | None,
+                   weight=None) -> Inspection:
+    """`weight(name)`: a layer's weight as stored (a skeleton's, read from the checkpoint); default: the model's own."""
     model, family = built.model, built.family
-    spec = functools.cache(lambda name: torch.linalg.svdvals(dense_weight(model.get_submodule(name))[0].float())) if needs_spectrum else None
+    weight = weight or (lambda name: dense_weight(model.get_submodule(name))[0])
+    spec = functools.cache(lambda name: torch.linalg.svdvals(weight(name).float())) if needs_spectrum else None  # σ(Wᵀ) = σ(W)
     plans = plan_layers(family.linear_candidates(model), recipe, spec)
     length = family.text_length(model, seq_len)
-    macs = count_macs(model, family.example_inputs(model, seq_len=length), family.forward)
+    macs = count_macs(zero_weights(model), family.example_inputs(model, seq_len=length), family.forward)  # a skeleton's: zeros of no memory
     alloc = None
     if recipe.factorize.rank_rule == "budget":  # allocated on σ(W): inspect has no calibration data
         alloc = allocate_ranks(plans, spec, recipe.factorize.min_rank, macs.linear_rows).to_dict()

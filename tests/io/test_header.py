@@ -93,3 +93,16 @@ def test_a_file_never_loads_with_weights_other_than_written(tmp_path):
     _, manifest, tensors = read_checkpoint(fact)  # the original is fine, and resaving records a new digest
     again = save_factorized(tmp_path / "again.safetensors", {k: v * 1 for k, v in tensors.items()}, manifest)
     assert again.weights_sha256 == manifest.weights_sha256
+
+
+@pytest.mark.parametrize("length", [0x280, 0x380, 0x480, 0x580])
+def test_a_header_length_that_starts_like_a_pickle_is_read(tmp_path, length):
+    """8-byte lengths of 0x280..0x5ff ending in 0x80 begin with the bytes of a raw pickle (0x80, protocol 2..5)."""
+    text = json.dumps({"a": A, "b": B})
+    path = raw_file(tmp_path, None, text=text + " " * (length - len(text)))
+    assert path.read_bytes()[:2] == bytes([0x80, length >> 8])
+    assert set(read_header(path).tensors) == {"a", "b"}
+    pickle = tmp_path / "p.pt"
+    pickle.write_bytes(bytes([0x80, length >> 8]) + b"]q\x00" + bytes(40))
+    with pytest.raises(LowrankError, match="looks like a PyTorch pickle"):
+        read_header(pickle)

@@ -30,6 +30,8 @@ def factorize(
     latency_aware: bool = opt.LatencyOpt,
     seq_len: Optional[int] = opt.SeqLenOpt,
     device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto (CUDA when available), cpu, cuda or cuda:N."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+                                                  help="A Hub folder's output: weight shards of at most this size (bytes, 500MB, 2GB; default 5GB)."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
@@ -41,7 +43,7 @@ def factorize(
         err_console.print(f"[yellow]note:[/] no checkpoint given: factorizing {model or r.model} with random weights")
     with layer_progress("SVD") as progress:
         result = factorize_checkpoint(checkpoint, r, out, model, opt.parse_model_args(model_arg), force, progress, calib_data, calib_samples,
-                                      seq_len=seq_len, device=device)
+                                      seq_len=seq_len, device=device, max_shard_size=max_shard_size)
     if as_json:
         print_json({"out": str(result.out), **result.inspection.to_dict()})
         return

@@ -17,7 +17,7 @@ from typing import Any
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest
-from lowrank_cli.io.safetensors import CheckpointHeader, read_header, sha256_file
+from lowrank_cli.io.safetensors import INDEX_SUFFIX, CheckpointHeader, read_header, sha256_file
 from lowrank_cli.models.build import ArchitectureHint
 from lowrank_cli.plan.select import LayerPlan, manifest_layers
 from lowrank_cli.recipe import Recipe
@@ -44,10 +44,13 @@ def _has_manifest(path: Path) -> bool:
 
 
 def checkpoint_in_run(run: Path) -> Path:
-    """The checkpoint a run directory holds: `student.safetensors`, else its newest factorized `*.safetensors`."""
+    """The checkpoint a run directory holds: `student.safetensors`, else a factorized folder in shards (the folder, whose
+    index holds the manifest), else its newest factorized `*.safetensors`."""
     student = run / STUDENT_FILE
     if student.is_file():
         return student
+    if (run / f"model{INDEX_SUFFIX}").is_file() and _has_manifest(run):
+        return run
     candidates = sorted((p for p in run.glob("*.safetensors") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
     for p in candidates:
         if _has_manifest(p):
