@@ -44,10 +44,12 @@ KINDS = {
 }
 
 
-def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
-    """A Hub-style folder (config.json, model.safetensors, tokenizer files) of a tiny model of `kind`."""
+def hub_model(root: Path, kind: str, seed: int = 0, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
+              name: str | None = None) -> Path:
+    """A Hub-style folder (config.json, model.safetensors, tokenizer files) of a tiny model of `kind`; its weights in `dtype`
+    when given (as a bf16 release is saved), in shards of at most `max_shard_size` bytes with their index when given."""
     arch, model_type, make_tokenizer, extra = KINDS[kind]
-    folder = root / kind
+    folder = root / (name or kind)
     folder.mkdir(parents=True)
     tokenizer = make_tokenizer(folder) if make_tokenizer else None
     settings = {**({} if kind in ("distilbert", "gpt2") else TINY), **extra}
@@ -58,7 +60,9 @@ def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
-    model.save_pretrained(str(folder))
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(str(folder), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     if tokenizer is not None:
         if kind == "llama-tied":
             tokenizer.chat_template = CHAT_TEMPLATE
