@@ -6,15 +6,9 @@ tests/benchmarks/bench_matrix.py."""
 from __future__ import annotations
 
 import pytest
-from fixtures_real import CheckpointCache
 from matrix_cells import all_pairs, cell_id, run_cell, verdict
 
 CELLS = all_pairs()
-
-
-@pytest.fixture(scope="session")
-def real_checkpoints(tmp_path_factory):
-    return CheckpointCache(tmp_path_factory.mktemp("real"))
 
 
 @pytest.mark.slow
