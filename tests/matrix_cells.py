@@ -59,12 +59,13 @@ class Verdict:
 
 
 def _refusals(c: dict[str, str]) -> list[Verdict]:
+    """The reasons a cell must be refused, in the order the commands check them (the recipe's rank rule before its method)."""
     out = []
-    if c["distill"] == "pclora" and c["method"] != "svd":
-        out.append(Verdict("refused", "PC-LoRA initialises its own adapters", "compress", ("distill.method 'pclora'", "set factorize.method to 'svd'")))
     if c["distill"] == "pclora" and c["rule"] in ("energy", "budget"):
         out.append(Verdict("refused", "PC-LoRA's ranks come from κ or a fixed rank", "compress",
                            ("distill.method 'pclora' takes its adapter ranks from factorize.rank_rule 'kappa' or 'rank'",)))
+    if c["distill"] == "pclora" and c["method"] != "svd":
+        out.append(Verdict("refused", "PC-LoRA initialises its own adapters", "compress", ("distill.method 'pclora'", "set factorize.method to 'svd'")))
     if c["export"] == "onnx" and c["export_dtype"] != "fp32":
         out.append(Verdict("refused", "ONNX exports are float32", "export",
                            (f"--dtype {TORCH_DTYPE[c['export_dtype']]} is not supported for the onnx format", "accepted: float32")))
