@@ -225,6 +225,11 @@ def run_cell(c: dict[str, str], checkpoint: Callable[[str, str], Path], work: Pa
             assert sorted(p.name for p in work.iterdir()) == before, "a refused compress wrote something"
             return CellResult(c, "refused", time.perf_counter() - start, err.strip())
     assert code == 0, f"{'factorize' if c['distill'] == 'none' else 'compress'} failed ({code}): {err[-3000:]}"
+    if c["distill"] != "none":  # trained by as many processes as asked, each to the same weights
+        report = json.loads((factorized_out / "report.json").read_text())
+        assert report.get("world_size", 1) == int(c["nproc"]) and report["method"] == c["distill"], (report.get("world_size"), report["method"])
+        assert len(set(report.get("rank_weight_sha256") or [None])) == 1, report.get("rank_weight_sha256")
+        assert report["train"]["steps"] == 2, report["train"]
     figures: dict[str, Any] = {}
     check_plan(c, source, factorized, figures)
     exported = work / ("export.onnx" if c["export"] == "onnx" else "export.safetensors" if c["export"] == "safetensors"
