@@ -5,7 +5,8 @@ export dtype (tests/matrix_cells.py), on the tiny checkpoints shaped like real o
 run through the command line in this process and checked: ranks, strict reloads, written dtypes, export outputs
 relative to their scale. Prints each cell's status and time, then passed / failed / refused / skipped and the total.
 
-Run: python tests/benchmarks/bench_matrix.py [--family llama gpt2 ...] [--limit N] [--every K] [--json out.json]
+Run: python tests/benchmarks/bench_matrix.py [--family llama gpt2 ...] [--only ckpt_dtype=bf16 ...] [--limit N] [--every K]
+     [--nproc2] [--json out.json]
      (--every K runs every K-th cell of the product, for a quick sample; --nproc2 adds the two-process cells)
 """
 
@@ -30,6 +31,7 @@ from matrix_cells import CellResult, cell_id, product, run_cell, verdict  # noqa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="*", help="only these families")
+    ap.add_argument("--only", nargs="*", default=[], metavar="FACTOR=VALUE", help="only cells with these values (e.g. ckpt_dtype=bf16)")
     ap.add_argument("--every", type=int, default=1, help="every K-th meaningful cell of the product")
     ap.add_argument("--limit", type=int, help="at most N cells")
     ap.add_argument("--nproc2", action="store_true", help="the --nproc 2 cells too (a torchrun launch each)")
@@ -37,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cells = [c for c in product() if (args.nproc2 or c["nproc"] == "1") and (not args.family or c["family"] in args.family)
-             and verdict(c).kind != "skip"]
+             and verdict(c).kind != "skip" and all(c[k] == v for k, v in (o.split("=", 1) for o in args.only))]
     cells = cells[:: args.every][: args.limit]
     results: list[CellResult] = []
     start = time.perf_counter()
