@@ -8,8 +8,8 @@
 - `deit`: timm's distilled DeiT (a class and a distillation token, two heads), a timm Hub folder;
 - `swin`: timm's Swin (windowed attention, patch merging), a timm Hub folder.
 
-Each in fp32 or bf16 (`dtype`): a bf16 checkpoint is written in bf16, as real releases are. Random weights,
-no download; text models carry tokenizers trained here on Python's own docstrings (`hf_models`).
+Each in fp32 or bf16 (`dtype`): a bf16 checkpoint is written in bf16, as real releases are. Random weights (the causal
+LMs trained a few steps, so that their top-1 predictions are not near-ties), no download; text models carry tokenizers trained here on Python's own docstrings (`hf_models`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ FAMILIES = ("llama", "gpt2", "bert", "hf-vit", "deit", "swin")
 TEXT = ("llama", "gpt2", "bert")  # tokenizers, text data, embedding tables
 SHARD_BYTES = 60_000  # the tiny Llama's fp32 weights are ~150 kB: 3 shards (2 in bf16)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LM_PRETRAIN_STEPS = 150  # causal LMs: confident next-token logits, as a released model's (hf_models.pretrain_lm)
 
 
 def timm_folder(root: Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -52,7 +53,8 @@ def real_checkpoint(root: Path, family: str, dtype: str = "fp32") -> Path:
     if family in TIMM:
         return timm_folder(root, family, torch_dtype)
     shards = SHARD_BYTES if family == "llama" else None
-    return hub_model(root, HUB[family], dtype=None if dtype == "fp32" else torch_dtype, max_shard_size=shards, name=family)
+    steps = LM_PRETRAIN_STEPS if family in ("llama", "gpt2") else 0
+    return hub_model(root, HUB[family], dtype=None if dtype == "fp32" else torch_dtype, max_shard_size=shards, name=family, pretrain_steps=steps)
 
 
 class CheckpointCache:
