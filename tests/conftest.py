@@ -136,3 +136,11 @@ def cli(capsys):
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
+
+
+@pytest.fixture(scope="session")
+def real_checkpoints(tmp_path_factory):
+    """`(family, dtype) -> folder` of the tiny checkpoints shaped like real ones (tests/fixtures_real.py), each built once."""
+    from fixtures_real import CheckpointCache
+
+    return CheckpointCache(tmp_path_factory.mktemp("real"))

@@ -44,10 +44,35 @@ KINDS = {
 }
 
 
-def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
-    """A Hub-style folder (config.json, model.safetensors, tokenizer files) of a tiny model of `kind`."""
+def pretrain_lm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, steps: int, seed: int = 0) -> None:
+    """A few Adam steps of next-token prediction on Python's docstrings: the causal LM's logits then prefer frequent tokens
+    by clear margins, as a trained model's do (a random one's are near-ties, which any rounding reorders)."""
+    docs = [d for d in pydoc_documents().texts[:200] if d.strip()]
+    rows = [tokenizer.encode(d)[:32] for d in docs]
+    input_ids = torch.full((len(rows), 32), tokenizer.pad_token_id)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+    ids = {"input_ids": input_ids, "attention_mask": (torch.arange(32) < torch.tensor([len(r) for r in rows])[:, None]).long()}
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(docs), (16,), generator=gen)
+        batch, mask = ids["input_ids"][pick], ids["attention_mask"][pick]
+        loss = model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def hub_model(root: Path, kind: str, seed: int = 0, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
+              name: str | None = None, pretrain_steps: int = 0) -> Path:
+    """A Hub-style folder (config.json, model.safetensors, tokenizer files) of a tiny model of `kind`; its weights in `dtype`
+    when given (as a bf16 release is saved), in shards of at most `max_shard_size` bytes with their index when given; a causal
+    LM first trained `pretrain_steps` steps (`pretrain_lm`)."""
     arch, model_type, make_tokenizer, extra = KINDS[kind]
-    folder = root / kind
+    folder = root / (name or kind)
     folder.mkdir(parents=True)
     tokenizer = make_tokenizer(folder) if make_tokenizer else None
     settings = {**({} if kind in ("distilbert", "gpt2") else TINY), **extra}
@@ -58,7 +83,11 @@ def hub_model(root: Path, kind: str, seed: int = 0) -> Path:
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
-    model.save_pretrained(str(folder))
+    if pretrain_steps:
+        pretrain_lm(model, tokenizer, pretrain_steps, seed)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(str(folder), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     if tokenizer is not None:
         if kind == "llama-tied":
             tokenizer.chat_template = CHAT_TEMPLATE

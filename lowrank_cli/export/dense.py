@@ -12,11 +12,13 @@ from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear
 from lowrank_cli.nn.surgery import replace_modules
 
 
-def merge_state_dict(tensors: dict[str, torch.Tensor], layers: Mapping[str, LayerEntry]) -> dict[str, torch.Tensor]:
+def merge_state_dict(tensors: dict[str, torch.Tensor], layers: Mapping[str, LayerEntry],
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Each factorized layer's pair becomes its dense tensors again, as the original module stores them:
     `<layer>.weight = up · down` (transposed for GPT-2's Conv1D) and `<layer>.bias`; an embedding's
-    `lookup · projᵀ`. Products in fp32. Works on the state dict alone, so weight-only checkpoints
-    merge too; key order is kept.
+    `lookup · projᵀ`. Products in fp32, rounded once to `dtype` (the export's) or else the factors' own:
+    an fp32 export of bf16 factors keeps the product in fp32 instead of rounding it to bf16 first. Works on
+    the state dict alone, so weight-only checkpoints merge too; key order is kept.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -27,11 +29,11 @@ def merge_state_dict(tensors: dict[str, torch.Tensor], layers: Mapping[str, Laye
             out[key] = value
         elif half == "down" and leaf == "weight":
             w = tensors[f"{parent}.up.weight"].float() @ value.float()
-            out[f"{parent}.weight"] = (w.T.contiguous() if entry.kind == "conv1d" else w).to(value.dtype)
+            out[f"{parent}.weight"] = (w.T.contiguous() if entry.kind == "conv1d" else w).to(dtype or value.dtype)
             if f"{parent}.up.bias" in tensors:
                 out[f"{parent}.bias"] = tensors[f"{parent}.up.bias"]
         elif half == "lookup" and leaf == "weight":
-            out[f"{parent}.weight"] = (value.float() @ tensors[f"{parent}.proj.weight"].float().T).to(value.dtype)
+            out[f"{parent}.weight"] = (value.float() @ tensors[f"{parent}.proj.weight"].float().T).to(dtype or value.dtype)
     return out
 
 

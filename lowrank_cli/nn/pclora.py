@@ -2,7 +2,8 @@
 
 Each selected linear becomes `F(x) = λ(n)·(W₀ x + b₀) + B(A(x)) + C` with `A = down`,
 `B = up` and `C = up.bias` trainable and the frozen branch `(W₀, b₀)` untouched by the
-optimizer. λ goes from 1 to 0 over the first q optimizer steps and stays 0; then the frozen
+optimizer. A layer without a bias (Llama's) gets no `C` either: its PELA student has none, and
+the PC-LoRA student must have the same structure (and load by the same manifest). λ goes from 1 to 0 over the first q optimizer steps and stays 0; then the frozen
 branch is dropped and what remains is exactly a `LowRankLinear`: the structure and manifest
 of a PELA student.
 
@@ -62,7 +63,7 @@ class PCLoRALinear(nn.Module):
         self.frozen_weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
         self.frozen_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=True, device=device, dtype=dtype)  # up.bias is C
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # up.bias is C, when the layer has a bias
         self.lam = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +87,14 @@ class PCLoRALinear(nn.Module):
                 bound = 1 / math.sqrt(d_in)
                 layer.down.weight.uniform_(-bound, bound, generator=generator)
                 layer.up.weight.zero_()
-                layer.up.bias.zero_()
+                if layer.up.bias is not None:
+                    layer.up.bias.zero_()
             elif init == "svd":
                 up, down = truncated_factors(w, rank, device=svd_device)
                 layer.down.weight.copy_(down)
                 layer.up.weight.copy_(up)
-                layer.up.bias.copy_(b.detach() if b is not None else torch.zeros_like(layer.up.bias))
+                if b is not None:
+                    layer.up.bias.copy_(b.detach())
             else:
                 raise ValueError(f"unknown adapter init {init!r}; accepted: lora, svd")
             initial = layer.up.weight.float() @ layer.down.weight.float()
@@ -102,7 +105,8 @@ class PCLoRALinear(nn.Module):
 
     def to_low_rank(self) -> LowRankLinear:
         """The adapters alone (what the layer computes at λ = 0), as a `LowRankLinear`."""
-        return LowRankLinear.from_factors(self.up.weight.detach().clone(), self.down.weight.detach().clone(), self.up.bias.detach().clone())
+        bias = None if self.up.bias is None else self.up.bias.detach().clone()
+        return LowRankLinear.from_factors(self.up.weight.detach().clone(), self.down.weight.detach().clone(), bias)
 
 
 def set_lambda(model: nn.Module, lam: float) -> None:

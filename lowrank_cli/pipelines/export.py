@@ -133,7 +133,7 @@ def export_dense(path: Path, out: Path, *, dtype: str | None = None, force: bool
         raise LowrankError(f"max_shard_size applies to a transformers model's dense export (a Hub folder), not to {path}", param="max_shard_size")
     check_output(out, force=force, inputs=(path,))
     cast = parse_dtype(dtype) if dtype else None
-    dense_sd = merge_state_dict(read_checkpoint(path)[2], manifest.layers)
+    dense_sd = merge_state_dict(read_checkpoint(path)[2], manifest.layers, cast)  # products rounded once, to the asked dtype
     params, macs, verification = None, None, None
     if not manifest.weight_only:
         factorized = build_model(path)
@@ -166,7 +166,7 @@ def export_dense_hub(path: Path, out: Path, header, manifest: Manifest, *, dtype
     cast = parse_dtype(dtype) if dtype else None
     factorized = build_model(path)
     family, model = factorized.family, factorized.model
-    dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers), cast)
+    dense_sd = cast_tensors(merge_state_dict(read_checkpoint(path)[2], manifest.layers, cast), cast)  # products rounded once, to the asked dtype
     low_precision = _low_precision(dense_sd)
     merged = family.create(manifest.architecture, manifest.model_kwargs)
     load_state_dict_strict(merged, dense_sd, path, manifest.architecture)

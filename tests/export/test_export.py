@@ -209,3 +209,20 @@ def test_export_bad_inputs_one_line_errors(cli, vit_ckpt, fact_ckpt, tmp_path, m
     assert r.code == 0, r.err
     assert "blocks.0.attn.qkv.weight" in read_header(existing).tensors
     one_line_error(cli("export", fact_ckpt, "--format", "safetensors", "--out", fact_ckpt, "--force"), "refusing to overwrite the input")
+
+
+def test_a_dense_fp32_export_of_bf16_factors_keeps_the_product_in_fp32():
+    """`up · down` of bf16 factors was rounded to bf16 before an fp32 export cast it up: 6e-4 of a bf16 Llama's outputs
+    off, above the fp32 check (found by tests/test_matrix.py). The product is rounded once, to the asked dtype."""
+    from lowrank_cli.export.dense import merge_state_dict
+    from lowrank_cli.io.manifest import LayerEntry
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(48, 8, generator=g).bfloat16(), torch.randn(8, 32, generator=g).bfloat16()
+    tensors = {"fc.up.weight": up, "fc.down.weight": down, "fc.up.bias": torch.zeros(48, dtype=torch.bfloat16)}
+    layers = {"fc": LayerEntry(rank=8, d_in=32, d_out=48)}
+    exact = up.float() @ down.float()
+    assert torch.equal(merge_state_dict(tensors, layers, torch.float32)["fc.weight"], exact)
+    kept = merge_state_dict(tensors, layers)["fc.weight"]  # no dtype asked: the factors' own
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, exact.bfloat16())
+    assert merge_state_dict(tensors, layers, torch.float16)["fc.weight"].dtype == torch.float16

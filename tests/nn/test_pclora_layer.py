@@ -30,6 +30,22 @@ def test_layer_equals_original_at_lambda_one(init):
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"down.weight", "up.weight", "up.bias"}
 
 
+@pytest.mark.parametrize("init", ["lora", "svd"])
+def test_a_layer_without_bias_gets_no_adapter_bias(init):
+    """Llama's linears have no bias: a PC-LoRA student kept a `C` for them, which the PELA manifest (bias: false) did not
+    list, so the student written did not reload (found by tests/test_matrix.py)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 48, bias=False)
+    layer = PCLoRALinear.from_linear(dense, 8, init)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert layer.up.bias is None and layer.frozen_bias is None
+    layer.lam = 0.0
+    low = layer.to_low_rank()
+    assert low.up.bias is None and set(low.state_dict()) == set(LowRankLinear.from_linear(dense, 8).state_dict())
+    torch.testing.assert_close(low(x), layer(x), rtol=0, atol=0)
+
+
 def test_lora_init_is_the_papers_formula():
     torch.manual_seed(0)
     dense = nn.Linear(16, 24)
