@@ -31,9 +31,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def teacher_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The dtype the frozen teacher runs in: the training's autocast dtype on CUDA (`distill.amp` bf16/fp16), else None (as it is)."""
-    if device.type != "cuda" or amp == "none":
+def teacher_dtype(device: torch.device, amp: str, strategy: str = "ddp") -> torch.dtype | None:
+    """The dtype the frozen teacher runs in: the training's autocast dtype on CUDA (`distill.amp` bf16/fp16), else None (as it is).
+
+    Under `distill.strategy` fsdp, None: the teacher is sharded as it is, and FSDP's mixed-precision policy gathers its weights
+    in bf16 (a cast copy would be a second, whole teacher on every process)."""
+    if device.type != "cuda" or amp == "none" or strategy == "fsdp":
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
