@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import one_line_error, tiny_recipe
 
 from lowrank_cli.distill.fsdp import _fill, _skeleton
@@ -39,8 +40,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_two_fsdp_processes_train_as_one_and_resume_exactly(tmp_path, vit_ckpt):
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
-    two = tiny_recipe(tmp_path / "two", strategy="fsdp", batch_size=8)  # 2 × 8: the global batch of one process of 16
-    one = tiny_recipe(tmp_path / "one", strategy="fsdp", batch_size=16)
+    # PC-LoRA: frozen dense weights beside trained adapters in the same blocks; held-out evaluations during training
+    settings = {"strategy": "fsdp", "method": "pclora", "eval_every": 4, "eval_examples": 16}
+    two = tiny_recipe(tmp_path / "two", batch_size=8, **settings)  # 2 × 8: the global batch of one process of 16
+    one = tiny_recipe(tmp_path / "one", batch_size=16, **settings)
     single = compress_checkpoint(vit_ckpt, load_recipe(str(one)), out=tmp_path / "run1", device="cpu")
 
     proc = torchrun(2, vit_ckpt, two, tmp_path / "run2")
@@ -56,12 +59,20 @@ def test_two_fsdp_processes_train_as_one_and_resume_exactly(tmp_path, vit_ckpt):
     assert s1.keys() == s2.keys()  # the gathered student is the file one process writes
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=1e-4, msg=k)
-    # checkpoints are whole: the student loads alone, the optimizer state has a full-size moment per parameter
+    evals = lambda run: [r["eval"]["top1"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" in r]  # noqa: E731
+    assert len(evals(tmp_path / "run2")) == 2 and evals(tmp_path / "run2") == evals(tmp_path / "run1")  # steps 0 and 4
+    # each process holds half the parameters and optimizer state, and gradients of the adapters only
+    shards, whole = report["train"]["state_bytes"], single["train"]["state_bytes"]
+    assert shards["params"] < 0.6 * whole["params"] and shards["optimizer"] < 0.6 * whole["optimizer"]
+    assert shards["grads"] < 0.6 * whole["grads"] and whole["grads"] < 0.5 * whole["params"]
+    # checkpoints are whole: the student loads alone, the optimizer state is one process's (by index, full size)
     ckpt = tmp_path / "run2" / "checkpoint-000003.safetensors"
-    assert weights(ckpt).keys() == s1.keys()
-    state = load_training_state(ckpt.with_name("checkpoint-000003.state.safetensors"))
-    trained = [v for v in load(ckpt).parameters()]
-    assert sorted(t["exp_avg"].numel() for t in state.optimizer["state"].values()) == sorted(p.numel() for p in trained)
+    mid, mid1 = load_file(ckpt), load_file(tmp_path / "run1" / "checkpoint-000003.safetensors")  # PC-LoRA's, with the dense weights
+    assert mid.keys() == mid1.keys() and all(mid[k].shape == mid1[k].shape for k in mid)
+    state, reference = (load_training_state(run / "checkpoint-000003.state.safetensors") for run in (tmp_path / "run2", tmp_path / "run1"))
+    assert state.optimizer["state"].keys() == reference.optimizer["state"].keys()
+    for i, moments in state.optimizer["state"].items():
+        torch.testing.assert_close(moments["exp_avg"], reference.optimizer["state"][i]["exp_avg"], rtol=1e-3, atol=1e-7)
 
     # what a kill after step 5 leaves (checkpoints up to step 3, metrics up to step 5, no student), resumed on 2 processes:
     # the uninterrupted run, exactly (tests/benchmarks/bench_fsdp.py --sweep kills real runs at every step)
