@@ -96,8 +96,9 @@ def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float, names: lis
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     tables = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, LowRankEmbedding)) for p in m.parameters()}
     decay, no_decay = [], []
+    chosen = None if names is None else set(names)
     for name, p in model.named_parameters():
-        if (p.requires_grad if names is None else name in names):
+        if (p.requires_grad if chosen is None else name in chosen):
             (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, **adamw_implementation(decay + no_decay))
