@@ -307,6 +307,9 @@ def train(
             if teacher is not None:
                 sharded.append(Sharded(teacher, [m for _, m in blocks(teacher)], policy, frozen=True))
             if varies:  # a parameter some processes use and others not: reduce-scatter zeros for it, as DDP's find_unused_parameters
+                if not hasattr(student, "set_reduce_scatter_unused_params"):
+                    raise LowrankError(f"some parameters get a gradient on some processes only, which FSDP in torch {torch.__version__} "
+                                       "cannot reduce; set distill.strategy to ddp, or use a newer torch")
                 student.set_reduce_scatter_unused_params(True)
         else:
             model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
