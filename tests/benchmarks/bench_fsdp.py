@@ -62,9 +62,10 @@ def build(root: Path, args) -> tuple[Path, Path]:
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    text = " ".join(pydoc_documents().texts)
-    words = text.split()
-    lines = [" ".join(words[i * 200:(i + 1) * 200]) for i in range(args.steps * 8 * 5 // 4 + 4)]  # 200 words > 128 tokens each
+    words = " ".join(pydoc_documents().texts).split()
+    count = args.steps * 8 * 5 // 4 + 8  # 80 % of them train: at least `steps` batches of 8
+    words = words * (1 + count * 200 // len(words))  # the documentation again if it is too short
+    lines = [" ".join(words[i * 200:(i + 1) * 200]) for i in range(count)]  # 200 words > 128 tokens each
     data = root / "text.txt"
     data.write_text("\n".join(lines) + "\n")
     return folder, data
