@@ -231,6 +231,18 @@ class DistillConfig(_Strict):
     # `eval_examples` held-out examples (None: all), logged with the wall time to metrics.jsonl and the report
     eval_every: int = Field(default=0, ge=0)
     eval_examples: int | None = Field(default=None, ge=1)
+    # several processes: `ddp` keeps a whole student, its gradients and optimizer state on each; `fsdp` (FSDP2) shards
+    # them per transformer block over the processes, and the frozen teacher too (one process trains alike with either)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _fsdp_limits(self) -> "DistillConfig":
+        if self.strategy == "fsdp" and self.amp == "fp16":
+            raise ValueError("distill.strategy 'fsdp' trains with distill.amp bf16 or none (fp16's grad scaler is not sharded); set amp to bf16")
+        if self.strategy == "fsdp" and self.beta > 0:
+            raise ValueError("distill.beta (PELA's L_rwp) reads every whole weight outside the forward pass, which distill.strategy 'fsdp' "
+                             "keeps sharded; set beta to 0 or strategy to ddp")
+        return self
 
 
 class Recipe(_Strict):

@@ -52,6 +52,8 @@ NprocOpt = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) to train 
 NnodesOpt = typer.Option(1, "--nnodes", min=1, help="Machines (nodes) taking part; run the same command on each, with its --node-rank.")
 NodeRankOpt = typer.Option(0, "--node-rank", min=0, help="This machine's place among --nnodes, 0 to N-1; node 0 writes the run.")
 RdzvEndpointOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 and a free port there, the same on every node (needed with --nnodes > 1).")
+StrategyOpt = typer.Option(None, "--strategy", help="Several processes: ddp (a whole student on each) or fsdp (student, gradients, "
+                           "optimizer state and teacher sharded per block). Overrides the recipe's distill.strategy.")
 ModelArgs = Optional[List[str]]
 
 

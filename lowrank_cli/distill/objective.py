@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_cli.distill.fsdp import is_sharded
 from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, pooled_cosine_loss, weight_perturbation_loss
 from lowrank_cli.models.family import Inputs, ModelFamily, call_model
 from lowrank_cli.recipe import DistillConfig
@@ -31,9 +32,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def teacher_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The dtype the frozen teacher runs in: the training's autocast dtype on CUDA (`distill.amp` bf16/fp16), else None (as it is)."""
-    if device.type != "cuda" or amp == "none":
+def teacher_dtype(device: torch.device, amp: str, strategy: str = "ddp") -> torch.dtype | None:
+    """The dtype the frozen teacher runs in: the training's autocast dtype on CUDA (`distill.amp` bf16/fp16), else None (as it is).
+
+    Under `distill.strategy` fsdp, None: the teacher is sharded as it is, and FSDP's mixed-precision policy gathers its weights
+    in bf16 (a cast copy would be a second, whole teacher on every process)."""
+    if device.type != "cuda" or amp == "none" or strategy == "fsdp":
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -42,7 +46,7 @@ class _AgainstTeacher:
     """What both distillation objectives share: a frozen teacher, block hooks on both models,
     and one forward of each per step giving the base (task) term and the feature KD term.
 
-    The teacher runs under `torch.inference_mode()` (no autograd bookkeeping at all); its
+    The teacher runs under `torch.inference_mode()` (no autograd bookkeeping at all; `torch.no_grad()` when FSDP shards it); its
     outputs are cloned out of inference mode, so that the loss may save them for backward.
     With `dtype` (CUDA autocast: bf16/fp16) it runs on a copy cast once to that dtype, rather
     than autocast casting its fp32 weights again at every step; `teacher` itself is unchanged.
@@ -62,7 +66,9 @@ class _AgainstTeacher:
             raise ValueError("student and teacher blocks differ")
 
     def base_and_feature_terms(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode():
+        # FSDP's gathered weights outlive a forward pass: made in inference mode, a later forward under no_grad (an
+        # evaluation) could not refill them; a sharded teacher runs under no_grad instead
+        with torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode():
             teacher_logits = self.forward(self.teacher, inputs)
             teacher_feats = self.teacher_blocks.take()
         teacher_logits, teacher_feats = teacher_logits.clone(), [t.clone() for t in teacher_feats]  # normal tensors: autograd may save them

@@ -25,11 +25,13 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_cli.data.loaders import EpochSampler, train_loader
 from lowrank_cli.data.stream import StreamState, TextStream
 from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.distill.fsdp import Sharded, load_optimizer_state, mixed_precision
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.rundir import Position, TrainingState
 from lowrank_cli.models.family import Inputs, inputs_to
@@ -51,6 +53,10 @@ class TrainResult:
     images: int
     last_terms: dict[str, float]
     untrained: list[str] = field(default_factory=list)  # trainable parameters no gradient reaches (left as they were)
+    # this process's bytes of parameters, gradients and optimizer state after the first step (FSDP: its shards)
+    state_bytes: dict[str, int] = field(default_factory=dict)
+    student: nn.Module | None = None  # the trained student: the one given, or under FSDP a plain copy holding the gathered weights
+    teacher: nn.Module | None = None  # the teacher given, likewise
 
 
 def learning_rate(cfg: DistillConfig, global_batch: int) -> float:
@@ -94,8 +100,11 @@ def check_steps(n_images: int | None, cfg: DistillConfig, world: int = 1) -> Non
         raise LowrankError(f"the training split has {n_images} examples, fewer than one step of {global_batch} (distill.batch_size × processes × distill.accum_steps)")
 
 
-def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.optim.AdamW:
+def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float, names: list[str] | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (timm's `param_groups_weight_decay` rule), none on embedding tables; fused on CUDA.
+
+    Over the parameters that require grad, or those `names` (the same set, whatever a probe froze since: so the
+    optimizer's indices, and a checkpoint's state, do not depend on the number of processes).
 
     Embedding tables are found by module type, not by name: every `nn.Embedding`'s weight and
     both factors of a `LowRankEmbedding` (a table tied to an LM head is the same parameter, so it too).
@@ -103,8 +112,9 @@ def create_optimizer(model: nn.Module, cfg: DistillConfig, lr: float) -> torch.o
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     tables = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, LowRankEmbedding)) for p in m.parameters()}
     decay, no_decay = [], []
+    chosen = None if names is None else set(names)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if (p.requires_grad if chosen is None else name in chosen):
             (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, **adamw_implementation(decay + no_decay))
@@ -227,8 +237,18 @@ def _too_short(cfg: DistillConfig, env: DistEnv) -> LowrankError:
                         "(distill.batch_size × processes × distill.accum_steps); give more text or lower distill.batch_size")
 
 
-def _all_finite(params) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in params)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard under FSDP, the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This process's bytes of `model`'s parameters, their gradients and `optimizer`'s state (under FSDP: its shards)."""
+    size = lambda t: _local(t).numel() * _local(t).element_size()  # noqa: E731
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"params": sum(size(p) for p in params), "grads": sum(size(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(size(v) for v in states)}
 
 
 def _checks_every_step(device: torch.device, env: DistEnv) -> bool:
@@ -239,10 +259,19 @@ def _checks_every_step(device: torch.device, env: DistEnv) -> bool:
 
 def _nonfinite_since(bad_losses: torch.Tensor, params: list[torch.Tensor], env: DistEnv) -> bool:
     """Whether any process saw a non-finite loss (counted in `bad_losses`) or holds a non-finite weight: one sync."""
-    flags = torch.stack([bad_losses.float().reshape(()), *[(~torch.isfinite(p)).any().float() for p in params]]).max().reshape(1)
+    flags = torch.stack([bad_losses.float().reshape(()), *[(~torch.isfinite(_local(p))).any().float() for p in params]]).max().reshape(1)
     if env.distributed:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return bool(flags.item())
+
+
+def _mean_over_processes(values: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
+    """Each value averaged over the processes (the global batch's loss terms, as one process of that batch would log them)."""
+    if not env.distributed or not values:
+        return values
+    stacked = torch.stack([v.float().reshape(()) for v in values])
+    torch.distributed.all_reduce(stacked)
+    return list(stacked / env.world)
 
 
 Checkpoint = Callable[[Position, torch.optim.Optimizer, Any], str]
@@ -261,6 +290,8 @@ def train(
     checkpoint: Checkpoint | None = None,
     step_hook: Callable[[Position], None] | None = None,
     schedule: Callable[[int], dict[str, float]] | None = None,
+    teacher: nn.Module | None = None,
+    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None,
 ) -> TrainResult:
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
@@ -273,6 +304,10 @@ def train(
     values it returns are logged with the step.
     Parameters no gradient reaches are left as they are and named in `TrainResult.untrained`;
     under DDP they are found by a probe of the first batch and frozen for the run.
+    With `cfg.strategy` fsdp on several processes, `student` and the frozen `teacher` the objective runs (when
+    given) are sharded per block of `blocks(model)` (the family's) for the run; the result's `student` and
+    `teacher` are then plain copies holding the gathered weights (every process gets them), to use from
+    here on in place of the ones given. The checkpoint callback gets the optimizer: `fsdp.full_state` gathers it.
     Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
     """
     device, cuda = env.device, env.device.type == "cuda"
@@ -288,11 +323,10 @@ def train(
     total = total_steps(train_examples(dataset), cfg, env.world)
     warmup = warmup_steps(cfg, steps_per_epoch, total)
     peak = learning_rate(cfg, global_batch)
-    optimizer = create_optimizer(student, cfg, peak)
+    optimized = [n for n, p in student.named_parameters() if p.requires_grad]  # before a probe freezes any
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
     pos = Position()
     if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
         if resume.scaler:
             scaler.load_state_dict(resume.scaler)
         pos = Position(**vars(resume.position))
@@ -302,6 +336,7 @@ def train(
     scheduled = schedule(pos.step) if schedule is not None else {}
     untrained: list[str] | None = None
     model: nn.Module = student
+    sharded: list[Sharded] = []
     if env.distributed:
         # DDP waits for a gradient of every parameter it reduces: find those no gradient reaches (an unused
         # pooler, a head the loss never reads) on the first batch, and freeze them before wrapping. The
@@ -318,8 +353,27 @@ def train(
         named = dict(student.named_parameters())
         for name in untrained:
             named[name].requires_grad_(False)
-        model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
+        if cfg.strategy == "fsdp":
+            if blocks is None:
+                raise ValueError("distill.strategy 'fsdp' shards the models per block: give train() their `blocks`")
+            policy = mixed_precision(device, cfg.amp)
+            sharded.append(Sharded(student, [m for _, m in blocks(student)], policy))
+            if teacher is not None:
+                sharded.append(Sharded(teacher, [m for _, m in blocks(teacher)], policy, frozen=True))
+            if varies:  # a parameter some processes use and others not: reduce-scatter zeros for it, as DDP's find_unused_parameters
+                if not hasattr(student, "set_reduce_scatter_unused_params"):
+                    raise LowrankError(f"some parameters get a gradient on some processes only, which FSDP in torch {torch.__version__} "
+                                       "cannot reduce; set distill.strategy to ddp, or use a newer torch")
+                student.set_reduce_scatter_unused_params(True)
+        else:
+            model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None, find_unused_parameters=varies)
+    # the optimizer is built over the model as it trains (FSDP's sharded parameters), with what a probe froze
+    # (it stays in its state, never stepped), so that a resume at any world size loads it
+    optimizer = create_optimizer(student, cfg, peak, optimized)
+    if resume is not None:
+        load_optimizer_state(student, optimizer, resume.optimizer)
     trainable = [p for p in student.parameters() if p.requires_grad]
+    measured: dict[str, int] = {}
     optimizer.zero_grad(set_to_none=True)  # whatever came before (a local stage) leaves no gradient in the first step
     check_every_step = _checks_every_step(device, env)
     bad_losses = torch.zeros((), device=device)  # non-finite losses since the last checkpoint, counted without a sync
@@ -351,7 +405,7 @@ def train(
             for micro in range(cfg.accum_steps):
                 inputs, labels = next(batches)
                 inputs, labels = inputs_to(inputs, device, non_blocking=True), labels.to(device, non_blocking=True)
-                sync = model.no_sync() if env.distributed and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
+                sync = _accumulating(model, sharded, env, micro < cfg.accum_steps - 1)
                 with sync:
                     with _autocast(device, cfg.amp):
                         loss, terms = objective(model, inputs, labels)
@@ -366,6 +420,9 @@ def train(
                 bad_losses += ~torch.isfinite(loss_sum)
             is_log = (pos.step + 1) % cfg.log_every == 0 or pos.step + 1 == total
 
+            if is_log and env.distributed:
+                loss_sum, *averaged = _mean_over_processes([loss_sum, *terms_sum.values()], env)
+                terms_sum = dict(zip(terms_sum, averaged))
             if check_every_step or is_log:
                 bad = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=device)
                 if env.distributed:
@@ -374,7 +431,8 @@ def train(
                     pos.batch -= cfg.accum_steps  # this step did not happen
                     if stream:
                         pos.stream = stream_before
-                    saved = checkpoint(pos, optimizer, scaler) if checkpoint is not None and _all_finite(trainable) else None
+                    finite = not _nonfinite_since(torch.zeros((), device=device), trainable, env)  # every process, or none, saves
+                    saved = checkpoint(pos, optimizer, scaler) if checkpoint is not None and finite else None
                     where = f"; saved the weights before this step to {saved}" if saved else ""
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
                     raise LowrankError(
@@ -389,6 +447,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad, foreach=True)
             scaler.step(optimizer)
             scaler.update()
+            if not measured:
+                measured = state_bytes(student, optimizer)
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
             scheduled = schedule(pos.step) if schedule is not None else {}
@@ -420,8 +480,20 @@ def train(
                 step_hook(pos)
             if epoch_end:
                 break
+    seconds = time.perf_counter() - t_start
+    if sharded:  # plain modules with the gathered weights, from here on
+        student, teacher = sharded[0].restore(), sharded[1].restore() if len(sharded) > 1 else teacher
     student.eval()
     if env.distributed:
         for name in untrained or []:  # as the caller gave it
             dict(student.named_parameters())[name].requires_grad_(True)
-    return TrainResult(pos.step, total, peak, global_batch, time.perf_counter() - t_start, images_seen, last_terms, list(untrained or []))
+    return TrainResult(pos.step, total, peak, global_batch, seconds, images_seen, last_terms, list(untrained or []), measured, student, teacher)
+
+
+def _accumulating(model: nn.Module, sharded: list[Sharded], env: DistEnv, accumulate: bool):
+    """The context of one micro-batch's backward: gradients kept on this process while `accumulate` (DDP's `no_sync`;
+    FSDP: no reduce-scatter), reduced at the last micro-batch of a step."""
+    if sharded:
+        sharded[0].model.set_requires_gradient_sync(not accumulate)
+        return contextlib.nullcontext()
+    return model.no_sync() if env.distributed and accumulate else contextlib.nullcontext()

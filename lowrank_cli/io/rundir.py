@@ -106,7 +106,14 @@ class RunDir:
         if latest is None:
             raise LowrankError(f"{self.root}: the run has no complete checkpoint yet; start it again, without resuming, in a new output folder", param="resume")
         saved = yaml.safe_load(self.recipe_file.read_text()) or {}
+        if isinstance(saved.get("distill"), dict):
+            saved["distill"].setdefault("strategy", "ddp")  # runs from before distill.strategy existed trained with DDP
         diff = _differences(saved, recipe.to_dict())
+        strategy = [(was, now) for key, was, now in diff if key == "distill.strategy"]
+        if strategy:
+            was, now = strategy[0]
+            raise LowrankError(f"{self.root}: holds a run trained with distill.strategy '{was}', now '{now}'; its checkpoints resume with "
+                               f"the strategy it started with ('{was}'), or start a new run in another output folder", param="strategy")
         if diff:
             key, was, now = diff[0]
             raise LowrankError(
@@ -133,13 +140,16 @@ class RunDir:
         return (found[-1][1], found[-1][2]) if found else None
 
     def save_checkpoint(self, pos: Position, student_state: dict[str, torch.Tensor], manifest: Manifest,
-                        optimizer: torch.optim.Optimizer, scaler: Any, rng: dict[str, Any], keep: int) -> Path:
-        """Write the student and the training state at `pos`, then keep only the last `keep`."""
+                        optimizer: torch.optim.Optimizer | dict[str, Any], scaler: Any, rng: dict[str, Any], keep: int) -> Path:
+        """Write the student and the training state at `pos`, then keep only the last `keep`.
+
+        `optimizer` is the optimizer or its whole state dict (under FSDP, gathered: `distill.fsdp.full_state`)."""
         student = self.root / f"checkpoint-{pos.step:06d}.safetensors"
         state = student.with_name(student.name.replace(".safetensors", ".state.safetensors"))
         at_step = manifest.replace(distill={**(manifest.distill or {}), "step": pos.step})
         save_factorized(student, student_state, at_step, force=True)
-        save_training_state(state, TrainingState(pos, optimizer.state_dict(), scaler.state_dict() if scaler.is_enabled() else {}, rng))
+        optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        save_training_state(state, TrainingState(pos, optimizer_state, scaler.state_dict() if scaler.is_enabled() else {}, rng))
         for _, old, old_state in self.checkpoints()[:-keep]:
             old_state.unlink(missing_ok=True)  # the state first: a student without a state is no checkpoint
             old.unlink(missing_ok=True)

@@ -47,11 +47,12 @@ def compress(
     nnodes: int = opt.NnodesOpt,
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
+    strategy: Optional[str] = opt.StrategyOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
-    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs)
+    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy)
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):
         prepared = prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only

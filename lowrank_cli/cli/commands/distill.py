@@ -32,17 +32,19 @@ def distill(
     nnodes: int = opt.NnodesOpt,
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
+    strategy: Optional[str] = opt.StrategyOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
     r = load_recipe(recipe) if recipe else None
     if launch.launches(nproc, nnodes):
-        prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs)  # checks only
+        prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
+                                   strategy=strategy)  # checks only
         with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
             if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:
         report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
-                                    log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+                                    strategy=strategy, log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

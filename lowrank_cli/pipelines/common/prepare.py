@@ -34,8 +34,8 @@ from lowrank_cli.pipelines.common import build_manifest, hint_of
 from lowrank_cli.recipe import Recipe, recipe_from_dict
 
 
-def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None) -> Recipe:
-    """The recipe with the data source and the number of epochs given (a copy)."""
+def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None, strategy: str | None = None) -> Recipe:
+    """The recipe with the data source, the number of epochs and the distillation strategy given (a copy)."""
     recipe = recipe.model_copy(deep=True)
     if data is not None:
         recipe.data = recipe.data.model_copy(update={"source": str(data)})
@@ -43,6 +43,11 @@ def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None
         if epochs < 1:
             raise LowrankError(f"epochs must be at least 1 (got {epochs})", param="epochs")
         recipe.distill = recipe.distill.model_copy(update={"epochs": int(epochs)})
+    if strategy is not None:
+        if strategy not in ("ddp", "fsdp"):
+            raise LowrankError(f"strategy '{strategy}' is not one of ddp, fsdp", param="strategy")
+        recipe = recipe_from_dict({**recipe.to_dict(), "distill": {**recipe.distill.model_dump(mode="json"), "strategy": strategy}},
+                                  source=f"recipe '{recipe.name}' with strategy {strategy}")
     return recipe
 
 
@@ -143,7 +148,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
                     resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
-                    env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
+                    strategy: str | None = None, env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
     """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -157,7 +162,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         if differs:
             note(f"the recipe's {' and '.join(differs)} sections are not used: {factorized} is already factorized (its manifest says how)")
     recipe = recipe or recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
-    recipe = with_run_options(recipe, data, epochs)
+    recipe = with_run_options(recipe, data, epochs, strategy)
     if recipe.distill.method == "pclora":
         raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
                            "compress the original checkpoint with this recipe instead")

@@ -56,7 +56,7 @@ def run_report(p: PreparedRun, teacher: nn.Module, baseline: dict, final: Evalua
         "train": {"steps": result.steps, "total_steps": result.total_steps, "lr": result.lr, "global_batch": result.global_batch,
                   "seconds": result.seconds, "examples_per_s": result.images / max(result.seconds, 1e-9),
                   "images_per_s": result.images / max(result.seconds, 1e-9), "last": result.last_terms,
-                  "base_loss": p.base, "untrained": result.untrained},
+                  "base_loss": p.base, "untrained": result.untrained, "state_bytes": result.state_bytes},
         "method": p.recipe.distill.method,
         **({"local": p.info["local"]} if "local" in p.info else {}),
         **({"pclora": _pclora_report(p, result)} if p.recipe.distill.method == "pclora" else {}),

@@ -19,6 +19,7 @@ from torch import nn
 from lowrank_cli.data.loaders import Head
 from lowrank_cli.distill.distributed import all_gather_strings, barrier
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
+from lowrank_cli.distill.fsdp import full_state
 from lowrank_cli.distill.local import local_batches, local_distill
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
 from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train, train_examples
@@ -107,14 +108,17 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         return evaluate(model, val, family, device, teacher=teacher, num_workers=p.recipe.data.num_workers, task=p.task)
 
     objective = None  # its block hooks are paused while the student is evaluated
+    sharding = cfg.strategy == "fsdp" and env.distributed
 
     def point(step: int, stage: str) -> None:
         """A held-out evaluation of the student now, with the wall time since the command began (rank 0)."""
-        if not env.is_main or not p.labels_match:
+        if not p.labels_match or not (env.is_main or sharding):  # under FSDP every process runs the sharded models' forward
             return
         with objective.paused() if objective is not None else contextlib.nullcontext():
             e = accuracy(p.student, cfg.eval_examples)
         record = {"step": step, "stage": stage, "seconds": time.perf_counter() - p.started, "eval": e.to_dict()}
+        if not env.is_main:
+            return
         run.append_metrics(record)
         if log is not None:
             log(record)
@@ -147,7 +151,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                 factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
             t, s = accuracy(teacher), accuracy(svd)
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
-            run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world,
+            run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world, "strategy": cfg.strategy,
                                   "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
             # the run folder is the student's Hub folder where the family's models are (its config and tokenizer)
             family.write_hub_files(run.root, manifest.architecture, manifest.model_kwargs, p.folder)
@@ -155,8 +159,9 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
 
     def save(pos: Position, optimizer, scaler) -> str:
         path = run.root / f"checkpoint-{pos.step:06d}.safetensors"
+        weights, optimizer_state = full_state(p.student, optimizer)  # FSDP: gathered to rank 0, every process takes part
         if env.is_main:
-            run.save_checkpoint(pos, p.student.state_dict(), manifest, optimizer, scaler, rng_state(device), cfg.keep_checkpoints)
+            run.save_checkpoint(pos, weights, manifest, optimizer_state, scaler, rng_state(device), cfg.keep_checkpoints)
         return str(path)
 
     def log_metrics(record: dict[str, Any]) -> None:
@@ -204,18 +209,20 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             return {"lam": lam}
 
         objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine,
-                                         teacher_dtype(device, cfg.amp))
+                                         teacher_dtype(device, cfg.amp, cfg.strategy))
     else:
-        objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp))
+        objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp, cfg.strategy))
     structures = all_gather_strings(env, tensors_digest({k: torch.tensor(v.shape) for k, v in p.student.state_dict().items()}))
     if len(set(structures)) != 1:  # a sensitivity allocation measured apart on each process may choose other ranks
         raise LowrankError(f"the {env.world} processes factorized the student with different ranks; factorize once (`lowrank factorize`, "
                            "or factorize_checkpoint) and distill that checkpoint on several processes")
     try:
         result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
-                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule)
+                                    resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule,
+                                    teacher=teacher, blocks=family.blocks)
     finally:
         objective.close()
+    p.student, teacher = result.student, result.teacher  # FSDP: plain copies holding the gathered weights
     if result.untrained:
         note(f"left untrained (no gradient reaches them from the loss): {', '.join(result.untrained)}")
     digests = all_gather_strings(env, weights_digest(p.student))
