@@ -97,6 +97,22 @@ def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+# Tokens per backward pass: a text batch is cut into micro-batches of at most this many tokens, so that the memory of one
+# backward (the logits over a vocabulary, the activations of every block) stays bounded: a 135 M Llama's calibration
+# batch of 32 × 256 tokens took 24 GB in one piece. The sums the statistics keep are the same over the pieces.
+BACKWARD_TOKENS = 1024
+
+
+def _micro_batches(inputs: Inputs) -> list[Inputs]:
+    """`inputs` cut along the batch into pieces of at most `BACKWARD_TOKENS` tokens (text); images and short text whole."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if ids is None or ids.dim() != 2:
+        return [inputs]
+    rows = max(1, BACKWARD_TOKENS // max(1, ids.shape[1]))
+    return [{k: v[i:i + rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == ids.shape[0] else v for k, v in inputs.items()}
+            for i in range(0, ids.shape[0], rows)]
+
+
 def output_loss(out: torch.Tensor, task: Task | str | None, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """The loss whose gradient's second moment is the Fisher / Gauss–Newton matrix of `out` (see the module docstring):
     cross-entropy for a task whose output is a distribution over classes (`Task.distribution`)."""
@@ -162,15 +178,16 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable,
         seen = 0
         for i, inputs in enumerate(_batches_of(calibration)):
             inputs = inputs_to(inputs, param.device, param.dtype)
-            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-            current["mask"] = mask
             generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + i)
-            with torch.enable_grad():
-                out = call(model, inputs)
-                if not out.requires_grad:
-                    raise LowrankError("no selected layer reaches the model's output: there is no sensitivity to measure "
-                                       "(factorize.allocation 'sensitivity'; check select.include / select.exclude)", param="allocation")
-                output_loss(out, task, mask, generator).backward()
+            for piece in _micro_batches(inputs):
+                mask = piece.get("attention_mask") if isinstance(piece, dict) else None
+                current["mask"] = mask
+                with torch.enable_grad():
+                    out = call(model, piece)
+                    if not out.requires_grad:
+                        raise LowrankError("no selected layer reaches the model's output: there is no sensitivity to measure "
+                                           "(factorize.allocation 'sensitivity'; check select.include / select.exclude)", param="allocation")
+                    output_loss(out, task, mask, generator).backward()
             seen += batch_size(inputs)
         if seen == 0:
             raise LowrankError("calibration data is empty: give at least one example (factorize.calib_samples)", param="calib_samples")

@@ -42,3 +42,25 @@ def test_text_models_count_real_tokens_and_allocate_at_uniform_kappas_parameters
     widest = max(p.d_in + p.d_out for p in result.plans if p.rule is not None)  # one rank of the widest layer
     assert alloc.uniform_cost - widest < alloc.cost <= alloc.uniform_cost
     assert alloc.ranks != alloc.uniform_ranks
+
+
+def test_long_text_batches_are_measured_in_micro_batches_with_the_same_sums(tmp_path, monkeypatch):
+    """A calibration batch of text is cut into pieces of at most BACKWARD_TOKENS tokens for the backward pass (bounded
+    memory); with a deterministic loss the statistics summed over the pieces equal those of the whole batch."""
+    import lowrank_cli.factorize.sensitivity as sens_mod
+
+    built = build_model(hub_model(tmp_path, "gpt2"))
+    model, family = built.model.eval(), built.family
+    batches = text_calibration_batches("pydoc", built.folder, 32, n_samples=12, batch_size=6)
+    names = [c.name for c in family.linear_candidates(model) if "lm_head" not in c.name][:4]
+    monkeypatch.setattr(sens_mod, "output_loss", lambda out, task, mask, g: (out.float() * mask[..., None]).sum())
+    whole = layer_sensitivity(model, names, batches, task=family.task(model), call=family.forward)
+    calls = []
+    monkeypatch.setattr(sens_mod, "BACKWARD_TOKENS", 64)  # 2 examples of 32 tokens a piece
+    pieces = layer_sensitivity(model, names, batches, task=family.task(model),
+                               call=lambda m, x: calls.append(len(x["input_ids"])) or family.forward(m, x))
+    assert max(calls) <= 2 and len(calls) >= 6
+    for n in names:
+        assert pieces[n].rows == whole[n].rows and pieces[n].input_rows == whole[n].input_rows
+        assert pieces[n].grad_sq == pytest.approx(whole[n].grad_sq, rel=1e-5)
+        assert pieces[n].input_sq == pytest.approx(whole[n].input_sq, rel=1e-5)
