@@ -242,3 +242,16 @@ def test_pipeline_modules_share_code_only_through_the_shared_home():
                 where = "the shared home" if in_home else "a command's module"
                 bad.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {where} {m} imports {target}")
     assert not bad, f"pipeline modules import one another only through {SHARED_HOME}:\n" + "\n".join(bad)
+
+
+def test_every_package_is_listed_in_pyproject():
+    """A folder of modules missing from pyproject.toml's package list is left out of a (non-editable) install, which the
+    tests, run from the source tree, would not notice."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(lowrank_cli(?:\.[a-z_]+)*)"', text.split("[tool.setuptools]", 1)[1].split("[tool.setuptools.package-dir]")[0]))
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lowrank_cli").rglob("__init__.py")}
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
