@@ -4,6 +4,8 @@
 - `objective.py`   what one step minimises: PELA, PC-LoRA, or supervised (the demo's teacher)
 - `train.py`       AdamW, warm-up + cosine, clipping, accumulation, AMP, the loop
 - `distributed.py` torchrun / DDP set-up
+- `fsdp.py`        FSDP2 sharding of the student and the teacher, whole checkpoints gathered from the shards
+- `local.py`       local (block-wise) distillation before the end-to-end stage
 - `evaluate.py`    top-1/top-5 and feature cosine similarity to a teacher
 
 The whole `compress` / `distill` step, from checkpoints to a report, is `pipelines/compress.py` (its parts in `pipelines/common/`).

@@ -8,7 +8,8 @@ Both go through the same steps:
 4. Save the final student in the format `lowrank factorize` writes, with a `distill` record
    in its manifest; evaluate it; write `report.json`.
 
-Under torchrun, every process trains; rank 0 alone evaluates, writes and reports.
+Under torchrun, every process trains; rank 0 alone evaluates, writes and reports (under FSDP every process runs the
+periodic evaluations, rank 0 records them).
 
 The steps live in the pipelines' shared home, beside `demo`'s use of them: `common.prepare`
 (step 1), `common.run_loop` (steps 2–4) and `common.report`; this module puts them together.

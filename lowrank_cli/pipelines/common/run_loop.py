@@ -3,7 +3,8 @@
 `run_distillation` trains a `prepare.PreparedRun` and writes the run folder (rank 0): `run.json`,
 metrics, checkpoints, the student in the format `lowrank factorize` writes with a `distill`
 record in its manifest, and `report.json` (`report`). Under torchrun every process trains; rank 0
-alone evaluates, writes and reports.
+alone evaluates, writes and reports (under `distill.strategy: fsdp` every process runs the periodic evaluations of the
+sharded models; rank 0 alone records them).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
     sharding = cfg.strategy == "fsdp" and env.distributed
 
     def point(step: int, stage: str) -> None:
-        """A held-out evaluation of the student now, with the wall time since the command began (rank 0)."""
+        """A held-out evaluation of the student now, with the wall time since the command began (rank 0
+        records it; under FSDP every process runs it)."""
         if not p.labels_match or not (env.is_main or sharding):  # under FSDP every process runs the sharded models' forward
             return
         with objective.paused() if objective is not None else contextlib.nullcontext():
