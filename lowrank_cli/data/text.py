@@ -135,16 +135,10 @@ def load_documents(source: str, seed: int = 0, val_fraction: float = 0.2, all_he
     path = Path(source)
     if not path.exists():
         raise LowrankError(f"text data '{source}': no such file or folder (give a .txt, a .jsonl, a folder of them, or '{BUILTIN}')", param="data")
+    files, train, val = _parts(source, path)
     if path.is_file():
-        if path.suffix not in TEXT_SUFFIXES:
-            raise LowrankError(f"text data '{source}': expected a .txt or .jsonl file (or a folder of them, or '{BUILTIN}')", param="data")
         return split(read_documents(path), seed, val_fraction, path.name)
-    files = _files(path)
-    if not files:
-        raise LowrankError(f"text data '{source}': the folder holds no .txt or .jsonl files", param="data")
-    train = [f for f in files if f.stem == "train" or f.parent.name == "train"]
-    val = [f for f in files if f.stem in VAL_NAMES or f.parent.name in VAL_NAMES]
-    if train and val:
+    if train:
         return (_concat([read_documents(f) for f in train], source), _concat([read_documents(f) for f in val], source),
                 f"its train ({len(train)} files) and {val[0].stem if val[0].stem in VAL_NAMES else val[0].parent.name} parts")
     return split(_concat([read_documents(f) for f in files], source), seed, val_fraction, f"{len(files)} files")
@@ -260,19 +254,25 @@ def load_text_data(source: str | None, folder: Path | None, max_length: int, see
                     max(labels) + 1 if labels else None, split)
 
 
-def stream_shards(source: str) -> tuple[Shards, Shards | None]:
-    """The shards of a streamed source: (all of them, None), or a folder's (train part, val part)."""
-    path = Path(source)
+def _parts(source: str, path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """A file or folder source's text files, and its train and val parts (both empty unless a folder has both)."""
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
             raise LowrankError(f"text data '{source}': expected a .txt or .jsonl file (or a folder of them, or '{BUILTIN}')", param="data")
-        return Shards([path], path), None
+        return [path], [], []
     files = _files(path)
     if not files:
         raise LowrankError(f"text data '{source}': the folder holds no .txt or .jsonl files", param="data")
     train = [f for f in files if f.stem == "train" or f.parent.name == "train"]
     val = [f for f in files if f.stem in VAL_NAMES or f.parent.name in VAL_NAMES]
-    if train and val:
+    return (files, train, val) if train and val else (files, [], [])
+
+
+def stream_shards(source: str) -> tuple[Shards, Shards | None]:
+    """The shards of a streamed source: (all of them, None), or a folder's (train part, val part)."""
+    path = Path(source)
+    files, train, val = _parts(source, path)
+    if train:
         return Shards(train, path), Shards(val, path)
     return Shards(files, path), None
 
