@@ -54,7 +54,7 @@ EXCLUDE = {"llama": ["lm_head"], "gpt2": ["lm_head"], "bert": ["pooler", "classi
 class Verdict:
     kind: str  # "ok", "refused" or "skip"
     why: str = ""
-    command: str = ""  # the command that refuses: "compress" or "export"
+    command: str = ""  # the command that refuses: "compress" (`factorize` where nothing is distilled) or "export"
     needles: tuple[str, ...] = ()
 
 
@@ -66,6 +66,9 @@ def _refusals(c: dict[str, str]) -> list[Verdict]:
                            ("distill.method 'pclora' takes its adapter ranks from factorize.rank_rule 'kappa' or 'rank'",)))
     if c["distill"] == "pclora" and c["method"] != "svd":
         out.append(Verdict("refused", "PC-LoRA initialises its own adapters", "compress", ("distill.method 'pclora'", "set factorize.method to 'svd'")))
+    if c["method"] == "asvd" and c["family"] in ("llama", "gpt2") and c["rule"] in ("kappa", "rank"):
+        out.append(Verdict("refused", "ASVD at one rank rule ruins causal LMs", "compress",
+                           ("factorize.method 'asvd' with factorize.allocation 'uniform'", "factorize.method 'whitened'")))
     if c["export"] == "onnx" and c["export_dtype"] != "fp32":
         out.append(Verdict("refused", "ONNX exports are float32", "export",
                            (f"--dtype {TORCH_DTYPE[c['export_dtype']]} is not supported for the onnx format", "accepted: float32")))
@@ -220,10 +223,10 @@ def run_cell(c: dict[str, str], checkpoint: Callable[[str, str], Path], work: Pa
         code, out, err = launcher("compress", source, "--recipe", recipe, "--out", factorized_out, "--device", "cpu",
                                   "--nproc", c["nproc"], "--json")
         factorized = factorized_out / "student.safetensors"
-        if v.kind == "refused" and v.command == "compress":
-            _one_line(code, err, v.needles)
-            assert sorted(p.name for p in work.iterdir()) == before, "a refused compress wrote something"
-            return CellResult(c, "refused", time.perf_counter() - start, err.strip())
+    if v.kind == "refused" and v.command == "compress":  # `factorize` where nothing is distilled
+        _one_line(code, err, v.needles)
+        assert sorted(p.name for p in work.iterdir()) == before, "a refused factorize or compress wrote something"
+        return CellResult(c, "refused", time.perf_counter() - start, err.strip())
     assert code == 0, f"{'factorize' if c['distill'] == 'none' else 'compress'} failed ({code}): {err[-3000:]}"
     if c["distill"] != "none":  # trained by as many processes as asked, each to the same weights
         report = json.loads((factorized_out / "report.json").read_text())

@@ -24,6 +24,7 @@ from lowrank_cli.factorize.calibrate import collect_input_stats, gram_groups
 from lowrank_cli.factorize.sensitivity import LayerSensitivity, layer_sensitivity
 from lowrank_cli.measure.macs import count_macs
 from lowrank_cli.models.family import ModelFamily, call_model, embedding_candidates, linear_candidates
+from lowrank_cli.models.tasks import Task
 from lowrank_cli.nn.lowrank import LowRankEmbedding, LowRankLinear, dense_weight
 from lowrank_cli.nn.surgery import named_in, replace_modules
 from lowrank_cli.plan.budget import Allocation, allocate_ranks
@@ -55,6 +56,24 @@ def linear_rows(model: nn.Module, family: ModelFamily | None) -> dict[str, int]:
     return count_macs(model, family.example_inputs(model), family.forward).linear_rows
 
 
+def check_method(recipe: Recipe, task: Task | None) -> None:
+    """Refuse, before any work, a factorization method that is known to ruin a task's models.
+
+    ASVD scales each input feature by its mean magnitude but does not decorrelate the inputs, so its
+    spectrum does not measure a layer's output error; its published results (ASVD4LLM) always choose
+    per-layer ranks by sensitivity and leave the most sensitive layers dense. At one uniform κ on
+    every projection of a causal LM it collapses: SmolLM2-135M at κ = 1.25 went from a perplexity of 15
+    to about 10⁵–10⁶ (whitened SVD: 46; docs/benchmarks.md).
+    """
+    f = recipe.factorize
+    if (task is not None and task.language_model and f.method == "asvd" and f.allocation == "uniform"
+            and f.rank_rule in ("kappa", "rank")):
+        raise LowrankError(f"factorize.method 'asvd' with factorize.allocation 'uniform' and rank_rule '{f.rank_rule}' ruins {task.name} "
+                           "models (at κ = 1.25 on every projection, a 135 M Llama's perplexity went from 15 to 10⁵–10⁶); use "
+                           "factorize.method 'whitened', or set factorize.allocation to 'sensitivity' (per-layer ranks, as ASVD's own "
+                           "procedure chooses them)", param="factorize.allocation")
+
+
 def factorize_model(
     model: nn.Module,
     recipe: Recipe,
@@ -77,6 +96,7 @@ def factorize_model(
     `progress(name)` is called after each layer. SVDs run on `device` (the command's device;
     default: the GPU when there is one), the factors land where each weight is.
     """
+    check_method(recipe, family.task(model) if family is not None else None)
     candidates = family.linear_candidates(model) if family is not None else linear_candidates(model)
     plans = plan_layers(candidates, recipe)
     device = svd_device(device)

@@ -20,7 +20,7 @@ from lowrank_cli.decompose.svd import svd, svd_device, truncated_factors
 from lowrank_cli.decompose.whiten import asvd_basis, projection_factors, whitened_basis
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats
-from lowrank_cli.factorize.model import Factorization
+from lowrank_cli.factorize.model import Factorization, check_method
 from lowrank_cli.models.blocks import BlockRunner
 from lowrank_cli.models.family import ModelFamily
 from lowrank_cli.models.skeleton import state_names
@@ -111,6 +111,7 @@ def factorize_streamed(
     each planned layer. Plain SVD goes in the state dict's order; `factorize.method: whitened | asvd` block by block on
     `calibration` (`_factorize_blocks`).
     """
+    check_method(recipe, family.task(model))
     device = svd_device(device)
     plans = plan_streamed(model, recipe, family)
     emitter = _Emitter(plans, get, sources, write, progress)

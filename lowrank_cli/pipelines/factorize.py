@@ -18,7 +18,7 @@ from typing import Any, Callable
 from lowrank_cli.data.modality import calibration_for
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.factorize.model import check_method, factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
 from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
@@ -195,6 +195,7 @@ def factorize_checkpoint(
         return FactorizeResult(out, insp, manifest)
 
     model, family, arch = built.model, built.family, built.architecture
+    check_method(recipe, family.task(model))
     before = count_params(model)
     macs = count_macs(model, family.example_at(model, seq_len), family.forward)
     todo = planned_count(model, family, recipe)
@@ -224,6 +225,7 @@ def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, reci
     shards (see `factorize_checkpoint`)."""
     built = stream.built
     model, family, arch = built.model, built.family, built.architecture
+    check_method(recipe, family.task(model))
     before = count_params(model)
     macs = count_macs(zero_weights(model), family.example_at(model, seq_len), family.forward)  # weights of no memory
     todo = sum(p.factorized for p in plan_streamed(model, recipe, family))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import check_method
 from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, read_tensors
 from lowrank_cli.measure.macs import count_macs, count_params
@@ -80,6 +81,7 @@ def _inspect_model(built: Built, recipe: Recipe, needs_spectrum: bool, layer_tim
                    weight=None) -> Inspection:
     """`weight(name)`: a layer's weight as stored (a skeleton's, read from the checkpoint); default: the model's own."""
     model, family = built.model, built.family
+    check_method(recipe, family.task(model))
     weight = weight or (lambda name: dense_weight(model.get_submodule(name))[0])
     spec = functools.cache(lambda name: torch.linalg.svdvals(weight(name).float())) if needs_spectrum else None  # σ(Wᵀ) = σ(W)
     plans = plan_layers(family.linear_candidates(model), recipe, spec)

@@ -12,6 +12,8 @@ encoders, perplexity for causal LMs (the original's figure is printed first).
 - without it: the digits ViT of the other benchmarks (`_digits.py`, trained once and cached),
   calibrated on its training digits and judged on the 597 held-out ones.
 
+ASVD at uniform ranks is refused for causal LMs (`factorize.check_method`); that cell prints the refusal.
+
 Run: python tests/benchmarks/bench_allocation.py [--model-dir DIR] [--data pydoc] [--kappa 2 4]
      [--method svd whitened] [--calib-samples 256] [--select-exclude pooler lm_head ...] [--json out.json]
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.distill.evaluate import evaluate
+from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize import factorize_model
 from lowrank_cli.recipe import recipe_from_dict
 
@@ -88,7 +91,12 @@ def main() -> None:
                 recipe = recipe_from_dict({"select": select, "factorize": {"kappa": kappa, "method": method, "allocation": allocation}})
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
-                result = factorize_model(model, recipe, family=family, calibration=calib)
+                try:
+                    result = factorize_model(model, recipe, family=family, calibration=calib)
+                except LowrankError as e:  # ASVD at uniform ranks on a causal LM
+                    print(f"{method:>8} {kappa:>5g} {allocation:>11} | refused: {e}")
+                    rows.append({"method": method, "kappa": kappa, "allocation": allocation, "refused": str(e)})
+                    continue
                 seconds = time.perf_counter() - t0
                 ev = evaluate(model, held_out, family, teacher=dense, task=task)
                 params = sum(p.numel() for p in model.parameters())

@@ -71,3 +71,47 @@ def test_a_run_of_the_llama_keeps_its_chat_template_and_evaluates_beside_its_tea
         e = json.loads(r.out)
         assert e["examples"] == 6 and e["teacher"]["examples"] == 6 and 1 < e["perplexity"] < 1e4 and 1 < e["teacher"]["perplexity"] < 1e4
     one_line_error(cli("evaluate", run / "student.safetensors", "--data", texts, "--teacher", tmp_path / "nothing"), "nothing")
+
+
+def test_asvd_at_one_rank_rule_is_refused_for_causal_lms_before_any_work(cli, llama, tmp_path, monkeypatch):
+    """ASVD at uniform ranks collapsed a real 135 M Llama (perplexity 15 → ~10⁶; whitened 46): refused in one line naming
+    the recipe keys, in factorize (streamed and in memory), inspect and compress, before calibration data is read."""
+    import lowrank_cli.pipelines.common.prepare as prepare
+    import lowrank_cli.pipelines.factorize as factorize_pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration data was read before the refusal")
+
+    for module in (prepare, factorize_pipeline):
+        monkeypatch.setattr(module, "calibration_for", no_calibration)
+    recipe = tmp_path / "asvd.yaml"
+    recipe.write_text("name: asvd\nselect: {exclude: [lm_head]}\nfactorize: {kappa: 1.25, method: asvd, calib_data: pydoc, calib_samples: 4}\n")
+    for args in (("factorize", llama, "--out", tmp_path / "f", "--device", "cpu"), ("factorize", llama, "--out", tmp_path / "f.safetensors"),
+                 ("inspect", llama), ("compress", llama, "--data", "pydoc", "--out", tmp_path / "run", "--device", "cpu")):
+        r = cli(*args, "--recipe", recipe)
+        one_line_error(r, "factorize.method 'asvd' with factorize.allocation 'uniform' and rank_rule 'kappa'", "causal-lm",
+                       "factorize.method 'whitened'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asvd.yaml"]
+
+
+def test_asvd_with_per_layer_ranks_is_accepted_for_causal_lms_and_the_library_refuses_uniform_ranks(llama):
+    """The refusal is of uniform ranks only (energy rule, sensitivity allocation pass); the library refuses the same
+    recipe with the recipe key as `param`, before replacing any layer."""
+    import torch
+
+    from lowrank_cli.factorize import check_method, factorize_model
+    from lowrank_cli.models.build import build_model
+    from lowrank_cli.nn import LowRankLinear
+    from lowrank_cli.recipe import recipe_from_dict
+
+    built = build_model(llama)
+    task = built.family.task(built.model)
+    base = {"name": "a", "select": {"exclude": ["lm_head"]}}
+    check_method(recipe_from_dict({**base, "factorize": {"method": "asvd", "rank_rule": "energy", "energy": 0.9}}), task)
+    check_method(recipe_from_dict({**base, "factorize": {"method": "asvd", "kappa": 2, "allocation": "sensitivity"}}), task)
+    check_method(recipe_from_dict({**base, "factorize": {"method": "whitened", "kappa": 2}}), task)
+    bad = recipe_from_dict({**base, "factorize": {"method": "asvd", "kappa": 2}})
+    with pytest.raises(Exception) as e:
+        factorize_model(built.model, bad, family=built.family, calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+    assert getattr(e.value, "param", None) == "factorize.allocation"
+    assert not any(isinstance(m, LowRankLinear) for m in built.model.modules())  # nothing replaced

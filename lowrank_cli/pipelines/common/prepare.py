@@ -22,7 +22,7 @@ from lowrank_cli.data.text import TextData
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.factorize.model import check_method, factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
 from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.rundir import RunDir
@@ -117,6 +117,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
     built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
     teacher, family, arch = built.model, built.family, built.architecture
+    check_method(recipe, family.task(teacher))
     data = load_data(recipe, family, teacher, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
     svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
