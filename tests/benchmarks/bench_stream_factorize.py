@@ -95,7 +95,7 @@ torch.linalg.svd(torch.randn(64, 64), full_matrices=False)
 {patch}
 from lowrank_cli.recipe import load_recipe
 recipe = load_recipe("causal-lm")
-recipe = recipe.model_copy(update={{"factorize": recipe.factorize.model_copy(update={{"method": sys.argv[4], "calib_samples": int(sys.argv[5])}})}})
+recipe = recipe.model_copy(update={{"factorize": recipe.factorize.model_copy(update={{"method": sys.argv[4], "calib_samples": int(sys.argv[5]), "allocation": "uniform"}})}})
 start = time.perf_counter()
 result = factorize_checkpoint(sys.argv[1], recipe, sys.argv[2], max_shard_size=sys.argv[3], device="cpu")
 seconds = time.perf_counter() - start

@@ -26,9 +26,9 @@ from hf_models import _byte_bpe, hub_model
 
 
 def _recipe(**factorize):
-    """The causal-lm recipe with plain SVD (what is streamed), and any other factorize settings."""
+    """The causal-lm recipe with plain SVD at uniform ranks (what is streamed), and any other factorize settings."""
     recipe = load_recipe("causal-lm")
-    return recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"method": "svd", **factorize})})
+    return recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"method": "svd", "allocation": "uniform", **factorize})})
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +136,11 @@ def test_a_failure_mid_way_leaves_nothing(bf16_folder, tmp_path, monkeypatch):
 def test_what_streaming_does_not_take_goes_in_memory(bf16_folder, tmp_path):
     header = read_header(bf16_folder)
     assert streamable(header, None, {}, _recipe(rank_rule="budget", target_params=0.5)) is None  # ranks decided across layers
-    assert streamable(header, None, {}, load_recipe("causal-lm")) is not None  # whitened: block by block
+    assert streamable(header, None, {}, load_recipe("causal-lm")) is None  # the recipe's sensitivity allocation: a whole backward pass
+    assert streamable(header, None, {}, _recipe(method="whitened")) is not None  # whitened at uniform ranks: block by block
     assert streamable(header, None, {}, _recipe(method="whitened", embeddings=EmbeddingsConfig(kappa=2))) is None
     assert streamable(header, None, {}, _recipe(method="whitened", allocation="sensitivity")) is None  # one backward pass, whole
-    every = load_recipe("causal-lm")
+    every = _recipe(method="whitened")
     every.select.exclude = []  # the LM head too (tied: dense); a layer outside the blocks is calibrated in memory
     assert streamable(header, None, {}, every) is not None
     assert streamable(header, None, {"dtype": "float32"}, _recipe()) is None  # loaded in another dtype than stored

@@ -21,7 +21,7 @@ from lowrank_cli.recipe import load_recipe
 def _svd_recipe():
     """The causal-lm recipe with plain SVD: what is checked here is storage, not the factors' method."""
     recipe = load_recipe("causal-lm")
-    return recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"method": "svd"})})
+    return recipe.model_copy(update={"factorize": recipe.factorize.model_copy(update={"method": "svd", "allocation": "uniform"})})
 
 
 SIDE = ("chat_template.jinja", "generation_config.json", "tokenizer_config.json", "tokenizer.json")
