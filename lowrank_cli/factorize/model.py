@@ -63,13 +63,13 @@ def check_method(recipe: Recipe, task: Task | None) -> None:
     spectrum does not measure a layer's output error; its published results (ASVD4LLM) always choose
     per-layer ranks by sensitivity and leave the most sensitive layers dense. At one uniform κ on
     every projection of a causal LM it collapses: SmolLM2-135M at κ = 1.25 went from a perplexity of 15
-    to about 10⁵–10⁶ (whitened SVD: 46; docs/benchmarks.md).
+    to 6.9·10⁵ (whitened SVD: 46; docs/benchmarks.md).
     """
     f = recipe.factorize
     if (task is not None and task.language_model and f.method == "asvd" and f.allocation == "uniform"
             and f.rank_rule in ("kappa", "rank")):
-        raise LowrankError(f"factorize.method 'asvd' with factorize.allocation 'uniform' and rank_rule '{f.rank_rule}' ruins {task.name} "
-                           "models (at κ = 1.25 on every projection, a 135 M Llama's perplexity went from 15 to 10⁵–10⁶); use "
+        raise LowrankError(f"factorize.method 'asvd' with factorize.allocation 'uniform' and factorize.rank_rule '{f.rank_rule}' ruins {task.name} "
+                           "models (at κ = 1.25 on every projection, a 135 M Llama's perplexity went from 15 to 6.9·10⁵); use "
                            "factorize.method 'whitened', or set factorize.allocation to 'sensitivity' (per-layer ranks, as ASVD's own "
                            "procedure chooses them)", param="factorize.allocation")
 

@@ -5,7 +5,7 @@ Builds the folder (hidden 2048, 22 layers, 32 heads, 4 key/value heads, intermed
 folder (or `--path`, kept). Then, each in a child process of its own so that its peak resident
 memory (VmHWM) is its own (the imports, transformers' included, and the solver's start-up are outside the timings):
 
-- `factorize_checkpoint` with the causal-lm recipe at κ = 2, plain SVD, on the CPU, output shards of
+- `factorize_checkpoint` with the causal-lm recipe at κ = 2 and uniform allocation (what streams), plain SVD, on the CPU, output shards of
   `--shard` (500MB): seconds and peak RSS, against the checkpoint's size on disk (goal ≤ 1.2×);
 - the bare `torch.linalg.svd` (fp32, thin) of the same matrices, read from the same folder (the
   reads are not timed): seconds (goal: the factorization ≤ 1.1× these) and peak RSS;
