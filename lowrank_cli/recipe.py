@@ -231,6 +231,9 @@ class DistillConfig(_Strict):
     # `eval_examples` held-out examples (None: all), logged with the wall time to metrics.jsonl and the report
     eval_every: int = Field(default=0, ge=0)
     eval_examples: int | None = Field(default=None, ge=1)
+    # text: each batch of documents of similar length (drawn from chunks of 64 shuffled batches), so that padding to the
+    # longest wastes little; the batches' order stays shuffled. false: documents drawn at random (images: no effect)
+    group_by_length: bool = True
     # several processes: `ddp` keeps a whole student, its gradients and optimizer state on each; `fsdp` (FSDP2) shards
     # them per transformer block over the processes, and the frozen teacher too (one process trains alike with either)
     strategy: Literal["ddp", "fsdp"] = "ddp"

@@ -169,6 +169,10 @@ class TokenizedTexts(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> list[int]:
+        """Tokens per document (what a batch is padded by): the training order groups documents of similar length."""
+        return [len(x) for x in self.ids]
+
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         return {"input_ids": torch.tensor(self.ids[i], dtype=torch.long)}, -1 if self.labels is None else self.labels[i]
 

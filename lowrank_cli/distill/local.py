@@ -53,13 +53,20 @@ class _Batch:
     mask: torch.Tensor | None  # (B, N) real tokens of a text batch; None for images
 
 
-def local_batches(dataset: Dataset, cfg: LocalConfig, seed: int) -> list[Inputs]:
-    """`cfg.examples` training examples (a seeded draw; a stream's first ones) in batches of `cfg.batch_size`, as the model takes them."""
+def local_batches(dataset: Dataset, cfg: LocalConfig, seed: int, group_by_length: bool = True) -> list[Inputs]:
+    """`cfg.examples` training examples (a seeded draw; a stream's first ones) in batches of `cfg.batch_size`, as the model takes them.
+
+    `group_by_length` (text in memory): the drawn documents are sorted by length before they are batched, so that a
+    batch padded to its longest holds little padding (the stage draws its batches at random, so their order does not matter).
+    """
     if isinstance(dataset, TextStream):
         items = dataset.head(cfg.examples)
         return [dataset.collate(items[i:i + cfg.batch_size])[0] for i in range(0, len(items), cfg.batch_size)]
     n = min(cfg.examples, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919))[:n].tolist()
+    if group_by_length and hasattr(dataset, "lengths"):
+        lengths = dataset.lengths()
+        order.sort(key=lambda i: -lengths[i])
     collate = getattr(dataset, "collate", default_collate)
     out = []
     for i in range(0, n, cfg.batch_size):

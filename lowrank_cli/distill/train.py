@@ -316,7 +316,8 @@ def train(
         without_dropout(student)
 
     stream = isinstance(dataset, TextStream)
-    sampler = None if stream else EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed)
+    lengths = dataset.lengths() if cfg.group_by_length and hasattr(dataset, "lengths") else None
+    sampler = None if stream else EpochSampler(len(dataset), cfg.batch_size, env.rank, env.world, cfg.seed, lengths=lengths)
     steps_per_epoch = None if stream else sampler.batches // cfg.accum_steps
     global_batch = cfg.batch_size * env.world * cfg.accum_steps
     check_steps(train_examples(dataset), cfg, env.world)

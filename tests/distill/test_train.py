@@ -48,6 +48,48 @@ def test_sampler_shards_and_resumes_without_global_rng():
     assert list(a) != ia
 
 
+def test_grouped_sampler_batches_similar_lengths_in_a_shuffled_order_and_shards_as_one_process():
+    lengths = torch.randint(4, 129, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    one = EpochSampler(400, 16, seed=2, lengths=lengths, group=8)
+    one.set_epoch(1)
+    order = list(one)
+    assert sorted(order) == sorted(set(order)) and len(order) == 400  # every document once (400 = 25 whole batches)
+    batches = [order[i:i + 16] for i in range(0, 400, 16)]
+    padded = sum(16 * max(lengths[i] for i in b) for b in batches)
+    random = EpochSampler(400, 16, seed=2)
+    random.set_epoch(1)
+    plain = list(random)
+    padded_random = sum(16 * max(lengths[i] for i in plain[k:k + 16]) for k in range(0, 400, 16))
+    assert padded < 0.7 * padded_random  # far less padding than random batches of the same documents
+    tops = [max(lengths[i] for i in b) for b in batches]
+    assert tops != sorted(tops, reverse=True) and tops != sorted(tops)  # the batches themselves come shuffled
+    # two processes: each takes every other document of the same global batches of 2 × 8
+    ranks = [EpochSampler(400, 8, rank=r, world=2, seed=2, lengths=lengths, group=8) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(1)
+    halves = [list(s) for s in ranks]
+    for k, b in enumerate(batches):
+        assert set(halves[0][k * 8:(k + 1) * 8]) | set(halves[1][k * 8:(k + 1) * 8]) == set(b)
+    ranks[0].set_epoch(1, start_batch=3)  # resumes mid-epoch exactly
+    assert list(ranks[0]) == halves[0][24:]
+    one.set_epoch(2)
+    assert list(one) != order
+    with pytest.raises(ValueError, match="lengths"):
+        EpochSampler(10, 2, lengths=[1, 2])
+
+
+def test_evaluation_batches_are_sorted_by_length_and_bounded_in_tokens():
+    from lowrank_cli.data.loaders import length_batches
+
+    lengths = [5, 100, 30, 100, 7, 64, 1]
+    batches = length_batches(lengths, max_rows=3, max_tokens=200)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert batches[0] == [1, 3]  # 3 × 100 > 200 tokens
+    assert all(len(b) <= 3 and len(b) * lengths[b[0]] <= 200 for b in batches)
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    assert length_batches([500], 4, 100) == [[0]]  # one document longer than the bound is a batch of its own
+
+
 def test_training_state_round_trip_is_pickle_free(tmp_path):
     model = tiny_vit()
     opt = create_optimizer(model, DistillConfig(), 1e-3)

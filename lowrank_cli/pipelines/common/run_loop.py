@@ -185,7 +185,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                 if log is not None:
                     log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
 
-        local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed), cfg.local, device,
+        local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed, cfg.group_by_length), cfg.local, device,
                               cfg.seed, block_done)
         p.info["local"] = local.to_dict()
         if env.is_main:
