@@ -202,8 +202,6 @@ class DistillConfig(_Strict):
     base_loss: Literal["auto", "ce", "logits", "lm", "kl", "none"] = "auto"
     logit_weight: float = Field(default=1.0, ge=0)
     pooled_cosine: float = Field(default=0.0, ge=0)  # text encoders: weight of 1 − cos of the mean-pooled embeddings
-    # text encoders: weight of the KL divergence of the student's in-batch neighbour distributions from the teacher's
-    pooled_similarity: float = Field(default=0.0, ge=0)
     epochs: int = Field(default=50, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)

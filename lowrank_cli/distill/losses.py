@@ -156,25 +156,3 @@ def pooled_cosine_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
     """1 − cosine of the mean-pooled sentence embeddings, student against teacher, averaged over the batch."""
     s, t = mean_pool(hidden.float(), mask), mean_pool(teacher_hidden.detach().float(), mask)
     return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
-
-
-# The temperature of the in-batch neighbour distributions: cosines 0.05 apart weigh e times apart
-SIMILARITY_TEMPERATURE = 0.05
-
-
-def pooled_similarity_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None,
-                           temperature: float = SIMILARITY_TEMPERATURE) -> torch.Tensor:
-    """How far the student's in-batch neighbours are from the teacher's: for each sentence of the batch, the KL divergence
-    `KL(p_t ‖ p_s)` of the distributions over the batch's *other* sentences, `softmax(cos(e_i, e_j) / temperature)`, of
-    the mean-pooled embeddings, averaged over the batch. Zero when the student ranks every pair as the teacher does at
-    the same cosines; what a nearest-neighbour search sees. A batch of fewer than 3 sentences gives 0."""
-    s = F.normalize(mean_pool(hidden.float(), mask), dim=-1)
-    t = F.normalize(mean_pool(teacher_hidden.detach().float(), mask), dim=-1)
-    n = s.shape[0]
-    if n < 3:
-        return s.sum() * 0.0
-    self_pairs = torch.eye(n, dtype=torch.bool, device=s.device)
-    log_ps = torch.log_softmax((s @ s.T / temperature).masked_fill(self_pairs, float("-inf")), dim=-1)
-    log_pt = torch.log_softmax((t @ t.T / temperature).masked_fill(self_pairs, float("-inf")), dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).masked_fill(self_pairs, 0.0)
-    return kl.sum(-1).mean()

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.distill.fsdp import is_sharded
-from lowrank_cli.distill.losses import (BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, pooled_cosine_loss, pooled_similarity_loss,
-                                        weight_perturbation_loss)
+from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, pooled_cosine_loss, weight_perturbation_loss
 from lowrank_cli.models.family import Inputs, ModelFamily, call_model
 from lowrank_cli.recipe import DistillConfig
 
@@ -54,13 +53,13 @@ class _AgainstTeacher:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float, pooled_cosine: float = 0.0,
-                 dtype: torch.dtype | None = None, pooled_similarity: float = 0.0):
+                 dtype: torch.dtype | None = None):
         teacher = freeze(teacher)
         if dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()):
             teacher = freeze(copy.deepcopy(teacher).to(dtype))
         self.teacher = teacher
         self.forward: Forward = family.forward
-        self.base, self.logit_weight, self.pooled_cosine, self.pooled_similarity = base, logit_weight, pooled_cosine, pooled_similarity
+        self.base, self.logit_weight, self.pooled_cosine = base, logit_weight, pooled_cosine
         self.student_blocks = BlockOutputs(family.blocks(student))
         self.teacher_blocks = BlockOutputs(family.blocks(teacher))
         if self.student_blocks.names != self.teacher_blocks.names:
@@ -79,8 +78,6 @@ class _AgainstTeacher:
         base = base_loss(self.base, logits, labels, teacher_logits, inputs) * (self.logit_weight if self.base in ("logits", "kl") else 1.0)
         if self.pooled_cosine:
             base = base + self.pooled_cosine * pooled_cosine_loss(logits, teacher_logits, mask)
-        if self.pooled_similarity:
-            base = base + self.pooled_similarity * pooled_similarity_loss(logits, teacher_logits, mask)
         return base, feature_distill_loss(student_feats, teacher_feats, mask)
 
     def paused(self) -> contextlib.ExitStack:
@@ -103,7 +100,7 @@ class DistillationObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily, dtype: torch.dtype | None = None):
-        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine, dtype, cfg.pooled_similarity)
+        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine, dtype)
         self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
@@ -125,8 +122,8 @@ class ProgressiveObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0,
-                 pooled_cosine: float = 0.0, dtype: torch.dtype | None = None, pooled_similarity: float = 0.0):
-        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine, dtype, pooled_similarity)
+                 pooled_cosine: float = 0.0, dtype: torch.dtype | None = None):
+        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine, dtype)
         self.task_weight = task_weight
 
     def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
