@@ -108,6 +108,7 @@ class RunDir:
         saved = yaml.safe_load(self.recipe_file.read_text()) or {}
         if isinstance(saved.get("distill"), dict):
             saved["distill"].setdefault("strategy", "ddp")  # runs from before distill.strategy existed trained with DDP
+            saved["distill"].setdefault("group_by_length", False)  # and drew their batches at random: resumable with `false`
         diff = _differences(saved, recipe.to_dict())
         strategy = [(was, now) for key, was, now in diff if key == "distill.strategy"]
         if strategy:

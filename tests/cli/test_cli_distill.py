@@ -161,6 +161,20 @@ def test_resume_without_a_run_or_with_another_recipe(cli, tmp_path, vit_ckpt, re
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_a_run_from_before_group_by_length_resumes_with_it_false(cli, tmp_path, vit_ckpt):
+    out = tmp_path / "run"
+    assert cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, epochs=1), "--out", out, "--device", "cpu").code == 0
+    saved = (out / "recipe.yaml").read_text()
+    assert "  group_by_length: true\n" in saved
+    (out / "recipe.yaml").write_text(saved.replace("  group_by_length: true\n", ""))  # as written before the key existed
+    r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, epochs=1), "--out", out, "--resume", "--device", "cpu")
+    one_line_error(r, str(out), "holds a run of another recipe", "distill.group_by_length = False, now True")
+    r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, epochs=1, group_by_length=False), "--out", out, "--resume", "--device", "cpu",
+            "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["train"]["steps"] == 4
+
+
 def test_cuda_without_cuda(cli, tmp_path, vit_ckpt, recipe_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "run"
