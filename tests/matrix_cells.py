@@ -8,7 +8,8 @@ matrix (tests/benchmarks/bench_matrix.py). A cell is one of:
   over gloo), then `export`; checked: the plan's ranks against the rank rule (recomputed here from the layer shapes
   and, for energy, from the teacher's spectrum), the strict reload of the factorized file and of the export, the
   dtype of every tensor written, and the export's outputs against the factorized model's relative to their scale
-  (fp32: max|Δ| ≤ 5e-4·max|y|; bf16/fp16: ≤ 3e-2·max|y| and top-1 agreement ≥ 99 %);
+  (fp32: max|Δ| ≤ 5e-4·max|y|; bf16/fp16: ≤ 3e-2·max|y| and top-1 agreement ≥ 99 % at the positions whose fp32
+  top-2 margin is at least the dtype's resolution at the output's scale, at least half of them);
 - refused: a combination that cannot work. The command that is given it must stop with one `error:` line holding
   the expected words, exit status 1, and write nothing;
 - skipped: a combination that means nothing (no distillation on two processes; embedding tables of an image model).
@@ -315,16 +316,31 @@ def _inputs(family, model, seed: int = 1):
     return family.example_inputs(model, 8, generator=g, seq_len=min(32, limit))
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor, low: bool) -> dict[str, float]:
+RESOLUTION = {"bf16": 2.0**-7, "fp16": 2.0**-10}  # one unit in the last place at the output's scale, relative
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, export_dtype: str) -> dict[str, float]:
+    """max|Δ| relative to max|y|, and for a 16-bit export the top-1 agreement at the positions the fp32 outputs decide
+    by at least the dtype's resolution at their scale: a top-2 margin below one unit in the last place is decided by
+    rounding, not by the export (a tiny random LM has such near-ties; a real 135 M one had 77 of 4 096). At least half
+    the positions must be decided, so that the check is never vacuous."""
     got, want = got.float(), want.float()
     assert got.shape == want.shape, (got.shape, want.shape)
-    rel = ((got - want).abs().max() / want.abs().max()).item()
-    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    scale = want.abs().max()
+    rel = ((got - want).abs().max() / scale).item()
+    figures = {"relative_diff": rel, "top1": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+    low = export_dtype != "fp32"
     tol = 3e-2 if low else 5e-4
     assert rel <= tol, f"max|Δ| = {rel:.3g}·max|y|, above {tol:g}"
     if low:
-        assert top1 >= 0.99, f"top-1 agreement {100 * top1:.1f} % < 99 %"
-    return {"relative_diff": rel, "top1": top1}
+        top2 = want.topk(2, dim=-1).values
+        decided = (top2[..., 0] - top2[..., 1]) >= RESOLUTION[export_dtype] * scale
+        share = decided.float().mean().item()
+        assert share >= 0.5, f"only {100 * share:.0f} % of the positions decided by more than {export_dtype}'s resolution"
+        top1 = (got.argmax(-1) == want.argmax(-1))[decided].float().mean().item()
+        figures.update(top1_decided=top1, decided=share)
+        assert top1 >= 0.99, f"top-1 agreement {100 * top1:.1f} % < 99 % on the {100 * share:.0f} % of positions decided"
+    return figures
 
 
 @torch.no_grad()
@@ -336,7 +352,6 @@ def check_export(c: dict[str, str], factorized: Path, exported: Path, figures: d
 
     built = build_model(factorized)
     family, reference = built.family, built.model.float().eval()
-    low = c["export_dtype"] != "fp32"
     x = _inputs(family, reference)
     want = family.forward(reference, x)
     if c["export"] == "onnx":
@@ -373,4 +388,4 @@ def check_export(c: dict[str, str], factorized: Path, exported: Path, figures: d
             model = timm.create_model(m.architecture, pretrained=False, **m.model_kwargs)
             model.load_state_dict(load_file(str(exported)), strict=True)
         got = family.forward(model.float().eval(), x)
-    figures.update(_compare(got, want, low))
+    figures.update(_compare(got, want, c["export_dtype"]))

@@ -6,8 +6,9 @@ run through the command line in this process and checked: ranks, strict reloads,
 relative to their scale. Prints each cell's status and time, then passed / failed / refused / skipped and the total.
 
 Run: python tests/benchmarks/bench_matrix.py [--family llama gpt2 ...] [--only ckpt_dtype=bf16 ...] [--limit N] [--every K]
+     [--part I/N]
      [--nproc2] [--json out.json]
-     (--every K runs every K-th cell of the product, for a quick sample; --nproc2 adds the two-process cells)
+     (--every K runs every K-th cell of the product, for a quick sample; --part I/N one of N interleaved parts; --nproc2 adds the two-process cells)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=[], metavar="FACTOR=VALUE", help="only cells with these values (e.g. ckpt_dtype=bf16)")
     ap.add_argument("--every", type=int, default=1, help="every K-th meaningful cell of the product")
     ap.add_argument("--limit", type=int, help="at most N cells")
+    ap.add_argument("--part", default="0/1", metavar="I/N", help="the I-th of N interleaved parts (run the N parts side by side)")
     ap.add_argument("--nproc2", action="store_true", help="the --nproc 2 cells too (a torchrun launch each)")
     ap.add_argument("--json", type=Path, help="write every cell's result here")
     args = ap.parse_args()
@@ -41,6 +43,8 @@ def main() -> None:
     cells = [c for c in product() if (args.nproc2 or c["nproc"] == "1") and (not args.family or c["family"] in args.family)
              and verdict(c).kind != "skip" and all(c[k] == v for k, v in (o.split("=", 1) for o in args.only))]
     cells = cells[:: args.every][: args.limit]
+    part, parts = (int(x) for x in args.part.split("/"))
+    cells = cells[part::parts]
     results: list[CellResult] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
