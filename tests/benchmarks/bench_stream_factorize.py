@@ -146,6 +146,7 @@ def main() -> None:
             on_disk = build_folder(folder, args.layers)
             print(f"built {folder} ({args.layers} layers): {on_disk / 1e9:.2f} GB on disk in {time.perf_counter() - start:.0f} s")
         names = [n for n, t in read_header(folder).tensors.items() if len(t.shape) == 2 and "layers." in n]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in each child (their default; set OMP_NUM_THREADS to change it)")
         bare = child(BARE, str(folder), json.dumps(names))
         ours = child(FACTORIZE.format(patch=""), str(folder), str(Path(tmp) / "out"), args.shard, args.method, str(args.calib_samples))
         out = Path(tmp) / "out"
