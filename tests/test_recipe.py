@@ -19,7 +19,7 @@ def test_every_shipped_recipe_validates():
 def test_allocation_defaults_to_uniform_and_labels_the_rule():
     from lowrank_cli.recipe import recipe_from_dict
     assert recipe_from_dict({}).factorize.allocation == "uniform"
-    measured = {"causal-lm": "sensitivity"}  # where sensitivity allocation was measured to win (docs/benchmarks.md)
+    measured = {"causal-lm": "sensitivity", "bert": "sensitivity"}  # where sensitivity allocation was measured to win (docs/benchmarks.md)
     for name in bundled_recipe_names():
         assert load_recipe(name).factorize.allocation == measured.get(name, "uniform"), name
     r = recipe_from_dict({"factorize": {"kappa": 4, "allocation": "sensitivity"}})

@@ -14,7 +14,7 @@ The run folder's report holds the curve (held-out quality against wall time); th
 goal beside it and writes the whole report with `--json`.
 
 Run: python tests/benchmarks/bench_quality.py minilm [--model-dir DIR] [--kappa 2] [--out runs/bench-minilm]
-     python tests/benchmarks/bench_quality.py causal-lm --model-dir DIR --data DIR [--kappa 1.25]
+     python tests/benchmarks/bench_quality.py causal-lm --model-dir DIR --data DIR [--kappa 1.25] [--recipe FILE]
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--recipe", help="a recipe file instead of the bundled one (e.g. a copy with another factorize.allocation)")
     args = ap.parse_args()
-    recipe = "bert" if args.case == "minilm" else "causal-lm"
+    recipe = args.recipe or ("bert" if args.case == "minilm" else "causal-lm")
     kappa = args.kappa or (2.0 if args.case == "minilm" else 1.25)
     model = args.model_dir or (default_model_dir() if args.case == "minilm" else None)
     if model is None or (args.case == "causal-lm" and args.data is None):
