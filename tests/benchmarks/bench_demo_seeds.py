@@ -6,17 +6,24 @@ loss recovered, the median and range over the seeds, and whether every seed reac
 (≥ 90 % recovered, SVD losing ≥ 10 points).
 
     python tests/benchmarks/bench_demo_seeds.py [--seeds 5] [--method pela|pclora] [--retrain]
+    python tests/benchmarks/bench_demo_seeds.py --first-seed 5 --recipe my-demo.yaml   # other seeds, a changed recipe
+
+With `--first-seed` or `--recipe` (a copy of `recipes/demo.yaml` with one setting changed) the seeds run one by one
+the way `lowrank demo` runs each, for seeds first-seed … first-seed + seeds − 1: how the demo's learning rates were
+compared over seeds 0–9 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from lowrank_cli.pipelines.demo import run_demo
+from lowrank_cli.pipelines.demo import _one_seed, run_demo, seed_rows, spread
+from lowrank_cli.recipe import load_recipe
 
 
 def main() -> None:
@@ -24,9 +31,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--method", default="pela")
     ap.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--recipe", help="a recipe file in place of the demo's (pela only)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        report = run_demo(Path(tmp) / "demo", device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
+        if args.first_seed == 0 and args.recipe is None:
+            report = run_demo(Path(tmp) / "demo", device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
+        else:
+            t0 = time.perf_counter()
+            base = load_recipe(args.recipe or "demo")
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            reports = [_one_seed(Path(tmp) / f"seed-{s}", base, s, torch.device("cpu"), "cpu", args.retrain, None, None, print) for s in seeds]
+            report = {"kappa": base.factorize.kappa, "seeds": seed_rows(reports), "spread": spread(seed_rows(reports)),
+                      "wall_seconds": time.perf_counter() - t0}
     print(f"\nlowrank demo ({args.method}), κ = {report['kappa']:g}, {torch.get_num_threads()} threads, {report['wall_seconds']:.0f} s")
     print(f"{'seed':>4} {'teacher':>8} {'SVD only':>9} {'distilled':>10} {'lost':>6} {'recovered':>10} {'seconds':>8}")
     for r in report["seeds"]:
