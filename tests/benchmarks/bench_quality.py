@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--train-docs", type=int, default=4000,
+                    help="minilm: training documents (the 706 training help topics, then docstring paragraphs; about 7 500 exist)")
     ap.add_argument("--recipe", help="a recipe file instead of the bundled one (e.g. a copy with another factorize.allocation)")
     args = ap.parse_args()
     recipe = args.recipe or ("bert" if args.case == "minilm" else "causal-lm")
@@ -67,7 +69,7 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-text-") as tmp:
-        data = args.data or minilm_text(Path(tmp) / "text")
+        data = args.data or minilm_text(Path(tmp) / "text", args.train_docs)
         cmd = ["lowrank", "compress", str(model), "--recipe", recipe, "--data", str(data), "--kappa", f"{kappa:g}", "--out", str(out),
                "--device", "cpu", "--json"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
