@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -156,3 +156,21 @@ def pooled_cosine_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
     """1 − cosine of the mean-pooled sentence embeddings, student against teacher, averaged over the batch."""
     s, t = mean_pool(hidden.float(), mask), mean_pool(teacher_hidden.detach().float(), mask)
     return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+def noisy_tokens(inputs: Mapping[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """`inputs` with about `fraction` of the real tokens of `input_ids` (neither a document's first nor its last, which are
+    special tokens for most tokenizers; padding never) replaced by tokens drawn at random from those positions of the batch.
+    Uses torch's global generator (seeded by the run); `inputs` itself is not changed."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    inner = mask.clone()
+    inner[:, 0] = False
+    inner[torch.arange(len(ids), device=ids.device), (mask.sum(1) - 1).clamp_min(0)] = False
+    pool = ids[inner]
+    hit = inner & (torch.rand(ids.shape, device=ids.device) < fraction)
+    n = int(hit.sum())
+    if not n or not pool.numel():
+        return dict(inputs)
+    ids = ids.clone()
+    ids[hit] = pool[torch.randint(len(pool), (n,), device=ids.device)]
+    return {**inputs, "input_ids": ids}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.distill.fsdp import is_sharded
-from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, pooled_cosine_loss, weight_perturbation_loss
+from lowrank_cli.distill.losses import BlockOutputs, base_loss, factorized_pairs, feature_distill_loss, noisy_tokens, pooled_cosine_loss, weight_perturbation_loss
 from lowrank_cli.models.family import Inputs, ModelFamily, call_model
 from lowrank_cli.recipe import DistillConfig
 
@@ -53,19 +53,21 @@ class _AgainstTeacher:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, family: ModelFamily, base: str, logit_weight: float, pooled_cosine: float = 0.0,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, token_noise: float = 0.0):
         teacher = freeze(teacher)
         if dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()):
             teacher = freeze(copy.deepcopy(teacher).to(dtype))
         self.teacher = teacher
         self.forward: Forward = family.forward
-        self.base, self.logit_weight, self.pooled_cosine = base, logit_weight, pooled_cosine
+        self.base, self.logit_weight, self.pooled_cosine, self.token_noise = base, logit_weight, pooled_cosine, token_noise
         self.student_blocks = BlockOutputs(family.blocks(student))
         self.teacher_blocks = BlockOutputs(family.blocks(teacher))
         if self.student_blocks.names != self.teacher_blocks.names:
             raise ValueError("student and teacher blocks differ")
 
     def base_and_feature_terms(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.token_noise and isinstance(inputs, Mapping) and "input_ids" in inputs and "attention_mask" in inputs:
+            inputs = noisy_tokens(inputs, self.token_noise)  # the same noisy copy for teacher and student
         # FSDP's gathered weights outlive a forward pass: made in inference mode, a later forward under no_grad (an
         # evaluation) could not refill them; a sharded teacher runs under no_grad instead
         with torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode():
@@ -100,7 +102,7 @@ class DistillationObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, base: str, family: ModelFamily, dtype: torch.dtype | None = None):
-        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine, dtype)
+        super().__init__(student, teacher, family, base, cfg.logit_weight, cfg.pooled_cosine, dtype, cfg.token_noise)
         self.cfg = cfg
         self.pairs = factorized_pairs(student, teacher) if cfg.beta > 0 else []
 
@@ -122,8 +124,8 @@ class ProgressiveObjective(_AgainstTeacher):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, task_weight: float, base: str, family: ModelFamily, logit_weight: float = 1.0,
-                 pooled_cosine: float = 0.0, dtype: torch.dtype | None = None):
-        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine, dtype)
+                 pooled_cosine: float = 0.0, dtype: torch.dtype | None = None, token_noise: float = 0.0):
+        super().__init__(student, teacher, family, base, logit_weight, pooled_cosine, dtype, token_noise)
         self.task_weight = task_weight
 
     def __call__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -110,3 +110,27 @@ def test_factorized_pairs_point_at_the_teachers_dense_weights():
     pairs = factorized_pairs(student, teacher)
     assert len(pairs) == 8
     assert pairs[0][1].data_ptr() == teacher.blocks[0].attn.qkv.weight.data_ptr()  # the teacher's own tensor, not a copy
+
+
+def test_noisy_tokens_replace_inner_tokens_from_the_batch_and_leave_the_input_alone():
+    from lowrank_cli.distill.losses import noisy_tokens
+
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 2000, (8, 50))
+    ids[:, 0], mask = 101, torch.ones(8, 50, dtype=torch.long)
+    for row, length in enumerate([50, 40, 30, 20, 10, 5, 2, 1]):
+        mask[row, length:] = 0
+        ids[row, length:] = 0  # padding
+        ids[row, length - 1] = 102
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    before = ids.clone()
+    out = noisy_tokens(inputs, 0.2)
+    assert torch.equal(inputs["input_ids"], before) and out["attention_mask"] is mask  # the batch given is unchanged
+    changed = out["input_ids"] != ids
+    inner = mask.bool().clone()
+    inner[:, 0] = False
+    inner[torch.arange(8), mask.sum(1) - 1] = False
+    assert not (changed & ~inner).any()  # never the first or last token of a document, never padding
+    assert 0.1 < changed.sum() / inner.sum() < 0.25  # about a fifth (a drawn token may equal the one it replaces)
+    assert set(out["input_ids"][inner].tolist()) <= set(ids[inner].tolist())  # drawn from the batch's own tokens
+    assert torch.equal(noisy_tokens(inputs, 1e-9)["input_ids"], ids)

@@ -32,7 +32,7 @@ def _recipe(tmp_path, base: str, **distill) -> str:
 
 def test_compress_a_sentence_encoder_on_real_text(cli, hub, tmp_path):
     out = tmp_path / "run"
-    r = cli("compress", hub["bert"], "--recipe", _recipe(tmp_path, "bert", pooled_cosine=1.0), "--out", out, "--device", "cpu", "--json")
+    r = cli("compress", hub["bert"], "--recipe", _recipe(tmp_path, "bert", pooled_cosine=1.0, token_noise=0.2), "--out", out, "--device", "cpu", "--json")
     assert r.code == 0, r.err
     rep = json.loads(r.out)
     assert rep["task"] == "features" and rep["train"]["base_loss"] == "none"
@@ -148,7 +148,15 @@ def test_bad_hub_folders_and_text(cli, hub, tmp_path, vit_ckpt):
     one_line_error(cli("compress", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--data", "pydoc", "--out", tmp_path / "r4"),
                    "is text, and this is an image model")
     one_line_error(cli("inspect", vit_ckpt, "--model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seq-len", "16"), "--seq-len applies to text models")
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
+    noisy = tmp_path / "noisy.yaml"
+    noisy.write_text(f"name: noisy\nmodel: {TINY_VIT}\nmodel_kwargs: {json.dumps(TINY_VIT_KWARGS)}\ndata: {{source: digits}}\n"
+                     "distill: {epochs: 1, token_noise: 0.2}\n")
+    one_line_error(cli("compress", vit_ckpt, "--recipe", noisy, "--out", tmp_path / "r5"), "distill.token_noise 0.2 replaces tokens of text",
+                   "this model's data is images", "set distill.token_noise to 0")
+    bad = tmp_path / "bad-noise.yaml"
+    bad.write_text(open(_recipe(tmp_path, "bert", token_noise=1.0)).read())
+    one_line_error(cli("compress", hub["bert"], "--recipe", bad, "--out", tmp_path / "r6"), "token_noise")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 7))
 
 
 def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub, tmp_path):

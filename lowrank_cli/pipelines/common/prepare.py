@@ -51,6 +51,13 @@ def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None
     return recipe
 
 
+def check_token_noise(recipe: Recipe, family: ModelFamily, model: nn.Module) -> None:
+    """`distill.token_noise` replaces tokens: a one-line error, before any work, for a model whose data is not text."""
+    modality = family.data_config(model).modality
+    if recipe.distill.token_noise and modality != "text":
+        raise LowrankError(f"distill.token_noise {recipe.distill.token_noise:g} replaces tokens of text; this model's data is "
+                           f"{modality}: set distill.token_noise to 0", param="distill.token_noise")
+
 @dataclass
 class PreparedRun:
     """Everything checked and built, nothing written yet."""
@@ -118,6 +125,7 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
     teacher, family, arch = built.model, built.family, built.architecture
     check_method(recipe, family.task(teacher))
+    check_token_noise(recipe, family, teacher)
     data = load_data(recipe, family, teacher, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
     svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
@@ -175,6 +183,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         teacher = build_model(teacher_file, arch, manifest.model_kwargs, family=manifest.family)
     except LowrankError as e:
         raise LowrankError(f"teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
+    check_token_noise(recipe, teacher.family, teacher.model)
     data_ = load_data(recipe, teacher.family, teacher.model, teacher.folder or student.folder)
     run, resume_from = _run_dir(recipe, out, resume)
     manifest = manifest.replace(recipe=recipe.to_dict())

@@ -211,7 +211,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             return {"lam": lam}
 
         objective = ProgressiveObjective(p.student, teacher, cfg.pclora.task_weight, p.base, family, cfg.logit_weight, cfg.pooled_cosine,
-                                         teacher_dtype(device, cfg.amp, cfg.strategy))
+                                         teacher_dtype(device, cfg.amp, cfg.strategy), cfg.token_noise)
     else:
         objective = DistillationObjective(p.student, teacher, cfg, p.base, family, teacher_dtype(device, cfg.amp, cfg.strategy))
     structures = all_gather_strings(env, tensors_digest({k: torch.tensor(v.shape) for k, v in p.student.state_dict().items()}))
