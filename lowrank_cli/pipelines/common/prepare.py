@@ -58,6 +58,7 @@ def check_token_noise(recipe: Recipe, family: ModelFamily, model: nn.Module) -> 
         raise LowrankError(f"distill.token_noise {recipe.distill.token_noise:g} replaces tokens of text; this model's data is "
                            f"{modality}: set distill.token_noise to 0", param="distill.token_noise")
 
+
 @dataclass
 class PreparedRun:
     """Everything checked and built, nothing written yet."""
