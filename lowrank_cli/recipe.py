@@ -202,7 +202,8 @@ class DistillConfig(_Strict):
     base_loss: Literal["auto", "ce", "logits", "lm", "kl", "none"] = "auto"
     logit_weight: float = Field(default=1.0, ge=0)
     pooled_cosine: float = Field(default=0.0, ge=0)  # text encoders: weight of 1 − cos of the mean-pooled embeddings
-    # text: the fraction of each training batch's tokens (neither a document's first nor its last) replaced, for
+    # text: the fraction of each end-to-end training batch's tokens (neither a document's first nor its last; the local
+    # stage's cached examples stay as they are) replaced, for
     # teacher and student alike, by tokens drawn from the same batch, so that the student matches the teacher on
     # inputs beyond the training text (0: off; evaluations always see the text as it is)
     token_noise: float = Field(default=0.0, ge=0, lt=1)
