@@ -7,6 +7,11 @@ loss recovered, the median and range over the seeds, and whether every seed reac
 
     python tests/benchmarks/bench_demo_seeds.py [--seeds 5] [--method pela|pclora] [--retrain]
     python tests/benchmarks/bench_demo_seeds.py --first-seed 5 --recipe my-demo.yaml   # other seeds, a changed recipe
+    python tests/benchmarks/bench_demo_seeds.py --errors   # also: the held-out digits teacher and student disagree on
+
+`--errors` lists, per seed, each held-out digit that one of teacher and distilled student gets right and the other
+wrong, with the teacher's margin there (its top probability minus its second) and that margin's rank among all 360
+digits (1: the least sure): whether the digits a seed loses are ones the teacher itself is unsure of.
 
 With `--first-seed` or `--recipe` (a copy of `recipes/demo.yaml` with one setting changed) the seeds run one by one
 the way `lowrank demo` runs each, for seeds first-seed … first-seed + seeds − 1: how the demo's learning rates were
@@ -22,8 +27,34 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.pipelines.demo import _one_seed, run_demo, seed_rows, spread
-from lowrank_cli.recipe import load_recipe
+from lowrank_cli.data.images import digits
+from lowrank_cli.models.build import build_model
+from lowrank_cli.models.timm_family import TimmFamily
+from lowrank_cli.pipelines.demo import DEMO_RECIPES, _one_seed, run_demo, seed_rows, spread, teacher_path
+from lowrank_cli.recipe import Recipe, load_recipe
+
+
+def disagreements(recipe: Recipe, seed: int, student_file: Path) -> None:
+    """Print the held-out digits the teacher or the student of `seed` gets wrong, with the teacher's margin and its rank."""
+    teacher = build_model(teacher_path(recipe, seed), recipe.model, recipe.model_kwargs).model.eval()
+    student = build_model(student_file).model.eval()
+    val = digits(TimmFamily().data_config(teacher)).val
+    x, y = val.images, val.labels
+    with torch.no_grad():
+        pt, ps = teacher(x).softmax(-1), student(x).softmax(-1)
+    top = pt.topk(2, -1).values
+    margin = top[:, 0] - top[:, 1]
+    rank = margin.argsort().argsort()  # 0: the digit the teacher is least sure of
+    t_pred, s_pred = pt.argmax(-1), ps.argmax(-1)
+    lost = ((t_pred == y) & (s_pred != y)).nonzero().flatten().tolist()
+    won = ((t_pred != y) & (s_pred == y)).nonzero().flatten().tolist()
+    both = ((t_pred != y) & (s_pred != y)).sum().item()
+    print(f"  wrong: teacher {(t_pred != y).sum().item()}, student {(s_pred != y).sum().item()} ({both} by both); "
+          f"lost {len(lost)}, won {len(won)}; teacher's median margin {margin.median():.2f}")
+    for kind, ids in (("lost", lost), ("won", won)):
+        for i in ids:
+            print(f"    {kind} #{i}: label {y[i].item()}, teacher {t_pred[i].item()} (margin {margin[i]:.2f}, "
+                  f"rank {rank[i].item() + 1} of {len(y)} from the least sure), student {s_pred[i].item()}")
 
 
 def main() -> None:
@@ -33,8 +64,10 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--recipe", help="a recipe file in place of the demo's (pela only)")
+    ap.add_argument("--errors", action="store_true", help="list the held-out digits teacher and student disagree on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "demo" if args.first_seed == 0 and args.recipe is None else Path(tmp)
         if args.first_seed == 0 and args.recipe is None:
             report = run_demo(Path(tmp) / "demo", device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
         else:
@@ -44,6 +77,10 @@ def main() -> None:
             reports = [_one_seed(Path(tmp) / f"seed-{s}", base, s, torch.device("cpu"), "cpu", args.retrain, None, None, print) for s in seeds]
             report = {"kappa": base.factorize.kappa, "seeds": seed_rows(reports), "spread": spread(seed_rows(reports)),
                       "wall_seconds": time.perf_counter() - t0}
+        if args.errors:
+            for r in report["seeds"]:
+                print(f"seed {r['seed']}:")
+                disagreements(load_recipe(args.recipe or DEMO_RECIPES[args.method]), r["seed"], folder / f"seed-{r['seed']}" / "student.safetensors")
     print(f"\nlowrank demo ({args.method}), κ = {report['kappa']:g}, {torch.get_num_threads()} threads, {report['wall_seconds']:.0f} s")
     print(f"{'seed':>4} {'teacher':>8} {'SVD only':>9} {'distilled':>10} {'lost':>6} {'recovered':>10} {'seconds':>8}")
     for r in report["seeds"]:
