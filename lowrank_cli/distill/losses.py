@@ -161,8 +161,9 @@ def pooled_cosine_loss(hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask:
 def noisy_tokens(inputs: Mapping[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
     """`inputs` with about `fraction` of the real tokens of `input_ids` (neither a document's first nor its last, which are
     special tokens for most tokenizers; padding never) replaced by tokens drawn at random from those positions of the batch.
-    Uses torch's global generator (seeded by the run); `inputs` itself is not changed."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    Without an `attention_mask` every token is real. Uses torch's global generator (seeded by the run); `inputs` itself is not changed."""
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else torch.ones_like(ids, dtype=torch.bool)
     inner = mask.clone()
     inner[:, 0] = False
     inner[torch.arange(len(ids), device=ids.device), (mask.sum(1) - 1).clamp_min(0)] = False

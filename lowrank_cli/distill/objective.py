@@ -66,7 +66,7 @@ class _AgainstTeacher:
             raise ValueError("student and teacher blocks differ")
 
     def base_and_feature_terms(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.token_noise and isinstance(inputs, Mapping) and "input_ids" in inputs and "attention_mask" in inputs:
+        if self.token_noise and isinstance(inputs, Mapping) and "input_ids" in inputs:
             inputs = noisy_tokens(inputs, self.token_noise)  # the same noisy copy for teacher and student
         # FSDP's gathered weights outlive a forward pass: made in inference mode, a later forward under no_grad (an
         # evaluation) could not refill them; a sharded teacher runs under no_grad instead

@@ -134,3 +134,15 @@ def test_noisy_tokens_replace_inner_tokens_from_the_batch_and_leave_the_input_al
     assert 0.1 < changed.sum() / inner.sum() < 0.25  # about a fifth (a drawn token may equal the one it replaces)
     assert set(out["input_ids"][inner].tolist()) <= set(ids[inner].tolist())  # drawn from the batch's own tokens
     assert torch.equal(noisy_tokens(inputs, 1e-9)["input_ids"], ids)
+
+
+def test_noisy_tokens_without_an_attention_mask_treat_every_token_as_real():
+    from lowrank_cli.distill.losses import noisy_tokens
+
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 30))
+    out = noisy_tokens({"input_ids": ids}, 0.3)
+    changed = out["input_ids"] != ids
+    assert "attention_mask" not in out and changed.any()  # noise applied, no mask invented
+    assert not changed[:, 0].any() and not changed[:, -1].any()  # the first and last tokens stay
+    assert 0.15 < changed.sum() / (4 * 28) < 0.4
