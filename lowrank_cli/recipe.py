@@ -150,6 +150,8 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=2, ge=0)
     skip_unreadable: bool = False  # an image folder's unreadable images: an error (default), or left out and counted
     synthetic_size: int = Field(default=256, ge=8)
+    # digits: each training image shifted at random by up to this many pixels each way (None: 2); no other source takes it
+    max_shift: int | None = Field(default=None, ge=0, le=16)
     # text read lazily (docs/algorithms.md §10): auto streams a file or folder of more than 256 MiB, true any file or folder, false none
     streaming: Literal["auto"] | bool = "auto"
     shuffle_window: int = Field(default=1024, ge=0)  # streamed text: sequences permuted within windows of this many (0 or 1: stream order)

@@ -8,7 +8,7 @@ resizing):
   its mean/std (training transforms on the train split).
 - `digits`: scikit-learn's 1797 real 8×8 handwritten digits, resized to the model's input
   size, split once and for all (seed 0) into 1437 train / 360 val images; the train split
-  gets ±2 pixel random shifts.
+  gets random shifts of up to ±2 pixels (`max_shift`, recipe key data.max_shift).
 - `synthetic`: seeded random images and labels, for smoke tests.
 """
 
@@ -74,12 +74,16 @@ def digits_tensors(cfg: ImageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target, dtype=torch.long)
 
 
-def digits(cfg: ImageConfig) -> ImageData:
-    """scikit-learn's handwritten digits at the model's input size, normalized like its data."""
+DIGITS_SHIFT = 2  # pixels each way, the digits' training shifts unless data.max_shift says otherwise
+
+
+def digits(cfg: ImageConfig, max_shift: int = DIGITS_SHIFT) -> ImageData:
+    """scikit-learn's handwritten digits at the model's input size, normalized like its data; each training image
+    shifted at random by up to `max_shift` pixels each way (0: as it is)."""
     x, y = digits_tensors(cfg)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, val = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
-    return ImageData("digits", TensorImages(x[train], y[train], max_shift=2), TensorImages(x[val], y[val]), 10)
+    return ImageData("digits", TensorImages(x[train], y[train], max_shift=max_shift), TensorImages(x[val], y[val]), 10)
 
 
 def synthetic(cfg: ImageConfig, num_classes: int = 10, size: int = 256, seed: int = 0) -> ImageData:
@@ -195,18 +199,22 @@ def image_folder(root: Path, cfg: ImageConfig, skip_unreadable: bool = False) ->
 
 
 def load_image_data(source: str | None, cfg: ImageConfig, num_classes: int = 10, synthetic_size: int = 256,
-                    skip_unreadable: bool = False) -> ImageData:
+                    skip_unreadable: bool = False, max_shift: int | None = None) -> ImageData:
     """Train/val data from `source`: a folder, `digits` or `synthetic` (see the module doc).
 
-    `num_classes` sets the random labels of `synthetic` (the model's outputs).
+    `num_classes` sets the random labels of `synthetic` (the model's outputs); `max_shift` the digits' training
+    shifts (None: 2 pixels; refused for other sources, whose training transforms are timm's or none).
     """
     if source is None:
         raise LowrankError("no data: give a folder (timm's train/<class>/ and val/<class>/ layout), 'digits' or 'synthetic' "
                            "(argument `data`, recipe key data.source)", param="data")
     if source == "pydoc" or source.endswith((".txt", ".jsonl")):
         raise LowrankError(f"data '{source}' is text, and this is an image model; give a folder of images, 'digits' or 'synthetic'", param="data")
+    if max_shift is not None and source != "digits":
+        raise LowrankError(f"data.max_shift {max_shift} shifts the digits' training images; data '{source}' takes none: "
+                           "remove data.max_shift, or use data.source digits", param="data.max_shift")
     if source == "digits":
-        return digits(cfg)
+        return digits(cfg, DIGITS_SHIFT if max_shift is None else max_shift)
     if source == "synthetic":
         return synthetic(cfg, num_classes, synthetic_size)
     return image_folder(Path(source), cfg, skip_unreadable)

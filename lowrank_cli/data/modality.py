@@ -43,7 +43,8 @@ class Images:
     needs_tokenizer = False
 
     def load(self, recipe, family, model, cfg, folder, all_held_out):
-        return load_image_data(recipe.data.source, cfg, model_classes(model) or 10, recipe.data.synthetic_size, recipe.data.skip_unreadable)
+        d = recipe.data
+        return load_image_data(d.source, cfg, model_classes(model) or 10, d.synthetic_size, d.skip_unreadable, d.max_shift)
 
     def calibration(self, source, cfg, folder, n_samples, batch_size, max_length):
         return calibration_batches(source, cfg, n_samples, batch_size)
@@ -55,6 +56,9 @@ class Text:
     needs_tokenizer = True
 
     def load(self, recipe, family, model, cfg, folder, all_held_out):
+        if recipe.data.max_shift is not None:
+            raise LowrankError(f"data.max_shift {recipe.data.max_shift} shifts the digits' training images; this model's data is text: "
+                               "remove data.max_shift", param="data.max_shift")
         length = recipe.data.max_length or cfg.max_length
         limit = family.max_positions(model)
         if limit is not None and length > limit:

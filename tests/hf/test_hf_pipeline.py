@@ -156,7 +156,16 @@ def test_bad_hub_folders_and_text(cli, hub, tmp_path, vit_ckpt):
     bad = tmp_path / "bad-noise.yaml"
     bad.write_text(open(_recipe(tmp_path, "bert", token_noise=1.0)).read())
     one_line_error(cli("compress", hub["bert"], "--recipe", bad, "--out", tmp_path / "r6"), "token_noise")
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 7))
+    shifted = tmp_path / "shifted.yaml"
+    shifted.write_text(open(_recipe(tmp_path, "bert")).read().replace("  num_workers: 0\n", "  num_workers: 0\n  max_shift: 1\n"))
+    one_line_error(cli("compress", hub["bert"], "--recipe", shifted, "--out", tmp_path / "r7"), "data.max_shift 1",
+                   "this model's data is text", "remove data.max_shift")
+    synthetic = tmp_path / "shifted-synthetic.yaml"
+    synthetic.write_text(f"name: shifted\nmodel: {TINY_VIT}\nmodel_kwargs: {json.dumps(TINY_VIT_KWARGS)}\n"
+                         "data: {source: synthetic, max_shift: 0}\ndistill: {epochs: 1}\n")
+    one_line_error(cli("compress", vit_ckpt, "--recipe", synthetic, "--out", tmp_path / "r8"), "data.max_shift 0",
+                   "data 'synthetic' takes none", "use data.source digits")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 9))
 
 
 def test_compress_from_whitened_factors_calibrated_on_the_training_text(cli, hub, tmp_path):
