@@ -31,3 +31,15 @@ def test_max_shift_is_refused_for_other_sources_naming_the_key(source):
     with pytest.raises(LowrankError, match=rf"data.max_shift 1 shifts the digits' training images; data '{source}' takes none") as e:
         load_image_data(source, CFG, max_shift=1)
     assert e.value.param == "data.max_shift"
+
+
+def test_a_data_source_given_drops_the_recipes_digits_shift_unless_it_is_digits():
+    from lowrank_cli.pipelines.compress import with_run_options
+    from lowrank_cli.recipe import load_recipe
+
+    demo = load_recipe("demo")
+    assert demo.data.max_shift == 0
+    assert with_run_options(demo, data="digits").data.max_shift == 0
+    other = with_run_options(demo, data="synthetic")
+    assert (other.data.source, other.data.max_shift) == ("synthetic", None)  # --data synthetic on the demo recipe runs
+    assert demo.data.max_shift == 0  # the recipe given is unchanged

@@ -35,10 +35,12 @@ from lowrank_cli.recipe import Recipe, recipe_from_dict
 
 
 def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None, strategy: str | None = None) -> Recipe:
-    """The recipe with the data source, the number of epochs and the distillation strategy given (a copy)."""
+    """The recipe with the data source, the number of epochs and the distillation strategy given (a copy). A source given
+    replaces the recipe's with its digits-only setting (`data.max_shift`) unless it is digits too."""
     recipe = recipe.model_copy(deep=True)
     if data is not None:
-        recipe.data = recipe.data.model_copy(update={"source": str(data)})
+        keep = recipe.data.max_shift if str(data) == "digits" else None
+        recipe.data = recipe.data.model_copy(update={"source": str(data), "max_shift": keep})
     if epochs is not None:
         if epochs < 1:
             raise LowrankError(f"epochs must be at least 1 (got {epochs})", param="epochs")
