@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--method", default="pela")
     ap.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--recipe", help="a recipe file in place of the demo's (pela only)")
+    ap.add_argument("--recipe", help="a recipe file in place of the demo's")
     ap.add_argument("--errors", action="store_true", help="list the held-out digits teacher and student disagree on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def main() -> None:
             report = run_demo(Path(tmp) / "demo", device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
         else:
             t0 = time.perf_counter()
-            base = load_recipe(args.recipe or "demo")
+            base = load_recipe(args.recipe or DEMO_RECIPES[args.method])
             seeds = range(args.first_seed, args.first_seed + args.seeds)
             reports = [_one_seed(Path(tmp) / f"seed-{s}", base, s, torch.device("cpu"), "cpu", args.retrain, None, None, print) for s in seeds]
             report = {"kappa": base.factorize.kappa, "seeds": seed_rows(reports), "spread": spread(seed_rows(reports)),
