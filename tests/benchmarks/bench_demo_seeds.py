@@ -35,7 +35,7 @@ from lowrank_cli.recipe import Recipe, load_recipe
 
 
 def disagreements(recipe: Recipe, seed: int, student_file: Path) -> None:
-    """Print the held-out digits the teacher or the student of `seed` gets wrong, with the teacher's margin and its rank."""
+    """Print the held-out digits one of teacher and student of `seed` gets right and the other wrong, with the teacher's margin and its rank."""
     teacher = build_model(teacher_path(recipe, seed), recipe.model, recipe.model_kwargs).model.eval()
     student = build_model(student_file).model.eval()
     val = digits(TimmFamily().data_config(teacher)).val
@@ -67,20 +67,21 @@ def main() -> None:
     ap.add_argument("--errors", action="store_true", help="list the held-out digits teacher and student disagree on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "demo" if args.first_seed == 0 and args.recipe is None else Path(tmp)
-        if args.first_seed == 0 and args.recipe is None:
-            report = run_demo(Path(tmp) / "demo", device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
+        recipe = load_recipe(args.recipe or DEMO_RECIPES[args.method])
+        as_the_demo = args.first_seed == 0 and args.recipe is None
+        folder = Path(tmp) / "demo" if as_the_demo else Path(tmp)
+        if as_the_demo:
+            report = run_demo(folder, device="cpu", seeds=args.seeds, retrain=args.retrain, method=args.method, note=print)
         else:
             t0 = time.perf_counter()
-            base = load_recipe(args.recipe or DEMO_RECIPES[args.method])
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            reports = [_one_seed(Path(tmp) / f"seed-{s}", base, s, torch.device("cpu"), "cpu", args.retrain, None, None, print) for s in seeds]
-            report = {"kappa": base.factorize.kappa, "seeds": seed_rows(reports), "spread": spread(seed_rows(reports)),
+            reports = [_one_seed(folder / f"seed-{s}", recipe, s, torch.device("cpu"), "cpu", args.retrain, None, None, print) for s in seeds]
+            report = {"kappa": recipe.factorize.kappa, "seeds": seed_rows(reports), "spread": spread(seed_rows(reports)),
                       "wall_seconds": time.perf_counter() - t0}
         if args.errors:
             for r in report["seeds"]:
                 print(f"seed {r['seed']}:")
-                disagreements(load_recipe(args.recipe or DEMO_RECIPES[args.method]), r["seed"], folder / f"seed-{r['seed']}" / "student.safetensors")
+                disagreements(recipe, r["seed"], folder / f"seed-{r['seed']}" / "student.safetensors")
     print(f"\nlowrank demo ({args.method}), κ = {report['kappa']:g}, {torch.get_num_threads()} threads, {report['wall_seconds']:.0f} s")
     print(f"{'seed':>4} {'teacher':>8} {'SVD only':>9} {'distilled':>10} {'lost':>6} {'recovered':>10} {'seconds':>8}")
     for r in report["seeds"]:
