@@ -11,13 +11,31 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowrank_cli.errors import LowrankError
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m(?:in)?)?(?:(\d+(?:\.\d*)?)s)?")
+DURATIONS = "a duration such as 30m, 1h30m, 90s or 2h"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration written `2h`, `30m` (or `30min`), `90s`, `1h30m`, `1.5h`; ValueError for anything else
+    (a bare number too: minutes or seconds would be a guess)."""
+    m = _DURATION.fullmatch(str(text).strip().lower().replace(" ", ""))
+    if m is None or not any(m.groups()):
+        raise ValueError(f"not {DURATIONS}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(f"must be longer than 0 s ({DURATIONS})")
+    return total
 
 
 class _Strict(BaseModel):
@@ -185,6 +203,9 @@ class LocalConfig(_Strict):
     examples: int = Field(default=1024, ge=1)
     batch_size: int = Field(default=32, ge=1)
     inputs: Literal["student", "teacher"] = "student"
+    # with distill.budget: the share of the training time (the budget less loading, calibration, factorization and the
+    # evaluations) that goes to this stage; `steps` is then the most a block trains, its count set from timed steps
+    budget_share: float = Field(default=0.3, gt=0, lt=1)
 
 
 class DistillConfig(_Strict):
@@ -211,6 +232,10 @@ class DistillConfig(_Strict):
     token_noise: float = Field(default=0.0, ge=0, lt=1)
     epochs: int = Field(default=50, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
+    # wall time for the whole command (`30m`, `1h30m`), from its start: loading, calibration and factorization, the local
+    # stage (its `budget_share`), the end-to-end stage and the evaluations. The step counts (`epochs`, `max_steps`,
+    # `local.steps`) become upper bounds, each stage's count set from its first steps timed (docs/algorithms.md §11)
+    budget: str | None = None
     batch_size: int = Field(default=64, ge=1)
     accum_steps: int = Field(default=1, ge=1)
     lr: float | None = Field(default=None, gt=0, le=10)  # beyond 10, AdamW only overflows
@@ -244,6 +269,20 @@ class DistillConfig(_Strict):
     # several processes: `ddp` keeps a whole student, its gradients and optimizer state on each; `fsdp` (FSDP2) shards
     # them per transformer block over the processes, and the frozen teacher too (one process trains alike with either)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _a_duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"not {DURATIONS} (a bare number would be a guess between minutes and seconds)")
+        parse_duration(value)
+        return value.strip()
+
+    def budget_seconds(self) -> float | None:
+        """`budget` in seconds (None: no budget, the step counts decide)."""
+        return None if self.budget is None else parse_duration(self.budget)
 
     @model_validator(mode="after")
     def _fsdp_limits(self) -> "DistillConfig":
@@ -282,6 +321,9 @@ class Recipe(_Strict):
                 raise ValueError(f"distill.method 'pclora' gives every layer the recipe's own rank; set factorize.allocation to 'uniform' (got '{self.factorize.allocation}')")
             if self.distill.beta > 0:
                 raise ValueError("distill.beta (PELA's L_rwp) is not used by distill.method 'pclora'; set it to 0")
+            if self.distill.budget is not None:
+                raise ValueError("distill.budget sets the step count from timed steps, and distill.method 'pclora' fades λ to 0 at a step "
+                                 "fixed in advance; drop distill.budget (size the run with distill.max_steps) or use distill.method 'pela'")
             if self.distill.local is not None:
                 raise ValueError("distill.local trains factorized blocks, and distill.method 'pclora' keeps the dense weights until λ reaches 0; "
                                  "drop distill.local or use distill.method 'pela'")

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -37,6 +38,28 @@ COMMANDS = {
 }
 
 ARGV: List[str] = []  # the arguments `main` parsed, for relaunching a command under torchrun (`launch.py`)
+STARTED_ENV = "LOWRANK_COMMAND_STARTED"  # the launcher's start (Unix time), for the processes torchrun starts
+_started = [time.perf_counter()]
+
+
+def command_started() -> float:
+    """When the command began, on the `time.perf_counter()` clock: the clock of a time budget (`--budget`). Under torchrun,
+    when the launching command began."""
+    return _started[0]
+
+
+def _start_clock() -> None:
+    now = time.perf_counter()
+    launched = os.environ.get(STARTED_ENV) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    try:
+        _started[0] = now - min(max(0.0, time.time() - float(launched)), 86400.0) if launched else now
+    except ValueError:
+        _started[0] = now
+
+
+def command_started_unix() -> float:
+    """`command_started()` as Unix time (for the processes a launcher starts)."""
+    return time.time() - (time.perf_counter() - _started[0])
 
 # The command-line option for each library argument or recipe key that errors name (`LowrankError.param`).
 FLAGS = {
@@ -47,7 +70,7 @@ FLAGS = {
     "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
     "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",
-    "max_shard_size": "--max-shard-size", "strategy": "--strategy",
+    "max_shard_size": "--max-shard-size", "strategy": "--strategy", "budget": "--budget",
 }
 
 
@@ -161,6 +184,7 @@ def _internal_error(e: BaseException) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: one-line errors, no tracebacks for anything the user can fix."""
     ARGV[:] = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    _start_clock()
     try:
         _main(argv)
     except KeyboardInterrupt:

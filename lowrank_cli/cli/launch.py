@@ -6,7 +6,7 @@ import contextlib
 import os
 from typing import ContextManager, List, Optional
 
-from lowrank_cli.cli.app import ARGV
+from lowrank_cli.cli.app import ARGV, STARTED_ENV, command_started_unix
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import check_launch, launch_torchrun, under_torchrun
 from lowrank_cli.errors import LowrankError
@@ -49,7 +49,15 @@ def relaunch(nproc: Optional[int], nnodes: int = 1, node_rank: int = 0, rdzv_end
     if not launches(nproc, nnodes):
         return False
     n = nproc or 1
-    code = launch_torchrun(n, argv_without_launch(ARGV), nnodes, node_rank, rdzv_endpoint)
+    before = os.environ.get(STARTED_ENV)
+    os.environ[STARTED_ENV] = repr(command_started_unix())  # the processes' time budget counts from this command's start
+    try:
+        code = launch_torchrun(n, argv_without_launch(ARGV), nnodes, node_rank, rdzv_endpoint)
+    finally:
+        if before is None:
+            os.environ.pop(STARTED_ENV, None)
+        else:
+            os.environ[STARTED_ENV] = before
     if code:
         where = f" on node {node_rank} of {nnodes}" if nnodes > 1 else ""
         raise LowrankError(f"torchrun with {n} processes{where} failed (exit status {code}); see the messages above")

@@ -54,6 +54,8 @@ NodeRankOpt = typer.Option(0, "--node-rank", min=0, help="This machine's place a
 RdzvEndpointOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 and a free port there, the same on every node (needed with --nnodes > 1).")
 StrategyOpt = typer.Option(None, "--strategy", help="Several processes: ddp (a whole student on each) or fsdp (student, gradients, "
                            "optimizer state and teacher sharded per block). Overrides the recipe's distill.strategy.")
+BudgetOpt = typer.Option(None, "--budget", help="Wall time for the whole command, e.g. 30m, 1h30m or 90s: the step counts of the recipe "
+                         "become upper bounds and each stage's count is set from its first steps timed (overrides distill.budget).")
 ModelArgs = Optional[List[str]]
 
 

@@ -38,6 +38,7 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
             return
         if task is None:
             task = progress.add_task(description, total=record["total_steps"], loss="", lr="", lam="", ips="")
+        progress.update(task, total=record["total_steps"])  # a time budget sets the count after the first steps
         lam = f"  λ {record['lam']:.3f}" if "lam" in record else ""  # PC-LoRA: the dense weights' share
         progress.update(task, completed=record["step"], loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}", lam=lam,
                         ips=f"{record.get('examples_per_s', record.get('images_per_s', 0)):.0f}")
@@ -127,6 +128,33 @@ def curve_table(report: dict[str, Any]) -> Table | None:
     for p in points:
         table.add_row(str(p["step"]), p["stage"], f"{p['seconds'] / 60:.1f}", *(_show(p["eval"].get(key), how) for key, _, how in shown))
     return table
+
+
+def budget_table(report: dict[str, Any]) -> Table | None:
+    """A run under `distill.budget`: each stage's planned and actual minutes and steps, beside the budget."""
+    b = report.get("budget")
+    if not b:
+        return None
+    table = Table(title=f"Time budget: {b['seconds'] / 60:.1f} min for the whole command", title_justify="left")
+    for col in ("stage", "planned min", "actual min", "steps"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    table.add_row("loading, calibration, factorization", "", f"{b['setup_seconds'] / 60:.1f}", "")
+    table.add_row("teacher and SVD-only evaluations", "", f"{b['baseline_eval_seconds'] / 60:.1f}", "")
+    if "local" in b:
+        loc = b["local"]
+        steps = loc.get("steps") or []
+        shown = f"{min(steps)}–{max(steps)} per block (at most {loc.get('max_steps')})" if steps else ""
+        table.add_row("local stage", f"{loc['planned_seconds'] / 60:.1f}", _minutes(loc.get("seconds")), shown)
+    if "end_to_end" in b:
+        e2e = b["end_to_end"]
+        table.add_row("end-to-end stage", f"{e2e['planned_seconds'] / 60:.1f}" if "planned_seconds" in e2e else "", _minutes(e2e.get("seconds")),
+                      f"{e2e.get('steps')} (at most {e2e.get('max_steps')})")
+    table.add_row("whole command", f"{b['seconds'] / 60:.1f}", _minutes(b.get("command_seconds")), "", style="bold")
+    return table
+
+
+def _minutes(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def evaluation_table(rows: dict[str, dict[str, Any]], title: str = "Evaluation") -> Table:

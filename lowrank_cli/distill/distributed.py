@@ -72,6 +72,15 @@ def all_gather_strings(env: DistEnv, value: str) -> list[str]:
     return out
 
 
+def slowest(env: DistEnv, *seconds: float) -> tuple[float, ...]:
+    """Each of `seconds` as the largest over every process (a step count planned from them is the same on all of them)."""
+    if not env.distributed:
+        return tuple(seconds)
+    t = torch.tensor([float(x) for x in seconds], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(float(x) for x in t.tolist())
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port), or a LowrankError naming `rdzv_endpoint`."""
     host, sep, port = str(endpoint).rpartition(":")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from lowrank_cli.data.stream import TextStream
+from lowrank_cli.distill.budget import Agree, StepPlanner
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.blocks import BlockCall, BlockRunner
 from lowrank_cli.models.family import Inputs, ModelFamily, inputs_to
@@ -84,11 +85,22 @@ def normalized_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return diff.sum() / ref.sum().clamp_min(1e-12)
 
 
+@dataclass
+class StageDeadline:
+    """A wall-time end for the local stage (`distill.budget`): each block gets an equal part of what is left when it starts,
+    and its step count (at most `local.steps`) from its first steps timed; `agree` makes several processes plan alike."""
+
+    until: float  # a time.perf_counter() time
+    agree: Agree | None = None
+
+
 def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, batches: list[Inputs], cfg: LocalConfig,
-                  device: torch.device, seed: int = 0, log: Callable[[dict[str, Any]], None] | None = None) -> LocalResult:
+                  device: torch.device, seed: int = 0, log: Callable[[dict[str, Any]], None] | None = None,
+                  deadline: StageDeadline | None = None) -> LocalResult:
     """Train each block of `student` (in place) to reproduce the same block of the frozen `teacher` (see the module docstring).
 
-    `log(record)` is called after each block with its name, index and errors.
+    `log(record)` is called after each block with its name, index, errors and steps. Each block trains `cfg.steps` steps, or
+    with a `deadline` as many (at most `cfg.steps`) as end it in its part of the time left.
     """
     t0 = time.perf_counter()
     student.to(device).eval()
@@ -113,6 +125,7 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
     result = LocalResult(examples=sum(h.shape[0] for h in t_first),
                          tokens=sum(int(b.mask.sum()) if b.mask is not None else h[..., 0].numel() for h, b in zip(t_first, meta)))
     gen = torch.Generator().manual_seed(seed)
+    blocks_left = len(s_run.names) * cfg.rounds
     for rnd in range(cfg.rounds):
         t_in, s_in = list(t_first), list(s_first)
         for i, name in enumerate(s_run.names):
@@ -121,12 +134,18 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
                     t_in = [t_run.link(i, h) for h in t_in]
                     s_in = [s_run.link(i, h) for h in s_in]
             t_block, s_block = t_run.block(i), s_run.block(i)
+            until = None
+            if deadline is not None:  # an equal part of what the stage has left, this block's overheads included
+                now = time.perf_counter()
+                until = now + max(0.0, deadline.until - now) / blocks_left
+            blocks_left -= 1
             with torch.no_grad():
                 target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
-            before, after, outputs = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen)
+            planner = None if until is None else (until, deadline.agree)
+            before, after, outputs, steps = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, planner)
             s_in = outputs if student_chain else []
             t_in = target
-            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": after,
+            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": after, "steps": steps,
                       "seconds": time.perf_counter() - t0}
             result.blocks.append(record)
             if log is not None:
@@ -136,10 +155,12 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
 
 
 def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
-                 gen: torch.Generator) -> tuple[float, float, list[torch.Tensor]]:
-    """Adam on the block's trainable parameters for `cfg.steps` steps; (mean error before, mean error after, the trained
-    block's outputs on `source`) over every batch. No gradient is left on the block's parameters."""
+                 gen: torch.Generator, until: tuple[float, Agree | None] | None = None) -> tuple[float, float, list[torch.Tensor], int]:
+    """Adam on the block's trainable parameters for `cfg.steps` steps (with `until`, a deadline and how processes agree: as many,
+    at most `cfg.steps`, as end by then, the final evaluation included); (mean error before, mean error after, the trained
+    block's outputs on `source`, the steps taken) over every batch. No gradient is left on the block's parameters."""
     params = [p for p in block.parameters() if p.requires_grad]
+    t_eval = time.perf_counter()
 
     @torch.no_grad()
     def outputs_and_error() -> tuple[list[torch.Tensor], float]:
@@ -148,11 +169,17 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
 
     outs, before = outputs_and_error()
     if not params:
-        return before, before, outs
+        return before, before, outs, 0
     del outs
+    planner = None
+    if until is not None:  # the evaluation after the steps costs what the one before did
+        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, **({"agree": until[1]} if until[1] else {}))
+        planner.start()
+    total = cfg.steps
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    for step in range(cfg.steps):
-        lr = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / cfg.steps)).item())  # cosine to 0 over the block's steps
+    step = 0
+    while step < total:
+        lr = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total)).item())  # cosine to 0 over the block's steps
         for group in optimizer.param_groups:
             group["lr"] = lr
         k = int(torch.randint(len(source), (1,), generator=gen))
@@ -160,6 +187,9 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        step += 1
+        if planner is not None and planner.tick(step):
+            total = planner.total
     optimizer.zero_grad(set_to_none=True)  # the end-to-end stage starts from clean gradients
     outs, after = outputs_and_error()
-    return before, after, outs
+    return before, after, outs, step

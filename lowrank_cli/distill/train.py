@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_cli.data.loaders import EpochSampler, train_loader
 from lowrank_cli.data.stream import StreamState, TextStream
+from lowrank_cli.distill.budget import StepPlanner
 from lowrank_cli.distill.distributed import DistEnv
 from lowrank_cli.distill.fsdp import Sharded, load_optimizer_state, mixed_precision
 from lowrank_cli.errors import LowrankError
@@ -292,6 +293,7 @@ def train(
     schedule: Callable[[int], dict[str, float]] | None = None,
     teacher: nn.Module | None = None,
     blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None,
+    planner: StepPlanner | None = None,
 ) -> TrainResult:
     """Train `student` in place on `dataset` to minimise `objective` for `cfg.epochs` epochs.
 
@@ -308,6 +310,8 @@ def train(
     given) are sharded per block of `blocks(model)` (the family's) for the run; the result's `student` and
     `teacher` are then plain copies holding the gathered weights (every process gets them), to use from
     here on in place of the ones given. The checkpoint callback gets the optimizer: `fsdp.full_state` gathers it.
+    A `planner` (`distill.budget`) times the steps and sets the step count (at most the epochs' and `max_steps`'), the
+    learning-rate schedule following it.
     Raises LowrankError, after a checkpoint of the last good weights, if the loss is NaN/inf.
     """
     device, cuda = env.device, env.device.type == "cuda"
@@ -381,6 +385,10 @@ def train(
     last_saved, checked_step = None, pos.step
 
     t_start = t_log = time.perf_counter()
+    if planner is not None:
+        planner.upper = planner.total = min(planner.upper, total)
+        total = planner.total
+        planner.start(pos.step)
     images_seen, images_since_log, last_terms = 0, 0, {}
     while pos.step < total:
         if stream:
@@ -452,6 +460,9 @@ def train(
                 measured = state_bytes(student, optimizer)
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
+            if planner is not None and planner.tick(pos.step):  # the step count that ends in time; the schedule follows it
+                total, warmup = planner.total, min(warmup, max(0, planner.total - 1))
+                is_log = is_log or pos.step == total
             scheduled = schedule(pos.step) if schedule is not None else {}
             images_seen += global_batch
             images_since_log += global_batch

@@ -10,8 +10,9 @@ import typer
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli import launch
+from lowrank_cli.cli.app import command_started
 from lowrank_cli.cli.render import console, err_console
-from lowrank_cli.cli.render_training import compress_table, curve_table, training_progress
+from lowrank_cli.cli.render_training import budget_table, compress_table, curve_table, training_progress
 from lowrank_cli.pipelines.compress import compress_checkpoint, prepare_compress, with_run_options
 
 app = typer.Typer(add_completion=False)
@@ -29,6 +30,8 @@ def print_report(report: dict, as_json: bool) -> None:
         console.print(compress_table(report, title=f"Compressed → {report['student']}"))
         if (curve := curve_table(report)) is not None:
             console.print(curve)
+        if (budget := budget_table(report)) is not None:
+            console.print(budget)
 
 
 @app.command()
@@ -48,11 +51,12 @@ def compress(
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
     strategy: Optional[str] = opt.StrategyOpt,
+    budget: Optional[str] = opt.BudgetOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
-    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy)
+    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy, budget)
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):
         prepared = prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
@@ -61,5 +65,5 @@ def compress(
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:
         report = compress_checkpoint(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device,
-                                     log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+                                     started=command_started(), log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

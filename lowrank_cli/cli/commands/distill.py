@@ -10,6 +10,7 @@ import typer
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands.compress import print_report
 from lowrank_cli.cli import launch
+from lowrank_cli.cli.app import command_started
 from lowrank_cli.cli.render import err_console
 from lowrank_cli.cli.render_training import training_progress
 from lowrank_cli.pipelines.compress import distill_checkpoint, prepare_distill
@@ -33,6 +34,7 @@ def distill(
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
     strategy: Optional[str] = opt.StrategyOpt,
+    budget: Optional[str] = opt.BudgetOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
@@ -40,11 +42,11 @@ def distill(
     r = load_recipe(recipe) if recipe else None
     if launch.launches(nproc, nnodes):
         prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
-                                   strategy=strategy)  # checks only
+                                   strategy=strategy, budget=budget)  # checks only
         with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
             if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:
         report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
-                                    strategy=strategy, log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
+                                    strategy=strategy, budget=budget, started=command_started(), log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

@@ -31,12 +31,13 @@ from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import ModelFamily, model_classes
 from lowrank_cli.models.tasks import Task
 from lowrank_cli.pipelines.common import build_manifest, hint_of
-from lowrank_cli.recipe import Recipe, recipe_from_dict
+from lowrank_cli.recipe import Recipe, parse_duration, recipe_from_dict
 
 
-def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None, strategy: str | None = None) -> Recipe:
-    """The recipe with the data source, the number of epochs and the distillation strategy given (a copy). A source given
-    replaces the recipe's with its digits-only setting (`data.max_shift`) unless it is digits too."""
+def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None, strategy: str | None = None,
+                     budget: str | None = None) -> Recipe:
+    """The recipe with the data source, the number of epochs, the distillation strategy and the time budget given (a copy).
+    A source given replaces the recipe's with its digits-only setting (`data.max_shift`) unless it is digits too."""
     recipe = recipe.model_copy(deep=True)
     if data is not None:
         keep = recipe.data.max_shift if str(data) == "digits" else None
@@ -50,6 +51,13 @@ def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None
             raise LowrankError(f"strategy '{strategy}' is not one of ddp, fsdp", param="strategy")
         recipe = recipe_from_dict({**recipe.to_dict(), "distill": {**recipe.distill.model_dump(mode="json"), "strategy": strategy}},
                                   source=f"recipe '{recipe.name}' with strategy {strategy}")
+    if budget is not None:
+        try:
+            parse_duration(budget)
+        except ValueError as e:
+            raise LowrankError(f"budget '{budget}': {e}", param="budget") from None
+        recipe = recipe_from_dict({**recipe.to_dict(), "distill": {**recipe.distill.model_dump(mode="json"), "budget": budget}},
+                                  source=f"recipe '{recipe.name}' with budget {budget}")
     return recipe
 
 
@@ -113,9 +121,11 @@ def claimed(p: PreparedRun) -> Iterator[None]:
 
 
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
-                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None) -> PreparedRun:
-    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing."""
-    started = time.perf_counter()
+                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None,
+                     started: float | None = None) -> PreparedRun:
+    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing. `started`: when the command
+    began (`time.perf_counter()`; default now), the clock of the curve and of `distill.budget`."""
+    started = time.perf_counter() if started is None else started
     dev = resolve_device(device)
     if checkpoint is None and recipe.checkpoint:
         checkpoint = recipe.checkpoint
@@ -160,9 +170,10 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
 
 def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Recipe | None, *, out: str | Path | None = None,
                     resume: bool = False, device: str = "auto", data: str | None = None, epochs: int | None = None,
-                    strategy: str | None = None, env: DistEnv | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
-    """Check the inputs of `distill` (a factorized student and its original as the teacher)."""
-    started = time.perf_counter()
+                    strategy: str | None = None, env: DistEnv | None = None, note: Callable[[str], None] | None = None,
+                    budget: str | None = None, started: float | None = None) -> PreparedRun:
+    """Check the inputs of `distill` (a factorized student and its original as the teacher); `started` as `prepare_compress`'s."""
+    started = time.perf_counter() if started is None else started
     dev = resolve_device(device)
     manifest = Manifest.from_header(read_header(factorized))
     if manifest is None:
@@ -174,7 +185,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         if differs:
             note(f"the recipe's {' and '.join(differs)} sections are not used: {factorized} is already factorized (its manifest says how)")
     recipe = recipe or recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
-    recipe = with_run_options(recipe, data, epochs, strategy)
+    recipe = with_run_options(recipe, data, epochs, strategy, budget)
     if recipe.distill.method == "pclora":
         raise LowrankError(f"{factorized}: distill.method 'pclora' starts from the dense model, not a factorized one; "
                            "compress the original checkpoint with this recipe instead")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from typing import Any, Callable
 
@@ -18,10 +19,11 @@ import torch
 from torch import nn
 
 from lowrank_cli.data.loaders import Head
-from lowrank_cli.distill.distributed import all_gather_strings, barrier
+from lowrank_cli.distill.budget import Budget, StepPlanner
+from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, slowest
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.fsdp import full_state
-from lowrank_cli.distill.local import local_batches, local_distill
+from lowrank_cli.distill.local import StageDeadline, local_batches, local_distill
 from lowrank_cli.distill.objective import DistillationObjective, ProgressiveObjective, freeze, teacher_dtype
 from lowrank_cli.distill.train import TrainResult, check_steps, rng_state, total_steps, train, train_examples
 from lowrank_cli.errors import LowrankError
@@ -69,6 +71,54 @@ def decay_steps(p: PreparedRun) -> int:
         if q:
             return q
     return max(1, min(total, round(cfg.pclora.decay_end * total)))
+
+
+def _on_main(env: DistEnv, values: list[float]) -> list[float]:
+    """Rank 0's `values` on every process (what it measured alone, e.g. the baseline evaluations)."""
+    return json.loads(all_gather_strings(env, json.dumps(values))[0])
+
+
+def _reserve(student: nn.Module, final_eval_seconds: float, budget_seconds: float) -> float:
+    """Seconds kept at a budget's end: the final evaluation (as long as the SVD student's), the save (at 100 MB/s) and the
+    report, and 1 % of the budget for what the clock cannot foresee."""
+    bytes_ = sum(t.numel() * t.element_size() for t in student.state_dict().values())
+    return 1.1 * final_eval_seconds + bytes_ / 1e8 + 2.0 + 0.01 * budget_seconds
+
+
+def _resumed_budget(p: PreparedRun) -> Budget | None:
+    """A resumed run's clock: its budget from this command's start, with the reserve and the plan the run recorded."""
+    seconds = p.recipe.distill.budget_seconds()
+    if seconds is None:
+        return None
+    recorded = p.run.run_info().get("budget", {})
+    return Budget(seconds, p.started, p.recipe.distill.budget or "", float(recorded.get("reserve_seconds", 0.0)), dict(recorded))
+
+
+def _agree(env: DistEnv, step_seconds: float, left_seconds: float) -> tuple[float, float]:
+    """The slowest process's step time and the least time any process has left: every process plans the same count."""
+    step, minus_left = slowest(env, step_seconds, -left_seconds)
+    return step, -minus_left
+
+
+def _end_to_end_planner(p: PreparedRun, budget: Budget | None, upper: int, eval_seconds: float) -> StepPlanner | None:
+    """The end-to-end stage's planner under a budget: to the deadline less the reserve, the periodic evaluations' cost
+    spread over the steps; None without a budget, or when a resumed run's plan is already fixed."""
+    if budget is None or "steps" in budget.record.get("end_to_end", {}):
+        return None
+    cfg = p.recipe.distill
+    extra = slowest(p.env, eval_seconds)[0] / cfg.eval_every if cfg.eval_every else 0.0
+    return StepPlanner(until=budget.deadline - budget.reserve, upper=upper, agree=lambda step, left: _agree(p.env, step, left), extra_per_step=extra,
+                       replan_at=(1 / 3, 2 / 3))
+
+
+def _record_plan(p: PreparedRun, budget: Budget, planner: StepPlanner, note: Callable[[str], None] | None) -> None:
+    """The end-to-end stage's plan into the budget's record and run.json (a resumed run keeps its count)."""
+    budget.record["end_to_end"].update({"steps": planner.total, "step_seconds": planner.step_seconds, "plans": list(planner.plans)})
+    if p.env.is_main:
+        p.run.update_info({"budget": budget.record})
+    if note is not None:
+        upper = "" if planner.total < planner.upper else f", the recipe's most ({planner.upper})"
+        note(f"end-to-end: {planner.step_seconds:.2f} s a step → {planner.total} steps{upper} to end in time")
 
 
 def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
@@ -125,7 +175,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         if log is not None:
             log(record)
 
-    resume = None
+    resume, budget = None, None
     if p.resume_from is not None:
         student_file, state_file = p.resume_from
         load_state_dict_strict(p.student, read_checkpoint(student_file)[2], student_file, manifest.architecture)
@@ -133,6 +183,7 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         baseline = run.run_info().get("baseline", {})
         if "local" in run.run_info():
             p.info["local"] = run.run_info()["local"]
+        budget = _resumed_budget(p)
         if env.is_main:
             stale, cut = run.remove_temporaries(), run.truncate_metrics(resume.position.step)
             if stale or cut:
@@ -143,18 +194,30 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             note(f"the run started on {started} processes and resumes on {env.world}: the global batch, learning rate and data order "
                  f"follow {env.world} from here, so it will not match an uninterrupted run")
     else:
-        baseline = {}
+        baseline, t_eval, svd_seconds = {}, time.perf_counter(), 0.0
         if env.is_main:
-            note("evaluating the teacher and the SVD-only student")
+            if cfg.budget is None:  # under a budget, said once its check has passed (an error stays one line)
+                note("evaluating the teacher and the SVD-only student")
             # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
             svd = p.student
             if pclora:
                 svd = copy.deepcopy(p.teacher)
                 factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
-            t, s = accuracy(teacher), accuracy(svd)
+            t = accuracy(teacher)
+            t_svd = time.perf_counter()
+            s = accuracy(svd)
+            svd_seconds = time.perf_counter() - t_svd
             baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
+        if cfg.budget is not None:  # before the run is created: a budget too short leaves nothing behind
+            setup, evals, svd_seconds = _on_main(env, [t_eval - p.started, time.perf_counter() - t_eval, svd_seconds])
+            budget = Budget(cfg.budget_seconds(), p.started, cfg.budget)
+            budget.check_room(setup, evals, _reserve(p.student, svd_seconds, budget.seconds))
+            note(f"time budget {cfg.budget}: {setup:.0f} s for loading, calibration and factorization, {evals:.0f} s to evaluate the "
+                 f"teacher and the SVD-only student; {budget.record['training_seconds'] / 60:.1f} min to train, {budget.reserve:.0f} s kept for the end")
+        if env.is_main:
             run.create(p.recipe, {"teacher": manifest.distill["teacher"], "data": p.data.source, "world_size": env.world, "strategy": cfg.strategy,
-                                  "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info})
+                                  "device": str(device), "base_loss": p.base, "baseline": baseline, **p.info,
+                                  **({"budget": budget.record} if budget is not None else {})})
             # the run folder is the student's Hub folder where the family's models are (its config and tokenizer)
             family.write_hub_files(run.root, manifest.architecture, manifest.model_kwargs, p.folder)
         barrier(env)
@@ -174,7 +237,13 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
 
     if resume is None and cfg.local is not None:
         n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
-        note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
+        deadline = None
+        if budget is not None:
+            deadline = StageDeadline(budget.local_until(cfg.local.budget_share), lambda step, left: _agree(env, step, left))
+            note(f"local distillation: {budget.record['local']['planned_seconds'] / 60:.1f} min ({cfg.local.budget_share:.0%} of the training "
+                 f"time), at most {cfg.local.steps} steps per block, on {n_local} training examples")
+        else:
+            note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
 
         done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
 
@@ -186,17 +255,30 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                     log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
 
         local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed, cfg.group_by_length), cfg.local, device,
-                              cfg.seed, block_done)
+                              cfg.seed, block_done, deadline)
         p.info["local"] = local.to_dict()
+        if budget is not None:
+            budget.record["local"].update({"seconds": local.seconds, "max_steps": cfg.local.steps, "steps": [b["steps"] for b in local.blocks]})
         if env.is_main:
-            run.update_info({"local": p.info["local"]})
+            run.update_info({"local": p.info["local"], **({"budget": budget.record} if budget is not None else {})})
+    eval_seconds = time.perf_counter()
     if resume is None and (cfg.eval_every or cfg.local is not None):
         point(0, "local" if cfg.local is not None else "start")
+    eval_seconds = time.perf_counter() - eval_seconds
 
-    last_step = total_steps(train_examples(p.data.train), cfg, env.world)
+    train_cfg = cfg
+    if budget is not None and "steps" in budget.record.get("end_to_end", {}):  # resumed: the count the run planned holds
+        train_cfg = cfg.model_copy(update={"max_steps": int(budget.record["end_to_end"]["steps"])})
+    last_step = total_steps(train_examples(p.data.train), train_cfg, env.world)
+    planner = _end_to_end_planner(p, budget, last_step, eval_seconds)
+    if planner is not None:
+        budget.record["end_to_end"] = {"planned_seconds": planner.until - time.perf_counter(), "max_steps": last_step}
 
     def every(pos: Position) -> None:
-        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last_step:  # the final evaluation follows the last
+        if planner is not None and len(planner.plans) > len(budget.record["end_to_end"].get("plans", [])):
+            _record_plan(p, budget, planner, note if len(planner.plans) == 1 else None)
+        last = planner.total if planner is not None else last_step
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last:  # the final evaluation follows the last
             point(pos.step, "train")
         if step_hook is not None:
             step_hook(pos)
@@ -219,9 +301,9 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         raise LowrankError(f"the {env.world} processes factorized the student with different ranks; factorize once (`lowrank factorize`, "
                            "or factorize_checkpoint) and distill that checkpoint on several processes")
     try:
-        result: TrainResult = train(p.student, objective, p.data.train, cfg, env, num_workers=p.recipe.data.num_workers,
+        result: TrainResult = train(p.student, objective, p.data.train, train_cfg, env, num_workers=p.recipe.data.num_workers,
                                     resume=resume, log=log_metrics, checkpoint=save, step_hook=every, schedule=schedule,
-                                    teacher=teacher, blocks=family.blocks)
+                                    teacher=teacher, blocks=family.blocks, planner=planner)
     finally:
         objective.close()
     p.student, teacher = result.student, result.teacher  # FSDP: plain copies holding the gathered weights
@@ -240,6 +322,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         final = accuracy(p.student)
         report = run_report(p, teacher, baseline, final, result, digests, time.perf_counter() - t0)
         report["curve"] = curve(run, final, result.steps, time.perf_counter() - p.started)
+        if budget is not None:
+            budget.record.setdefault("end_to_end", {}).update({"seconds": result.seconds, "steps": result.steps})
+            budget.record["command_seconds"] = time.perf_counter() - p.started
+            report["budget"] = budget.record
         write_json(run.report_file, report)
     barrier(env)
     return report

@@ -1,0 +1,141 @@
+"""Training sized by a wall-time budget (`distill.budget`): each stage's step count set from its own timed steps.
+
+A step count that suits two CPU cores is seconds of training on a GPU, and an hour on a slower machine. With a
+budget, the recipe's counts (`distill.max_steps`, `distill.epochs`, `distill.local.steps`) are upper bounds and the
+clock decides the rest (docs/algorithms.md §11):
+
+1. The budget runs from the command's start: loading, calibration and factorization come out of it first, then
+   the evaluations of the teacher and of the SVD-only student. What is left, less a reserve for the final
+   evaluation and the save (`reserve_seconds`), is the training time.
+2. The local stage gets `distill.local.budget_share` of it. Each block gets an equal part of what the stage has
+   left when the block starts; the block's first steps are timed (`StepPlanner`) and its step count set to end
+   in its part (at most `local.steps`).
+3. The end-to-end stage gets the rest, to the deadline less the reserve. Its first steps are timed, and the count
+   set from them and from the periodic evaluations' cost; it is planned again a third and two thirds of the way
+   in, from the mean time of every step so far (evaluations and checkpoints included), so that a machine that
+   slows down still ends in time. The cosine schedule follows the count as planned.
+
+Several processes agree on every count: each plan takes the slowest process's time (`agree`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lowrank_cli.errors import LowrankError
+
+# (seconds a step, seconds left) measured on this process -> those every process plans with: the slowest step, the least time left
+Agree = Callable[[float, float], "tuple[float, float]"]
+
+
+def _same(step_seconds: float, left_seconds: float) -> tuple[float, float]:
+    return step_seconds, left_seconds
+
+
+def fit_steps(done: int, step_seconds: float, left_seconds: float, upper: int, extra_per_step: float = 0.0) -> int:
+    """The step count that ends a stage in time: the `done` steps, then as many as `left_seconds` holds at
+    `step_seconds` (+ `extra_per_step`, the evaluations spread over the steps) each; at most `upper`, at least `done`."""
+    per = step_seconds + extra_per_step
+    if per <= 0:
+        return max(done, upper)
+    return max(done, min(upper, done + int(max(0.0, left_seconds) // per)))
+
+
+@dataclass
+class StepPlanner:
+    """Times a stage's steps and sets its count so that it ends by `until` (a `time.perf_counter()` time).
+
+    `start()` right before the first step, `tick(done)` after each. The first `skip` steps are not timed (allocations,
+    a first-step probe); the plan is made once `probe` more are done, with `extra_per_step` seconds per step added for
+    what the timed steps did not hold (periodic evaluations), and made again at each fraction of `replan_at` of the
+    planned count from the mean of every step since the skipped ones. `total` is the count to run (at first `upper`).
+    """
+
+    until: float
+    upper: int
+    agree: Agree = _same
+    extra_per_step: float = 0.0
+    skip: int = 1
+    probe: int = 3
+    replan_at: tuple[float, ...] = ()
+    total: int = 0
+    step_seconds: float | None = None
+    plans: list[dict[str, float]] = field(default_factory=list)
+    _t0: float | None = None
+    _first: int = 0
+    _timed_from: float | None = None
+    _replan: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.total = self.upper
+
+    def start(self, done: int = 0) -> None:
+        self._t0, self._first = time.perf_counter(), done
+        self._timed_from = self._t0 if self.skip == 0 else None
+
+    def tick(self, done: int) -> bool:
+        """After each step (`done` steps in all): True when this call (re)planned `total`."""
+        now = time.perf_counter()
+        if self._t0 is None:
+            self.start(done - 1)
+        n = done - self._first
+        if n == self.skip:
+            self._timed_from = now
+        if n <= self.skip or self._timed_from is None:
+            return False
+        timed = n - self.skip
+        if self.plans:
+            if done not in self._replan:
+                return False
+            extra = 0.0  # the mean since the timed steps began holds the evaluations and checkpoints done so far
+        elif timed < self.probe:
+            return False
+        else:
+            extra = self.extra_per_step
+        self.step_seconds, left = self.agree((now - self._timed_from) / timed, self.until - now)
+        self.total = fit_steps(done, self.step_seconds, left, self.upper, extra)
+        if not self.plans:
+            self._replan = {round(f * self.total) for f in self.replan_at} - {done}
+        self.plans.append({"at_step": done, "step_seconds": self.step_seconds, "total": self.total})
+        return True
+
+
+@dataclass
+class Budget:
+    """The whole command's clock: `seconds` from `started` (both `time.perf_counter()` terms), and the plan so far."""
+
+    seconds: float
+    started: float
+    label: str = ""  # as the recipe gave it (`20m`), for messages
+    reserve: float = 0.0  # kept at the end for the final evaluation and the save
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds
+
+    def training_seconds(self, now: float | None = None) -> float:
+        """What is left to train, now, less the reserve."""
+        return self.deadline - self.reserve - (time.perf_counter() if now is None else now)
+
+    def check_room(self, setup_seconds: float, evaluation_seconds: float, reserve: float) -> None:
+        """Set the reserve; a LowrankError when the budget leaves no time to train after what it already took."""
+        self.reserve = reserve
+        left = self.training_seconds()
+        self.record.update({"seconds": self.seconds, "setup_seconds": setup_seconds, "baseline_eval_seconds": evaluation_seconds,
+                            "reserve_seconds": reserve, "training_seconds": left})
+        if left < 0.05 * self.seconds:
+            need = setup_seconds + evaluation_seconds + reserve
+            raise LowrankError(f"distill.budget {self.label or f'{self.seconds:g}s'} leaves no time to train: loading, calibration and "
+                               f"factorization took {setup_seconds:.0f} s, evaluating the teacher and the SVD student {evaluation_seconds:.0f} s, "
+                               f"and the final evaluation and save need about {reserve:.0f} s; give a budget well above {need / 60:.1f} min",
+                               param="budget")
+
+    def local_until(self, share: float) -> float:
+        """The local stage's deadline: `share` of the training time left now."""
+        now = time.perf_counter()
+        until = now + share * max(0.0, self.training_seconds(now))
+        self.record["local"] = {"planned_seconds": until - now}
+        return until

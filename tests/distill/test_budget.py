@@ -1,0 +1,173 @@
+"""Training sized by a time budget (`distill.budget`, `--budget`): durations, the step planner, the local stage's
+deadline, a whole run that plans its stages and resumes with its plan, and the one-line errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_VIT, TINY_VIT_KWARGS, one_line_error, tiny_vit
+
+from lowrank_cli.distill import budget as budget_mod
+from lowrank_cli.distill.budget import Budget, StepPlanner, fit_steps
+from lowrank_cli.distill.local import StageDeadline, local_distill
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.factorize.model import factorize_model
+from lowrank_cli.models import get_family
+from lowrank_cli.pipelines.compress import compress_checkpoint
+from lowrank_cli.recipe import LocalConfig, load_recipe, parse_duration, recipe_from_dict
+
+
+def test_durations_parse_and_bad_ones_name_the_key():
+    assert [parse_duration(t) for t in ("30m", "1h30m", "90s", "2h", "1.5h", "20min", " 1h 5s ")] == [1800, 5400, 90, 7200, 5400, 1200, 3605]
+    for bad in ("30", "abc", "0m", "m", "1d", "-5m", "30m1h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert recipe_from_dict({"distill": {"budget": "20m"}}).distill.budget_seconds() == 1200
+    assert recipe_from_dict({}).distill.budget_seconds() is None
+    with pytest.raises(LowrankError, match=r"distill.budget: not a duration such as 30m.*a bare number.*\(got 30\)"):
+        recipe_from_dict({"distill": {"budget": 30}})
+    with pytest.raises(LowrankError, match="distill.budget.*distill.method 'pclora'"):
+        recipe_from_dict({"distill": {"budget": "10m", "method": "pclora"}})
+    with pytest.raises(LowrankError, match="budget_share"):
+        recipe_from_dict({"distill": {"local": {"budget_share": 1.0}}})
+
+
+def test_fit_steps_fills_the_time_left_within_the_bounds():
+    assert fit_steps(4, 0.5, 10.0, 1000) == 24  # 4 done, 20 more in 10 s
+    assert fit_steps(4, 0.5, 10.0, 1000, extra_per_step=0.5) == 14  # evaluations take as long as the steps
+    assert fit_steps(4, 0.5, 10.0, 10) == 10  # the recipe's upper bound
+    assert fit_steps(4, 0.5, -3.0, 1000) == 4  # late: stop now
+    assert fit_steps(4, 0.0, 10.0, 50) == 50
+
+
+class _Clock:
+    """A fake `time.perf_counter` that advances by hand."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_planner_times_the_steps_after_the_first_and_replans_from_their_mean(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod, "time", clock)
+    planner = StepPlanner(until=200.0, upper=10_000, extra_per_step=0.1, replan_at=(1 / 3, 2 / 3))
+    planner.start(0)
+    durations = [5.0] + [1.0] * 3  # the first step (allocations) is not timed
+    plans = []
+    for step, d in enumerate(durations, 1):
+        clock.now += d
+        plans.append(planner.tick(step))
+    assert plans == [False, False, False, True]
+    # at t = 108, 92 s left at 1 s + 0.1 s (evaluations) a step: 83 more steps after the 4 done
+    assert planner.step_seconds == pytest.approx(1.0) and planner.total == 4 + 83
+    step = 4
+    while step < round(planner.plans[0]["total"] / 3):  # the machine slows down: 2 s a step from here
+        step += 1
+        clock.now += 2.0
+        planner.tick(step)
+    assert len(planner.plans) == 2 and planner.plans[1]["at_step"] == 29  # a third of 87
+    mean = (clock.now - 105.0) / 28
+    assert planner.step_seconds == pytest.approx(mean)
+    assert planner.total == 29 + int((200.0 - clock.now) // mean)  # the mean holds the evaluations: no extra now
+    assert planner.total < 87
+
+
+def test_planner_agrees_with_the_other_processes_and_keeps_its_bound(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod, "time", clock)
+    seen = []
+
+    def agree(step, left):
+        seen.append((step, left))
+        return step * 2, left / 2  # another process is twice as slow and has half the time left
+
+    planner = StepPlanner(until=300.0, upper=40, agree=agree)
+    planner.start(10)  # resumed at step 10
+    for step in range(11, 15):
+        clock.now += 1.0
+        planner.tick(step)
+    assert seen == [(1.0, 196.0)] and planner.total == 40  # 14 + 98 // 2 = 63, bounded by 40
+
+
+def test_budget_refuses_a_run_it_leaves_no_time_to_train():
+    b = Budget(60.0, started=0.0, label="1m")
+    budget_mod_time = budget_mod.time.perf_counter()
+    b.started = budget_mod_time - 58.0  # 58 s of the minute are gone
+    with pytest.raises(LowrankError, match=r"distill.budget 1m leaves no time to train: .*took 50 s.*8 s.*above 1\.0 min") as e:
+        b.check_room(50.0, 8.0, 2.0)
+    assert e.value.param == "budget"
+    ok = Budget(600.0, started=budget_mod.time.perf_counter(), label="10m")
+    ok.check_room(5.0, 1.0, 10.0)
+    assert 585 < ok.record["training_seconds"] <= 590 and ok.record["reserve_seconds"] == 10.0
+
+
+def test_local_stage_past_its_deadline_trains_each_block_only_the_timed_steps():
+    teacher = tiny_vit()
+    student = tiny_vit()
+    factorize_model(student, recipe_from_dict({"factorize": {"kappa": 3}}), family=get_family("timm"))
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = LocalConfig(steps=500, examples=8, batch_size=4)
+    late = local_distill(student, teacher, get_family("timm"), batches, cfg, torch.device("cpu"),
+                         deadline=StageDeadline(until=0.0))
+    assert [b["steps"] for b in late.blocks] == [4, 4]  # one untimed step, three timed, then no time is left
+    fixed = local_distill(student, teacher, get_family("timm"), batches, LocalConfig(steps=6, examples=8, batch_size=4), torch.device("cpu"))
+    assert [b["steps"] for b in fixed.blocks] == [6, 6]
+
+
+def _budget_recipe(tmp_path, **distill):
+    cfg = {"epochs": 500, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 5, "eval_every": 25, "checkpoint_every": 20,
+           "local": {"steps": 5000, "examples": 32, "batch_size": 16, "budget_share": 0.3}, "budget": "12s", **distill}
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny-budget", "model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS, "factorize": {"kappa": 3},
+                                    "data": {"source": "synthetic", "synthetic_size": 128, "num_workers": 0}, "distill": cfg}))
+    return path
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_plans_both_stages_reports_them_and_resumes_with_its_plan(cli, tmp_path, vit_ckpt):
+    out = tmp_path / "run"
+    r = cli("compress", vit_ckpt, "--recipe", _budget_recipe(tmp_path), "--out", out, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    b = report["budget"]
+    assert b["seconds"] == 12 and b["reserve_seconds"] > 2
+    local, e2e = b["local"], b["end_to_end"]
+    assert len(local["steps"]) == 2 and all(4 <= s < 5000 for s in local["steps"])  # the clock, not the bound, ended each block
+    assert [blk["steps"] for blk in report["local"]["blocks"]] == local["steps"]
+    assert 4 <= e2e["steps"] < e2e["max_steps"] == 500 * (128 // 16)
+    assert e2e["plans"][0]["at_step"] == 4 and [p["at_step"] for p in e2e["plans"][1:]] == sorted(p["at_step"] for p in e2e["plans"][1:])
+    assert report["train"]["steps"] == report["train"]["total_steps"] == e2e["steps"] == e2e["plans"][-1]["total"]
+    assert b["command_seconds"] < 12 * 1.5  # ends near the budget (the exact margin is the benchmark's to measure)
+    assert json.loads((out / "run.json").read_text())["budget"]["end_to_end"]["steps"] == e2e["steps"]
+    assert "Time budget" in cli("compress", vit_ckpt, "--recipe", _budget_recipe(tmp_path), "--out", tmp_path / "shown", "--device", "cpu").out
+
+    # interrupted after its plan: the resumed run ends at the planned count, whatever the clock says now
+    recipe = load_recipe(str(_budget_recipe(tmp_path)))
+    planned = {}
+
+    def interrupt(pos):
+        if pos.step == 45:
+            planned["steps"] = json.loads((tmp_path / "cut" / "run.json").read_text())["budget"]["end_to_end"]["steps"]
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "cut", device="cpu", step_hook=interrupt)
+    resumed = compress_checkpoint(vit_ckpt, recipe, out=tmp_path / "cut", device="cpu", resume=True)
+    assert resumed["train"]["steps"] == planned["steps"] > 45
+
+
+def test_budget_errors_are_one_line_and_leave_nothing(cli, tmp_path, vit_ckpt):
+    out = tmp_path / "run"
+    one_line_error(cli("compress", vit_ckpt, "--recipe", _budget_recipe(tmp_path), "--out", out, "--budget", "20"),
+                   "--budget '20': not a duration such as 30m, 1h30m, 90s or 2h")
+    one_line_error(cli("compress", vit_ckpt, "--recipe", _budget_recipe(tmp_path), "--out", out, "--budget", "1s", "--device", "cpu"),
+                   "distill.budget 1s leaves no time to train", "took", "(option --budget)")
+    assert not out.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_budget_recipe(tmp_path).read_text().replace("budget: 12s", "budget: 12"))
+    one_line_error(cli("compress", vit_ckpt, "--recipe", bad, "--out", out), "distill.budget: not a duration")
+    assert not out.exists()
