@@ -9,9 +9,10 @@ beyond the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -94,13 +95,16 @@ def factorize_model(
     those not faster factorized. `rows` (input rows per example of each linear) are counted
     when the MAC budget or the latency selection need them and are not given.
     `progress(name)` is called after each layer. SVDs run on `device` (the command's device;
-    default: the GPU when there is one), the factors land where each weight is.
+    default: the GPU when there is one), and so do the calibration passes (statistics, sensitivity) of a data-aware
+    factorization: a model on the host is moved there for them and back. The factors land where each weight was.
     """
     check_method(recipe, family.task(model) if family is not None else None)
     candidates = family.linear_candidates(model) if family is not None else linear_candidates(model)
     plans = plan_layers(candidates, recipe)
     device = svd_device(device)
-    result = _factorize_linears(model, recipe, plans, family, progress, calibration, latency, rows, device)
+    calibrates = calibration is not None and (recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity")
+    with on_device(model, device if calibrates else None):
+        result = _factorize_linears(model, recipe, plans, family, progress, calibration, latency, rows, device)
     if recipe.factorize.embeddings is not None:  # embedding tables: their own rule, plain SVD, after the linears
         tables = family.embedding_candidates(model) if family is not None else embedding_candidates(model)
         embedding_plans = plan_embeddings(tables, recipe)
@@ -120,6 +124,22 @@ def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Pro
         return new
 
     replace_modules(model, swap, named_in(todo))
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | None) -> Iterator[nn.Module]:
+    """`model` on `device` inside the block, and back where its parameters were after it (even on an error); nothing
+    moves when `device` is None or where the model already is."""
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else None
+    if device is None or home is None or home == device or home.type == "meta":
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], family: ModelFamily | None, progress: Progress | None,

@@ -22,7 +22,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.calibrate import collect_input_stats
 from lowrank_cli.factorize.model import Factorization, check_method
 from lowrank_cli.models.blocks import BlockRunner
-from lowrank_cli.models.family import ModelFamily
+from lowrank_cli.models.family import ModelFamily, inputs_to
 from lowrank_cli.models.skeleton import state_names
 from lowrank_cli.plan.select import LayerPlan, plan_embeddings, plan_layers, rule_of, set_rank
 from lowrank_cli.recipe import Recipe
@@ -49,8 +49,10 @@ class _Emitter:
     def __init__(self, plans: list[LayerPlan], get: Callable[[str], torch.Tensor], sources: dict[str, str], write: Write,
                  progress: Progress | None):
         self.todo = {p.name: p for p in plans if p.factorized}
-        self.get, self.sources, self.write, self.progress = get, sources, write, progress
+        self.get, self.sources, self.progress = get, sources, progress
+        self.write: Write = lambda key, tensor: write(key, tensor.cpu())  # what ran on a GPU is written from the host
         self.done: set[str] = set()  # layers factorized (their bias goes to up.bias)
+        self.device = torch.device("cpu")  # where `_materialize` puts the weights it reads
 
     def emit(self, key: str, factor: Factors, weight: torch.Tensor | None = None) -> None:
         """`key`'s tensor (or what replaces it); `weight`: the stored tensor when the caller holds it already."""
@@ -133,7 +135,8 @@ def _factorize_blocks(model: nn.Module, recipe: Recipe, family: ModelFamily, emi
     statistics of its planned linears are collected (`calibrate.collect_input_stats`), its linears are factorized from
     them, and its *dense* outputs become the next block's inputs: every layer's statistics are those of the original
     model's inputs, as the in-memory path (`factorize_model`) takes them, all passes on the dense model. Then the block's
-    weights are dropped. Memory: one block's weights, its Grams, and the calibration set's hidden states (twice).
+    weights are dropped. Memory: one block's weights, its Grams, and the calibration set's hidden states (twice). The weights
+    read and the calibration passes are on `device` (the SVDs' device), what is written goes from the host.
     """
     fac = recipe.factorize
     whitened = fac.method == "whitened"
@@ -142,13 +145,18 @@ def _factorize_blocks(model: nn.Module, recipe: Recipe, family: ModelFamily, emi
                            "`calibration`)", param="calib_data")
     runner = BlockRunner(family, model)
     prefixes = [f"{name}." for name in runner.names]
+    emitter.device = device  # the weights read for the calibration passes go there, and the skeleton's buffers (rotary tables)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
     keys = [names[0] for names in state_names(model)]
     inside = [i for i, key in enumerate(keys) if key.startswith(tuple(prefixes))]
     before, after = keys[: inside[0]], [k for k in keys[inside[0]:] if not k.startswith(tuple(prefixes))]  # in the state dict's order
     _materialize(model, emitter, lambda key: not any(key.startswith(p) for p in prefixes))
     hidden, calls, masks = [], [], []
     for batch in calibration:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        inputs = inputs_to(batch[0] if isinstance(batch, (tuple, list)) else batch, device)
         h, call = runner.first_input(inputs)
         hidden.append(h)
         calls.append(call)
@@ -206,7 +214,7 @@ def _materialize(model: nn.Module, emitter: _Emitter, which: Callable[[str], boo
         module = model.get_submodule(module_name)
         param = module._parameters.get(leaf)
         if which(key) and param is not None:
-            real = nn.Parameter(emitter.get(emitter.sources[key]), requires_grad=False)
+            real = nn.Parameter(emitter.get(emitter.sources[key]).to(emitter.device), requires_grad=False)
             for name in names:  # tied: every holder gets the same tensor
                 holder, _, attr = name.rpartition(".")
                 model.get_submodule(holder)._parameters[attr] = real

@@ -21,12 +21,13 @@ from typing import Any
 
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import barrier, close_distributed, init_distributed
-from lowrank_cli.pipelines.common.prepare import PreparedRun, claimed, prepare_compress, prepare_distill, with_run_options
+from lowrank_cli.pipelines.common.prepare import (PreparedRun, check_compress, check_world_steps, claimed, prepare_compress, prepare_distill,
+                                                  with_run_options)
 from lowrank_cli.pipelines.common.report import recovered_fraction
 from lowrank_cli.pipelines.common.run_loop import Log, run_distillation, weights_digest
 from lowrank_cli.recipe import Recipe
 
-__all__ = ["PreparedRun", "claimed", "compress_checkpoint", "distill_checkpoint", "prepare_compress", "prepare_distill", "recovered_fraction",
+__all__ = ["PreparedRun", "check_compress", "check_world_steps", "claimed", "compress_checkpoint", "distill_checkpoint", "prepare_compress", "prepare_distill", "recovered_fraction",
            "run_distillation", "weights_digest", "with_run_options"]
 
 

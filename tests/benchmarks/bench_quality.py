@@ -13,7 +13,9 @@ options beyond --data, --kappa and --out (what a user runs), timed as a user see
 The run folder's report holds the curve (held-out quality against wall time); this script prints it with the
 goal beside it and writes the whole report with `--json`.
 
-Run: python tests/benchmarks/bench_quality.py minilm [--model-dir DIR] [--kappa 2] [--out runs/bench-minilm]
+The bundled recipes are sized by a time budget (`distill.budget: 20m`); `--budget 30m` gives another.
+
+Run: python tests/benchmarks/bench_quality.py minilm [--model-dir DIR] [--kappa 2] [--out runs/bench-minilm] [--budget 20m]
      python tests/benchmarks/bench_quality.py causal-lm --model-dir DIR --data DIR [--kappa 1.25] [--recipe FILE]
 """
 
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--train-docs", type=int, default=4000,
                     help="minilm: training documents (the 706 training help topics, then docstring paragraphs; about 7 500 exist)")
+    ap.add_argument("--budget", help="the whole command's time budget (e.g. 20m), overriding the recipe's distill.budget")
     ap.add_argument("--recipe", help="a recipe file instead of the bundled one (e.g. a copy with another factorize.allocation)")
     args = ap.parse_args()
     recipe = args.recipe or ("bert" if args.case == "minilm" else "causal-lm")
@@ -71,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-text-") as tmp:
         data = args.data or minilm_text(Path(tmp) / "text", args.train_docs)
         cmd = ["lowrank", "compress", str(model), "--recipe", recipe, "--data", str(data), "--kappa", f"{kappa:g}", "--out", str(out),
-               "--device", "cpu", "--json"]
+               "--device", "cpu", "--json"] + (["--budget", args.budget] if args.budget else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
@@ -94,6 +97,15 @@ def main() -> None:
         print(f"{p['step']:>6} {p['stage']:>6} {p['seconds'] / 60:>6.1f}  {figures}")
     svd = report["accuracy"]["svd"] or {}
     print(f"zero-shot (factorized, before any training): {key} {svd.get(key)}")
+    if b := report.get("budget"):
+        loc, e2e = b.get("local", {}), b.get("end_to_end", {})
+        steps = loc.get("steps") or [0]
+        print(f"time budget {b['seconds'] / 60:.1f} min: set-up {b['setup_seconds'] / 60:.1f} min, first evaluations "
+              f"{b['baseline_eval_seconds'] / 60:.1f} min; local stage {loc.get('planned_seconds', 0) / 60:.1f} min planned, "
+              f"{loc.get('seconds', 0) / 60:.1f} actual ({min(steps)}–{max(steps)} steps a block, at most {loc.get('max_steps')}); "
+              f"end-to-end {e2e.get('planned_seconds', 0) / 60:.1f} min planned, {e2e.get('seconds', 0) / 60:.1f} actual "
+              f"({e2e.get('steps')} steps, at most {e2e.get('max_steps')}); whole command {b['command_seconds'] / 60:.1f} min "
+              f"in the report, {wall / 60:.1f} min as the script timed it")
     if args.json:
         args.json.write_text(json.dumps({"wall_seconds": wall, "command": cmd, "report": report}, indent=1))
 

@@ -103,3 +103,30 @@ def test_two_nodes_on_one_machine(tmp_path, vit_ckpt):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (tmp_path / "node0" / "student.safetensors").exists() and not (tmp_path / "node1" / "student.safetensors").exists()
     assert outs[1][0].strip() == ""  # node 1's process is rank 1: no report
+
+
+@pytest.mark.parametrize("command", ["compress", "distill"])
+def test_too_little_data_for_every_process_is_refused_before_torchrun(cli, tmp_path, vit_ckpt, no_launch, command):
+    """64 synthetic images at batch 16 make 2 steps for 2 processes, none for 8: a one-line error before any process starts."""
+    head = ["compress", vit_ckpt]
+    if command == "distill":
+        fact = tmp_path / "f.safetensors"
+        assert cli("factorize", vit_ckpt, "--recipe", tiny_recipe(tmp_path), "--out", fact).code == 0
+        head = ["distill", fact, "--teacher", vit_ckpt]
+    out = tmp_path / "run"
+    one_line_error(cli(*head, "--recipe", tiny_recipe(tmp_path), "--out", out, "--device", "cpu", "--nproc", "8"),
+                   "fewer than one step of 128 (distill.batch_size × processes × distill.accum_steps)")
+    assert not out.exists()
+
+
+def test_the_launcher_checks_compress_without_factorizing(cli, tmp_path, vit_ckpt, monkeypatch):
+    """The launcher builds nothing it would hold while torchrun runs: no calibration, no factorization."""
+    import lowrank_cli.pipelines.common.prepare as prepare
+
+    calls = []
+    monkeypatch.setattr(prepare, "factorize_model", lambda *a, **k: calls.append("factorize"))
+    monkeypatch.setattr(prepare, "calibration_for", lambda *a, **k: calls.append("calibrate"))
+    monkeypatch.setattr(launch, "launch_torchrun", lambda *a, **k: calls.append("torchrun") or 0)
+    r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path), "--out", tmp_path / "run", "--device", "cpu", "--nproc", "2")
+    assert r.code == 0, r.err
+    assert calls == ["torchrun"]

@@ -1,5 +1,6 @@
 """The SVDs run on the command's device (issue 18): `--device cpu` on a GPU machine stays on the CPU, `cuda:1` is cuda:1."""
 
+import contextlib
 import importlib
 
 import pytest
@@ -28,7 +29,16 @@ def seen(monkeypatch):
     monkeypatch.setattr(fm, "whitened_basis", lambda w, g, floor=1e-6, device=None: rec(device) or real_white(w, g, floor, "cpu"))
     monkeypatch.setattr(fm, "asvd_basis", lambda w, m, alpha=0.5, device=None: rec(device) or real_asvd(w, m, alpha, "cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: the old default was cuda:0 whatever the command said
+    monkeypatch.setattr(fm, "on_device", lambda model, device: rec_move(device) or contextlib.nullcontext(model))  # no GPU here: stays put
+    moved.clear()
     return devices
+
+
+moved: list = []  # the devices `factorize_model` asked the model to move to for its calibration passes (None: not moved)
+
+
+def rec_move(device):
+    moved.append(None if device is None else torch.device(device))
 
 
 def test_svd_device_is_the_given_device():
@@ -42,6 +52,7 @@ def test_factorize_model_runs_every_svd_on_the_given_device(seen, device):
     model = tiny_vit()
     factorize_model(model, load_recipe("deit"), family=get_family("timm"), device=device)
     assert len(seen) == 8 and set(seen) == {torch.device(device)}  # 2 blocks × (qkv, proj, fc1, fc2)
+    assert moved == [None]  # plain SVD runs no calibration pass: the model stays where it is
 
 
 @pytest.mark.parametrize("method", ["whitened", "asvd"])
@@ -51,6 +62,19 @@ def test_data_aware_bases_on_the_given_device(seen, method):
     r = r.model_copy(update={"factorize": r.factorize.model_copy(update={"method": method})})
     factorize_model(model, r, family=get_family("timm"), calibration=calibration("synthetic", model, 4, 2), device="cuda:1")
     assert len(seen) == 8 and set(seen) == {torch.device("cuda", 1)}
+    assert moved == [torch.device("cuda", 1)]  # the calibration passes (statistics) on the command's device too
+
+
+def test_on_device_leaves_a_model_where_it_is_already_or_on_meta():
+    model = tiny_vit()
+    with fm.on_device(model, torch.device("cpu")) as m:  # already there: nothing moves
+        assert m is model
+    with fm.on_device(model, None):
+        pass
+    meta = torch.nn.Linear(2, 2, device="meta")
+    with fm.on_device(meta, torch.device("cpu")):  # a skeleton's parameters stay on meta
+        assert meta.weight.device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"  # the round trip to a GPU: tests/gpu/test_gpu_calibration.py
 
 
 def test_compress_factorizes_on_the_process_device(tmp_path, vit_ckpt, monkeypatch):

@@ -435,3 +435,27 @@ def test_adamw_is_fused_on_cuda_and_the_teacher_runs_in_the_amp_dtype():
     state = train_module.rng_state(torch.device(DEVICE))
     assert len(state["cuda"]) == 1
     objective.close()
+
+
+# --- the device given is the device used (issue 36): calibration and sensitivity passes -----------
+
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+def test_calibration_passes_of_a_host_model_run_on_the_device_and_the_model_returns(allocation, fp32_exact):
+    """A model on the host, `device` the GPU: the statistics and sensitivity passes see the GPU, the factors end on the host,
+    and the factorized model is the one the CPU gives (to fp32 tolerance)."""
+    recipe = recipe_from_dict({"select": {"exclude": ["norm", "head", "patch_embed"]},
+                               "factorize": {"method": "whitened", "kappa": 2, "allocation": allocation}})
+    family = get_family("timm")
+    model = tiny_vit()
+    calib = calibration("synthetic", model, 32, 16)
+    ref = copy.deepcopy(model)
+    factorize_model(ref, recipe, family=family, calibration=calib, device="cpu")
+    seen = set()
+    hook = model.blocks[0].mlp.fc1.register_forward_pre_hook(lambda _m, args: seen.add(args[0].device.type))
+    factorize_model(model, recipe, family=family, calibration=calib, device=DEVICE)
+    hook.remove()
+    assert seen == {torch.device(DEVICE).type}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=2e-3, rtol=0)

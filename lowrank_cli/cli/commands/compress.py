@@ -13,7 +13,7 @@ from lowrank_cli.cli import launch
 from lowrank_cli.cli.app import command_started
 from lowrank_cli.cli.render import console, err_console
 from lowrank_cli.cli.render_training import budget_table, compress_table, curve_table, training_progress
-from lowrank_cli.pipelines.compress import compress_checkpoint, prepare_compress, with_run_options
+from lowrank_cli.pipelines.compress import check_compress, compress_checkpoint, with_run_options
 
 app = typer.Typer(add_completion=False)
 
@@ -59,8 +59,9 @@ def compress(
     r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy, budget)
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):
-        prepared = prepare_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, device=device)  # checks only
-        with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
+        # checks only: no factorization, no model held while torchrun runs
+        run = check_compress(checkpoint, r, arch=model, model_kwargs=kwargs, out=out, resume=resume, world=(nproc or 1) * nnodes)
+        with launch.lock_for_launch(run, node_rank):  # held for the processes torchrun starts
             if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:

@@ -13,7 +13,7 @@ from lowrank_cli.cli import launch
 from lowrank_cli.cli.app import command_started
 from lowrank_cli.cli.render import err_console
 from lowrank_cli.cli.render_training import training_progress
-from lowrank_cli.pipelines.compress import distill_checkpoint, prepare_distill
+from lowrank_cli.pipelines.compress import check_world_steps, distill_checkpoint, prepare_distill
 from lowrank_cli.recipe import load_recipe
 
 app = typer.Typer(add_completion=False)
@@ -43,7 +43,10 @@ def distill(
     if launch.launches(nproc, nnodes):
         prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
                                    strategy=strategy, budget=budget)  # checks only
-        with launch.lock_for_launch(prepared.run, node_rank):  # held for the processes torchrun starts
+        check_world_steps(prepared, (nproc or 1) * nnodes)
+        run = prepared.run
+        del prepared  # no model held while torchrun runs
+        with launch.lock_for_launch(run, node_rank):  # held for the processes torchrun starts
             if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:

@@ -21,6 +21,7 @@ from lowrank_cli.data.modality import calibration_for, load_data, split_record
 from lowrank_cli.data.text import TextData
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.distill.train import check_steps, train_examples
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import check_method, factorize_model
 from lowrank_cli.factorize.pclora import apply_pclora
@@ -120,13 +121,10 @@ def claimed(p: PreparedRun) -> Iterator[None]:
         yield
 
 
-def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
-                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None,
-                     started: float | None = None) -> PreparedRun:
-    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing. `started`: when the command
-    began (`time.perf_counter()`; default now), the clock of the curve and of `distill.budget`."""
-    started = time.perf_counter() if started is None else started
-    dev = resolve_device(device)
+def _compress_inputs(checkpoint: str | Path | None, recipe: Recipe, arch: str | None, model_kwargs: dict | None, out: str | Path | None,
+                     resume: bool) -> tuple:
+    """(checkpoint, recipe with its calibration default, the built teacher, data, run folder, what to resume from): every
+    input of `compress` checked, nothing factorized or written."""
     if checkpoint is None and recipe.checkpoint:
         checkpoint = recipe.checkpoint
     if checkpoint is None:
@@ -136,11 +134,37 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     if Manifest.from_header(header) is not None:
         raise LowrankError(f"{checkpoint}: is already factorized; compress the original checkpoint, or distill it against its original (`distill_checkpoint`, `lowrank distill`)")
     built = build_model(checkpoint, arch, dict(model_kwargs or {}), hint=hint_of(recipe))
-    teacher, family, arch = built.model, built.family, built.architecture
-    check_method(recipe, family.task(teacher))
-    check_token_noise(recipe, family, teacher)
-    data = load_data(recipe, family, teacher, built.folder)
+    check_method(recipe, built.family.task(built.model))
+    check_token_noise(recipe, built.family, built.model)
+    data = load_data(recipe, built.family, built.model, built.folder)
     run, resume_from = _run_dir(recipe, out, resume)
+    return checkpoint, recipe, built, data, run, resume_from
+
+
+def check_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
+                   out: str | Path | None = None, resume: bool = False, world: int = 1) -> RunDir:
+    """What a launcher checks before torchrun starts `world` processes of `compress`: every input as `prepare_compress`
+    checks it and one optimizer step of training data for each process; no calibration, no factorization, and no model
+    kept (the processes build their own). Returns the run folder (for its lock); writes nothing."""
+    _checkpoint, recipe, _built, data, run, _resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
+    check_steps(train_examples(data.train), recipe.distill, world)
+    return run
+
+
+def check_world_steps(p: PreparedRun, world: int) -> None:
+    """A LowrankError unless the prepared run's training data make one optimizer step on each of `world` processes."""
+    check_steps(train_examples(p.data.train), p.recipe.distill, world)
+
+
+def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
+                     out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None,
+                     started: float | None = None) -> PreparedRun:
+    """Check the inputs of `compress` and build teacher, SVD student and data; write nothing. `started`: when the command
+    began (`time.perf_counter()`; default now), the clock of the curve and of `distill.budget`."""
+    started = time.perf_counter() if started is None else started
+    dev = resolve_device(device)
+    checkpoint, recipe, built, data, run, resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
+    teacher, family, arch = built.model, built.family, built.architecture
     svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
