@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lowrank_cli.errors import LowrankError
 
@@ -70,6 +71,40 @@ def all_gather_strings(env: DistEnv, value: str) -> list[str]:
     out: list[str] = [""] * env.world
     dist.all_gather_object(out, value)
     return out
+
+
+def from_main(env: DistEnv, value: str) -> str:
+    """Rank 0's `value` on every process (the other processes' values are not used)."""
+    if not env.distributed:
+        return value
+    box = [value if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_module(env: DistEnv, module: nn.Module) -> None:
+    """Every process's `module` gets rank 0's parameters and buffers, one tensor at a time (tied ones once), in tensors of
+    the standard strides on every process (rank 0's too).
+
+    The processes must hold the same structure: names, shapes and dtypes are compared first (a LowrankError otherwise)."""
+    if not env.distributed:
+        return
+    tensors = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())]
+    layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in tensors)
+    layouts = [""] * env.world
+    dist.all_gather_object(layouts, layout)
+    if len(set(layouts)) != 1:
+        bad = next(r for r, x in enumerate(layouts) if x != layouts[0])
+        raise LowrankError(f"process {bad} holds another structure of the student than process 0; they cannot share its weights")
+    wire = env.device if env.device.type == "cuda" else torch.device("cpu")  # NCCL sends from the GPU, gloo from the host
+    for _name, t in tensors:
+        # a fresh tensor of the standard strides on every process (DDP compares them; an SVD factor's may differ in size-1 dims)
+        buf = torch.empty(t.shape, dtype=t.dtype, device=wire)
+        if env.is_main:
+            buf.copy_(t.data)
+        dist.broadcast(buf, src=0)
+        t.data = buf.to(t.device)
 
 
 def slowest(env: DistEnv, *seconds: float) -> tuple[float, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from lowrank_cli.data.images import ImageData
 from lowrank_cli.data.modality import calibration_for, load_data, split_record
 from lowrank_cli.data.text import TextData
 from lowrank_cli.device import resolve_device
-from lowrank_cli.distill.distributed import DistEnv
+from lowrank_cli.distill.distributed import DistEnv, from_main
 from lowrank_cli.distill.train import check_steps, train_examples
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import check_method, factorize_model
@@ -156,6 +157,38 @@ def check_world_steps(p: PreparedRun, world: int) -> None:
     check_steps(train_examples(p.data.train), p.recipe.distill, world)
 
 
+def _factorize_once(env: DistEnv, student: nn.Module, recipe: Recipe, family: ModelFamily, calibration: list | None, device,
+                    source: tuple) -> tuple[Manifest, Any]:
+    """Rank 0 factorizes `student` and sends its manifest; every other process gives its copy the same low-rank structure
+    (in the dense layers' dtypes; the weights come from rank 0 later, `distributed.broadcast_module`). An error on rank 0
+    is raised on every process. (manifest, allocation: rank 0's, None elsewhere)."""
+    arch, model_kwargs, checkpoint = source
+    allocation, sent = None, ""
+    if env.is_main:
+        try:
+            factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=device)
+            if not any(p.factorized for p in factorized.plans):
+                raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
+            allocation = factorized.allocation
+            manifest = build_manifest(arch, family.name, model_kwargs, factorized.plans, recipe, checkpoint, method=recipe.factorize.method,
+                                      allocation=allocation)
+            sent = json.dumps({"manifest": manifest.to_dict()})
+        except LowrankError as e:
+            from_main(env, json.dumps({"error": str(e), "param": e.param}))
+            raise
+    got = json.loads(from_main(env, sent))
+    if "error" in got:
+        raise LowrankError(got["error"], param=got["param"])
+    if env.is_main:
+        return manifest, allocation
+    manifest = Manifest.from_dict(got["manifest"], source="process 0's factorization")
+    dtypes = {name: next(student.get_submodule(name).parameters()).dtype for name in manifest.layers}
+    manifest.apply(student)
+    for name, dtype in dtypes.items():
+        student.get_submodule(name).to(dtype)
+    return manifest, None
+
+
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
                      out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None,
                      started: float | None = None) -> PreparedRun:
@@ -168,21 +201,27 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
     student = copy.deepcopy(teacher)
     pclora = recipe.distill.method == "pclora"
+    # several processes: rank 0 alone calibrates and factorizes, the others take the structure it chose here and its weights
+    # after its local stage (`run_loop`); PC-LoRA's adapters are set up alike on every process from the seed
+    shared = env is not None and env.distributed and not pclora
     calibration = None
-    if recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity":  # on factorize.calib_data (defaulted above)
-        f = recipe.factorize
+    if (recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity") and not (shared and not env.is_main):
+        f = recipe.factorize  # on factorize.calib_data (defaulted above)
         calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
     allocation = None
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
         plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
+    elif shared:
+        manifest, allocation = _factorize_once(env, student, recipe, family, calibration, svd_dev, (arch, built.model_kwargs, checkpoint))
     else:
         factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev)
         plans, allocation = factorized.plans, factorized.allocation
-    if not any(p.factorized for p in plans):
-        raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
-    manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method,
-                              allocation=allocation)
+    if not shared:
+        if not any(p.factorized for p in plans):
+            raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
+        manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, checkpoint, method="pclora" if pclora else recipe.factorize.method,
+                                  allocation=allocation)
     task = family.task(teacher)
     base, match = task.base_loss(recipe.distill.base_loss, model_classes(teacher), data.num_classes, data.source)
     info = {"architecture": {"name": arch, "source": built.source, **({"note": built.note} if built.note else {})}}

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowrank_cli.data.loaders import Head
 from lowrank_cli.distill.budget import Budget, StepPlanner
-from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, slowest
+from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, broadcast_module, slowest
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.fsdp import full_state
 from lowrank_cli.distill.local import StageDeadline, local_batches, local_distill
@@ -235,11 +235,11 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if log is not None:
                 log(record)
 
-    if resume is None and cfg.local is not None:
+    if resume is None and cfg.local is not None and env.is_main:  # once, on rank 0: the other processes take its weights below
         n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
         deadline = None
         if budget is not None:
-            deadline = StageDeadline(budget.local_until(cfg.local.budget_share), lambda step, left: _agree(env, step, left))
+            deadline = StageDeadline(budget.local_until(cfg.local.budget_share))
             note(f"local distillation: {budget.record['local']['planned_seconds'] / 60:.1f} min ({cfg.local.budget_share:.0%} of the training "
                  f"time), at most {cfg.local.steps} steps per block, on {n_local} training examples")
         else:
@@ -259,8 +259,9 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
         p.info["local"] = local.to_dict()
         if budget is not None:
             budget.record["local"].update({"seconds": local.seconds, "max_steps": cfg.local.steps, "steps": [b["steps"] for b in local.blocks]})
-        if env.is_main:
-            run.update_info({"local": p.info["local"], **({"budget": budget.record} if budget is not None else {})})
+        run.update_info({"local": p.info["local"], **({"budget": budget.record} if budget is not None else {})})
+    if resume is None and env.distributed and not pclora:  # rank 0 factorized (and ran the local stage): every process starts from its student
+        broadcast_module(env, p.student)
     eval_seconds = time.perf_counter()
     if resume is None and (cfg.eval_every or cfg.local is not None):
         point(0, "local" if cfg.local is not None else "start")
