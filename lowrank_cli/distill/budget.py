@@ -15,7 +15,8 @@ clock decides the rest (docs/algorithms.md §11):
    in, from the mean time of every step so far (evaluations and checkpoints included), so that a machine that
    slows down still ends in time. The cosine schedule follows the count as planned.
 
-Several processes agree on every count: each plan takes the slowest process's time (`agree`).
+Several processes agree on every end-to-end count: each plan takes the slowest process's step time and the least time
+left (`agree`). The local stage runs on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def fit_steps(done: int, step_seconds: float, left_seconds: float, upper: int, e
 class StepPlanner:
     """Times a stage's steps and sets its count so that it ends by `until` (a `time.perf_counter()` time).
 
-    `start()` right before the first step, `tick(done)` after each. The first `skip` steps are not timed (allocations,
-    a first-step probe); the plan is made once `probe` more are done, with `extra_per_step` seconds per step added for
-    what the timed steps did not hold (periodic evaluations), and made again at each fraction of `replan_at` of the
-    planned count from the mean of every step since the skipped ones. `total` is the count to run (at first `upper`).
+    `start()` right before the first step, `tick(done)` after each, `overhead(seconds, every)` after each periodic evaluation
+    (every `every` steps). The first `skip` steps are not timed (allocations, a first-step probe); the plan is made once
+    `probe` more are done, and made again at each fraction of `replan_at` of the planned count, from the mean time of the
+    steps since the skipped ones less the evaluations in it, with `extra_per_step` seconds per step added for the
+    evaluations (at first the caller's estimate, then the last evaluation measured). `total` is the count to run (at first
+    `upper`).
     """
 
     until: float
@@ -60,6 +63,7 @@ class StepPlanner:
     skip: int = 1
     probe: int = 3
     replan_at: tuple[float, ...] = ()
+    hard_until: float | None = None  # past it, the stage ends at the step done (one process: no agreement needed)
     total: int = 0
     step_seconds: float | None = None
     plans: list[dict[str, float]] = field(default_factory=list)
@@ -67,6 +71,7 @@ class StepPlanner:
     _first: int = 0
     _timed_from: float | None = None
     _replan: set[int] = field(default_factory=set)
+    _overhead: float = 0.0  # seconds of evaluations since the timed steps began
 
     def __post_init__(self) -> None:
         self.total = self.upper
@@ -75,27 +80,31 @@ class StepPlanner:
         self._t0, self._first = time.perf_counter(), done
         self._timed_from = self._t0 if self.skip == 0 else None
 
+    def overhead(self, seconds: float, every: int) -> None:
+        """A periodic evaluation took `seconds`; one runs every `every` steps."""
+        if self._timed_from is not None:
+            self._overhead += seconds
+        self.extra_per_step = seconds / max(1, every)
+
     def tick(self, done: int) -> bool:
         """After each step (`done` steps in all): True when this call (re)planned `total`."""
         now = time.perf_counter()
         if self._t0 is None:
             self.start(done - 1)
         n = done - self._first
+        if self.hard_until is not None and now >= self.hard_until and self.total > done:
+            self.total = done
+            self.plans.append({"at_step": done, "step_seconds": self.step_seconds or 0.0, "total": done, "deadline": True})
+            return True
         if n == self.skip:
             self._timed_from = now
         if n <= self.skip or self._timed_from is None:
             return False
         timed = n - self.skip
-        if self.plans:
-            if done not in self._replan:
-                return False
-            extra = 0.0  # the mean since the timed steps began holds the evaluations and checkpoints done so far
-        elif timed < self.probe:
+        if (done not in self._replan) if self.plans else (timed < self.probe):
             return False
-        else:
-            extra = self.extra_per_step
-        self.step_seconds, left = self.agree((now - self._timed_from) / timed, self.until - now)
-        self.total = fit_steps(done, self.step_seconds, left, self.upper, extra)
+        self.step_seconds, left = self.agree((now - self._timed_from - self._overhead) / timed, self.until - now)
+        self.total = fit_steps(done, self.step_seconds, left, self.upper, self.extra_per_step)
         if not self.plans:
             self._replan = {round(f * self.total) for f in self.replan_at} - {done}
         self.plans.append({"at_step": done, "step_seconds": self.step_seconds, "total": self.total})
@@ -120,10 +129,11 @@ class Budget:
         """What is left to train, now, less the reserve."""
         return self.deadline - self.reserve - (time.perf_counter() if now is None else now)
 
-    def check_room(self, setup_seconds: float, evaluation_seconds: float, reserve: float) -> None:
-        """Set the reserve; a LowrankError when the budget leaves no time to train after what it already took."""
+    def check_room(self, setup_seconds: float, evaluation_seconds: float, reserve: float, left: float | None = None) -> None:
+        """Set the reserve; a LowrankError when the budget leaves no time to train after what it already took (`left`: the
+        training time rank 0 measured, so that every process decides alike; default: this process's)."""
         self.reserve = reserve
-        left = self.training_seconds()
+        left = self.training_seconds() if left is None else left
         self.record.update({"seconds": self.seconds, "setup_seconds": setup_seconds, "baseline_eval_seconds": evaluation_seconds,
                             "reserve_seconds": reserve, "training_seconds": left})
         if left < 0.05 * self.seconds:
@@ -133,9 +143,10 @@ class Budget:
                                f"and the final evaluation and save need about {reserve:.0f} s; give a budget well above {need / 60:.1f} min",
                                param="budget")
 
-    def local_until(self, share: float) -> float:
-        """The local stage's deadline: `share` of the training time left now."""
+    def local_until(self, share: float, held_back: float = 0.0) -> float:
+        """The local stage's deadline: `share` of the training time left now, less `held_back` seconds of other work before
+        the end-to-end stage (the evaluation after the local stage)."""
         now = time.perf_counter()
-        until = now + share * max(0.0, self.training_seconds(now))
+        until = now + share * max(0.0, self.training_seconds(now) - held_back)
         self.record["local"] = {"planned_seconds": until - now}
         return until

@@ -7,10 +7,14 @@ and prints progress. The teacher is never wrapped in DDP: it has no gradients to
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,8 +54,19 @@ def init_distributed(device: torch.device) -> DistEnv:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return DistEnv(rank, world, local, device)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a process waits in a collective: while rank 0 alone calibrates, factorizes, evaluates and runs the local
+    stage (minutes to hours on a large model) the others wait in one, so 12 hours rather than torch's 10 (NCCL) or 30 (gloo)
+    minutes; `LOWRANK_COLLECTIVE_TIMEOUT_MIN` sets another. A process that fails ends the others through torchrun."""
+    try:
+        minutes = float(os.environ.get("LOWRANK_COLLECTIVE_TIMEOUT_MIN", "720"))
+    except ValueError:
+        minutes = 720.0
+    return datetime.timedelta(minutes=max(1.0, minutes))
 
 
 def close_distributed() -> None:
@@ -80,6 +95,25 @@ def from_main(env: DistEnv, value: str) -> str:
     box = [value if env.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def on_main_alone(env: DistEnv, what: str) -> Iterator[None]:
+    """For work that rank 0 does alone inside the block while the others wait after it: an exception on rank 0 is raised
+    on every process (the same message for a LowrankError; else naming `what` and the exception), not a hang."""
+    if not env.distributed:
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        if env.is_main:
+            text = str(e) if isinstance(e, LowrankError) else f"process 0 failed during {what}: {type(e).__name__}: {e}"
+            from_main(env, json.dumps({"error": text, "param": getattr(e, "param", None)}))
+        raise
+    got = json.loads(from_main(env, json.dumps({"ok": True}) if env.is_main else ""))
+    if "error" in got:
+        raise LowrankError(got["error"], param=got["param"])
 
 
 @torch.no_grad()

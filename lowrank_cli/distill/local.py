@@ -43,9 +43,11 @@ class LocalResult:
     seconds: float = 0.0
     examples: int = 0
     tokens: int = 0
+    untrained: list[str] = field(default_factory=list)  # blocks left as they were: the stage's deadline had passed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "seconds": self.seconds, "examples": self.examples, "tokens": self.tokens}
+        return {"blocks": self.blocks, "seconds": self.seconds, "examples": self.examples, "tokens": self.tokens,
+                **({"untrained": self.untrained} if self.untrained else {})}
 
 
 @dataclass
@@ -88,7 +90,8 @@ def normalized_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 @dataclass
 class StageDeadline:
     """A wall-time end for the local stage (`distill.budget`): each block gets an equal part of what is left when it starts,
-    and its step count (at most `local.steps`) from its first steps timed; `agree` makes several processes plan alike."""
+    and its step count (at most `local.steps`) from its first steps timed; `agree` (default: this process's times) for
+    processes that would train the blocks together."""
 
     until: float  # a time.perf_counter() time
     agree: Agree | None = None
@@ -129,6 +132,10 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
     for rnd in range(cfg.rounds):
         t_in, s_in = list(t_first), list(s_first)
         for i, name in enumerate(s_run.names):
+            if deadline is not None and time.perf_counter() >= deadline.until:  # out of time: the rest stay as they are
+                result.untrained = [f"{n} (round {r + 1})" if cfg.rounds > 1 else n
+                                    for r in range(rnd, cfg.rounds) for n in s_run.names[(i if r == rnd else 0):]]
+                break
             if i:
                 with torch.no_grad():
                     t_in = [t_run.link(i, h) for h in t_in]
@@ -141,24 +148,29 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
             blocks_left -= 1
             with torch.no_grad():
                 target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
-            planner = None if until is None else (until, deadline.agree)
-            before, after, outputs, steps = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, planner)
+            clock = None if until is None else (until, deadline)
+            before, after, outputs, steps = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, clock)
             s_in = outputs if student_chain else []
             t_in = target
-            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": after, "steps": steps,
-                      "seconds": time.perf_counter() - t0}
+            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": before if steps < 0 else after,
+                      "steps": abs(steps), "seconds": time.perf_counter() - t0,
+                      **({"reverted": True, "error_trained": after} if steps < 0 else {})}
             result.blocks.append(record)
             if log is not None:
                 log(record)
+        if result.untrained:
+            break
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
-                 gen: torch.Generator, until: tuple[float, Agree | None] | None = None) -> tuple[float, float, list[torch.Tensor], int]:
-    """Adam on the block's trainable parameters for `cfg.steps` steps (with `until`, a deadline and how processes agree: as many,
-    at most `cfg.steps`, as end by then, the final evaluation included); (mean error before, mean error after, the trained
-    block's outputs on `source`, the steps taken) over every batch. No gradient is left on the block's parameters."""
+                 gen: torch.Generator, until: tuple[float, StageDeadline] | None = None) -> tuple[float, float, list[torch.Tensor], int]:
+    """Adam on the block's trainable parameters for `cfg.steps` steps (with `until`, the block's end and the stage's deadline:
+    as many, at most `cfg.steps`, as end by the block's end, the final evaluation included, and none past the stage's
+    deadline); (mean error before, mean error after training, the block's outputs on `source`, the steps taken) over every
+    batch. A block whose error rose goes back to its weights before the steps (its outputs too), and the steps come back
+    negated. No gradient is left on the block's parameters."""
     params = [p for p in block.parameters() if p.requires_grad]
     t_eval = time.perf_counter()
 
@@ -171,9 +183,12 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
     if not params:
         return before, before, outs, 0
     del outs
+    start = [p.detach().clone() for p in params]  # kept if training makes the block worse on its examples
     planner = None
     if until is not None:  # the evaluation after the steps costs what the one before did
-        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, **({"agree": until[1]} if until[1] else {}))
+        stage = until[1]
+        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, hard_until=stage.until,
+                              **({"agree": stage.agree} if stage.agree else {}))
         planner.start()
     total = cfg.steps
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -192,4 +207,10 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
             total = planner.total
     optimizer.zero_grad(set_to_none=True)  # the end-to-end stage starts from clean gradients
     outs, after = outputs_and_error()
+    if not after <= before:  # a few steps at the full rate can overshoot (or diverge to NaN): the block goes back to where it started
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        outs, _ = outputs_and_error()
+        return before, after, outs, -step
     return before, after, outs, step

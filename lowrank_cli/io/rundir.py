@@ -109,6 +109,8 @@ class RunDir:
         if isinstance(saved.get("distill"), dict):
             saved["distill"].setdefault("strategy", "ddp")  # runs from before distill.strategy existed trained with DDP
             saved["distill"].setdefault("group_by_length", False)  # and drew their batches at random: resumable with `false`
+            if isinstance(saved["distill"].get("local"), dict):  # from before distill.budget: the share had no use, its default
+                saved["distill"]["local"].setdefault("budget_share", 0.3)
         diff = _differences(saved, recipe.to_dict())
         strategy = [(was, now) for key, was, now in diff if key == "distill.strategy"]
         if strategy:

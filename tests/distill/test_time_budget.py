@@ -54,7 +54,7 @@ class _Clock:
 def test_planner_times_the_steps_after_the_first_and_replans_from_their_mean(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(budget_mod, "time", clock)
-    planner = StepPlanner(until=200.0, upper=10_000, extra_per_step=0.1, replan_at=(1 / 3, 2 / 3))
+    planner = StepPlanner(until=200.0, upper=10_000, extra_per_step=0.1, replan_at=(1 / 3, 2 / 3))  # 0.1 s a step: evaluations, estimated
     planner.start(0)
     durations = [5.0] + [1.0] * 3  # the first step (allocations) is not timed
     plans = []
@@ -72,8 +72,32 @@ def test_planner_times_the_steps_after_the_first_and_replans_from_their_mean(mon
     assert len(planner.plans) == 2 and planner.plans[1]["at_step"] == 29  # a third of 87
     mean = (clock.now - 105.0) / 28
     assert planner.step_seconds == pytest.approx(mean)
-    assert planner.total == 29 + int((200.0 - clock.now) // mean)  # the mean holds the evaluations: no extra now
+    assert planner.total == 29 + int((200.0 - clock.now) // (mean + 0.1))
     assert planner.total < 87
+
+
+def test_planner_takes_measured_evaluations_out_of_the_step_time_and_spreads_their_cost(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod, "time", clock)
+    planner = StepPlanner(until=1000.0, upper=10_000, extra_per_step=0.0, replan_at=(0.5,))
+    planner.start(0)
+    step = 0
+    while not planner.plans:
+        step += 1
+        clock.now += 1.0
+        planner.tick(step)
+    assert planner.total == 4 + int((1000.0 - clock.now) // 1.0)  # no evaluation yet, none estimated
+    while step < planner.plans[0]["total"] // 2:
+        step += 1
+        clock.now += 1.0
+        if step % 10 == 0:  # an evaluation of 5 s every 10 steps, after the step's tick
+            clock.now += 5.0
+            planner.overhead(5.0, every=10)
+        planner.tick(step)
+    assert len(planner.plans) == 2
+    assert planner.step_seconds == pytest.approx(1.0)  # the evaluations are not steps
+    assert planner.extra_per_step == pytest.approx(0.5)
+    assert planner.total == step + int((1000.0 - clock.now) // 1.5)
 
 
 def test_planner_agrees_with_the_other_processes_and_keeps_its_bound(monkeypatch):
@@ -100,22 +124,48 @@ def test_budget_refuses_a_run_it_leaves_no_time_to_train():
     with pytest.raises(LowrankError, match=r"distill.budget 1m leaves no time to train: .*took 50 s.*8 s.*above 1\.0 min") as e:
         b.check_room(50.0, 8.0, 2.0)
     assert e.value.param == "budget"
+    with pytest.raises(LowrankError, match="leaves no time"):  # rank 0's measure decides, not this process's clock
+        Budget(60.0, started=budget_mod_time, label="1m").check_room(50.0, 8.0, 2.0, left=1.0)
     ok = Budget(600.0, started=budget_mod.time.perf_counter(), label="10m")
     ok.check_room(5.0, 1.0, 10.0)
     assert 585 < ok.record["training_seconds"] <= 590 and ok.record["reserve_seconds"] == 10.0
 
 
-def test_local_stage_past_its_deadline_trains_each_block_only_the_timed_steps():
+def _local_setup():
     teacher = tiny_vit()
     student = tiny_vit()
     factorize_model(student, recipe_from_dict({"factorize": {"kappa": 3}}), family=get_family("timm"))
     batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    cfg = LocalConfig(steps=500, examples=8, batch_size=4)
-    late = local_distill(student, teacher, get_family("timm"), batches, cfg, torch.device("cpu"),
-                         deadline=StageDeadline(until=0.0))
-    assert [b["steps"] for b in late.blocks] == [4, 4]  # one untimed step, three timed, then no time is left
-    fixed = local_distill(student, teacher, get_family("timm"), batches, LocalConfig(steps=6, examples=8, batch_size=4), torch.device("cpu"))
+    return teacher, student, batches
+
+
+def test_local_stage_past_its_deadline_leaves_the_blocks_and_within_it_keeps_its_bound():
+    teacher, student, batches = _local_setup()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = LocalConfig(steps=6, examples=8, batch_size=4)
+    late = local_distill(student, teacher, get_family("timm"), batches, cfg, torch.device("cpu"), deadline=StageDeadline(until=0.0))
+    assert late.blocks == [] and late.untrained == ["blocks.0", "blocks.1"] and late.to_dict()["untrained"] == late.untrained
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    rounds = LocalConfig(steps=6, rounds=2, examples=8, batch_size=4)
+    assert local_distill(student, teacher, get_family("timm"), batches, rounds, torch.device("cpu"),
+                         deadline=StageDeadline(until=0.0)).untrained == ["blocks.0 (round 1)", "blocks.1 (round 1)",
+                                                                          "blocks.0 (round 2)", "blocks.1 (round 2)"]
+    roomy = local_distill(student, teacher, get_family("timm"), batches, cfg, torch.device("cpu"),
+                          deadline=StageDeadline(until=budget_mod.time.perf_counter() + 600))
+    assert [b["steps"] for b in roomy.blocks] == [6, 6] and not roomy.untrained  # the recipe's bound, not the clock, ended them
+    fixed = local_distill(student, teacher, get_family("timm"), batches, cfg, torch.device("cpu"))
     assert [b["steps"] for b in fixed.blocks] == [6, 6]
+
+
+@pytest.mark.parametrize("lr", [1.0, 10.0])  # Adam at lr 1 makes each block worse in 3 steps; at lr 10 its output NaN
+def test_a_block_that_training_makes_worse_goes_back_to_its_weights(lr):
+    teacher, student, batches = _local_setup()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    wild = LocalConfig(steps=3, examples=8, batch_size=4, lr=lr)
+    result = local_distill(student, teacher, get_family("timm"), batches, wild, torch.device("cpu"))
+    assert all(b.get("reverted") for b in result.blocks) and [b["steps"] for b in result.blocks] == [3, 3]
+    assert all(b["error_after"] == b["error_before"] and not b["error_trained"] <= b["error_before"] for b in result.blocks)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
 def _budget_recipe(tmp_path, **distill):

@@ -74,7 +74,7 @@ def test_on_device_leaves_a_model_where_it_is_already_or_on_meta():
     meta = torch.nn.Linear(2, 2, device="meta")
     with fm.on_device(meta, torch.device("cpu")):  # a skeleton's parameters stay on meta
         assert meta.weight.device.type == "meta"
-    assert next(model.parameters()).device.type == "cpu"  # the round trip to a GPU: tests/gpu/test_gpu_calibration.py
+    assert next(model.parameters()).device.type == "cpu"  # the round trip to a GPU: tests/gpu/test_cuda.py
 
 
 def test_compress_factorizes_on_the_process_device(tmp_path, vit_ckpt, monkeypatch):

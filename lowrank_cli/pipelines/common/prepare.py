@@ -21,7 +21,7 @@ from lowrank_cli.data.images import ImageData
 from lowrank_cli.data.modality import calibration_for, load_data, split_record
 from lowrank_cli.data.text import TextData
 from lowrank_cli.device import resolve_device
-from lowrank_cli.distill.distributed import DistEnv, from_main
+from lowrank_cli.distill.distributed import DistEnv, from_main, on_main_alone
 from lowrank_cli.distill.train import check_steps, train_examples
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import check_method, factorize_model
@@ -157,36 +157,32 @@ def check_world_steps(p: PreparedRun, world: int) -> None:
     check_steps(train_examples(p.data.train), p.recipe.distill, world)
 
 
-def _factorize_once(env: DistEnv, student: nn.Module, recipe: Recipe, family: ModelFamily, calibration: list | None, device,
-                    source: tuple) -> tuple[Manifest, Any]:
-    """Rank 0 factorizes `student` and sends its manifest; every other process gives its copy the same low-rank structure
-    (in the dense layers' dtypes; the weights come from rank 0 later, `distributed.broadcast_module`). An error on rank 0
-    is raised on every process. (manifest, allocation: rank 0's, None elsewhere)."""
+def _factorize_once(env: DistEnv, student: nn.Module, recipe: Recipe, family: ModelFamily, calibrate: Callable[[], list | None], device,
+                    source: tuple) -> tuple[Manifest, Any, list | None]:
+    """Rank 0 calibrates (`calibrate()`), factorizes `student` and sends its manifest; every other process gives its copy the
+    same low-rank structure (in the dense layers' dtypes; the weights come from rank 0 later, `distributed.broadcast_module`).
+    An error on rank 0 is raised on every process. (manifest, allocation and calibration: rank 0's; None elsewhere)."""
     arch, model_kwargs, checkpoint = source
-    allocation, sent = None, ""
-    if env.is_main:
-        try:
+    allocation, calibration, sent = None, None, ""
+    with on_main_alone(env, "calibration and factorization"):
+        if env.is_main:
+            calibration = calibrate()
             factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=device)
             if not any(p.factorized for p in factorized.plans):
                 raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {arch}; nothing to distill")
             allocation = factorized.allocation
             manifest = build_manifest(arch, family.name, model_kwargs, factorized.plans, recipe, checkpoint, method=recipe.factorize.method,
                                       allocation=allocation)
-            sent = json.dumps({"manifest": manifest.to_dict()})
-        except LowrankError as e:
-            from_main(env, json.dumps({"error": str(e), "param": e.param}))
-            raise
-    got = json.loads(from_main(env, sent))
-    if "error" in got:
-        raise LowrankError(got["error"], param=got["param"])
+            sent = json.dumps(manifest.to_dict())
+    got = from_main(env, sent)
     if env.is_main:
-        return manifest, allocation
-    manifest = Manifest.from_dict(got["manifest"], source="process 0's factorization")
+        return manifest, allocation, calibration
+    manifest = Manifest.from_dict(json.loads(got), source="process 0's factorization")
     dtypes = {name: next(student.get_submodule(name).parameters()).dtype for name in manifest.layers}
     manifest.apply(student)
     for name, dtype in dtypes.items():
         student.get_submodule(name).to(dtype)
-    return manifest, None
+    return manifest, None, None
 
 
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
@@ -205,16 +201,21 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
     # after its local stage (`run_loop`); PC-LoRA's adapters are set up alike on every process from the seed
     shared = env is not None and env.distributed and not pclora
     calibration = None
-    if (recipe.factorize.method != "svd" or recipe.factorize.allocation == "sensitivity") and not (shared and not env.is_main):
+
+    def calibrate() -> list | None:
+        if recipe.factorize.method == "svd" and recipe.factorize.allocation != "sensitivity":
+            return None
         f = recipe.factorize  # on factorize.calib_data (defaulted above)
-        calibration = calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+        return calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+
     allocation = None
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
     if pclora:
         plans = apply_pclora(student, recipe, recipe.distill.pclora.init, recipe.distill.seed, family=family, device=svd_dev)
     elif shared:
-        manifest, allocation = _factorize_once(env, student, recipe, family, calibration, svd_dev, (arch, built.model_kwargs, checkpoint))
+        manifest, allocation, calibration = _factorize_once(env, student, recipe, family, calibrate, svd_dev, (arch, built.model_kwargs, checkpoint))
     else:
+        calibration = calibrate()
         factorized = factorize_model(student, recipe, family=family, calibration=calibration, device=svd_dev)
         plans, allocation = factorized.plans, factorized.allocation
     if not shared:

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowrank_cli.data.loaders import Head
 from lowrank_cli.distill.budget import Budget, StepPlanner
-from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, broadcast_module, slowest
+from lowrank_cli.distill.distributed import DistEnv, all_gather_strings, barrier, broadcast_module, on_main_alone, slowest
 from lowrank_cli.distill.evaluate import Evaluation, evaluate
 from lowrank_cli.distill.fsdp import full_state
 from lowrank_cli.distill.local import StageDeadline, local_batches, local_distill
@@ -79,10 +79,11 @@ def _on_main(env: DistEnv, values: list[float]) -> list[float]:
 
 
 def _reserve(student: nn.Module, final_eval_seconds: float, budget_seconds: float) -> float:
-    """Seconds kept at a budget's end: the final evaluation (as long as the SVD student's), the save (at 100 MB/s) and the
-    report, and 1 % of the budget for what the clock cannot foresee."""
+    """Seconds kept at a budget's end: the final evaluation (as long as the SVD student's), the last checkpoint (weights and
+    optimizer state, about 3× the weights) and the student's save at 100 MB/s, the report, and 1 % of the budget for what the
+    clock cannot foresee."""
     bytes_ = sum(t.numel() * t.element_size() for t in student.state_dict().values())
-    return 1.1 * final_eval_seconds + bytes_ / 1e8 + 2.0 + 0.01 * budget_seconds
+    return 1.1 * final_eval_seconds + 4 * bytes_ / 1e8 + 2.0 + 0.01 * budget_seconds
 
 
 def _resumed_budget(p: PreparedRun) -> Budget | None:
@@ -119,6 +120,34 @@ def _record_plan(p: PreparedRun, budget: Budget, planner: StepPlanner, note: Cal
     if note is not None:
         upper = "" if planner.total < planner.upper else f", the recipe's most ({planner.upper})"
         note(f"end-to-end: {planner.step_seconds:.2f} s a step → {planner.total} steps{upper} to end in time")
+
+
+def _local_stage(p: PreparedRun, teacher: nn.Module, budget: Budget | None, note: Callable[[str], None], log: Log | None) -> None:
+    """The local stage (`distill.local`) on this process, its blocks logged to metrics.jsonl and `log`, its record in run.json;
+    under a budget, to the stage's deadline."""
+    cfg, run = p.recipe.distill, p.run
+    n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
+    deadline = None
+    if budget is not None:
+        deadline = StageDeadline(budget.local_until(cfg.local.budget_share, budget.record.get("first_eval_estimate", 0.0)))
+        note(f"local distillation: {budget.record['local']['planned_seconds'] / 60:.1f} min ({cfg.local.budget_share:.0%} of the training "
+             f"time), at most {cfg.local.steps} steps per block, on {n_local} training examples")
+    else:
+        note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
+    done, total_blocks = [0], len(p.family.blocks(p.student)) * cfg.local.rounds
+
+    def block_done(record: dict[str, Any]) -> None:
+        done[0] += 1
+        run.append_metrics({"step": 0, "stage": "local", **record})
+        if log is not None:
+            log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
+
+    local = local_distill(p.student, teacher, p.family, local_batches(p.data.train, cfg.local, cfg.seed, cfg.group_by_length), cfg.local,
+                          p.env.device, cfg.seed, block_done, deadline)
+    p.info["local"] = local.to_dict()
+    if budget is not None:
+        budget.record["local"].update({"seconds": local.seconds, "max_steps": cfg.local.steps, "steps": [b["steps"] for b in local.blocks]})
+    run.update_info({"local": p.info["local"], **({"budget": budget.record} if budget is not None else {})})
 
 
 def run_distillation(p: PreparedRun, *, log: Log | None = None, note: Callable[[str], None] | None = None,
@@ -195,23 +224,28 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
                  f"follow {env.world} from here, so it will not match an uninterrupted run")
     else:
         baseline, t_eval, svd_seconds = {}, time.perf_counter(), 0.0
-        if env.is_main:
-            if cfg.budget is None:  # under a budget, said once its check has passed (an error stays one line)
-                note("evaluating the teacher and the SVD-only student")
-            # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
-            svd = p.student
-            if pclora:
-                svd = copy.deepcopy(p.teacher)
-                factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
-            t = accuracy(teacher)
-            t_svd = time.perf_counter()
-            s = accuracy(svd)
-            svd_seconds = time.perf_counter() - t_svd
-            baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
+        with on_main_alone(env, "the evaluations of the teacher and the SVD-only student"):
+            if env.is_main:
+                if cfg.budget is None:  # under a budget, said once its check has passed (an error stays one line)
+                    note("evaluating the teacher and the SVD-only student")
+                # PC-LoRA starts from the teacher itself; its SVD-only reference is the SVD student of the same ranks
+                svd = p.student
+                if pclora:
+                    svd = copy.deepcopy(p.teacher)
+                    factorize_model(svd, p.recipe, family=family, calibration=p.calibration, device=device)
+                t = accuracy(teacher)
+                t_svd = time.perf_counter()
+                s = accuracy(svd)
+                svd_seconds = time.perf_counter() - t_svd
+                baseline = {"teacher": t.to_dict() if t else None, "svd": s.to_dict() if s else None}
         if cfg.budget is not None:  # before the run is created: a budget too short leaves nothing behind
-            setup, evals, svd_seconds = _on_main(env, [t_eval - p.started, time.perf_counter() - t_eval, svd_seconds])
             budget = Budget(cfg.budget_seconds(), p.started, cfg.budget)
-            budget.check_room(setup, evals, _reserve(p.student, svd_seconds, budget.seconds))
+            reserve = _reserve(p.student, svd_seconds, budget.seconds)
+            setup, evals, reserve, left, svd_seconds = _on_main(env, [t_eval - p.started, time.perf_counter() - t_eval, reserve,
+                                                                      budget.training_seconds() - reserve, svd_seconds])
+            budget.check_room(setup, evals, reserve, left)
+            val = len(p.data.val) if p.labels_match else 0
+            budget.record["first_eval_estimate"] = svd_seconds * (min(1.0, cfg.eval_examples / max(1, val)) if cfg.eval_examples else 1.0)
             note(f"time budget {cfg.budget}: {setup:.0f} s for loading, calibration and factorization, {evals:.0f} s to evaluate the "
                  f"teacher and the SVD-only student; {budget.record['training_seconds'] / 60:.1f} min to train, {budget.reserve:.0f} s kept for the end")
         if env.is_main:
@@ -235,31 +269,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             if log is not None:
                 log(record)
 
-    if resume is None and cfg.local is not None and env.is_main:  # once, on rank 0: the other processes take its weights below
-        n_local = cfg.local.examples if train_examples(p.data.train) is None else min(cfg.local.examples, len(p.data.train))
-        deadline = None
-        if budget is not None:
-            deadline = StageDeadline(budget.local_until(cfg.local.budget_share))
-            note(f"local distillation: {budget.record['local']['planned_seconds'] / 60:.1f} min ({cfg.local.budget_share:.0%} of the training "
-                 f"time), at most {cfg.local.steps} steps per block, on {n_local} training examples")
-        else:
-            note(f"local distillation: {cfg.local.steps} steps per block on {n_local} training examples")
-
-        done, total_blocks = [0], len(family.blocks(p.student)) * cfg.local.rounds
-
-        def block_done(record: dict[str, Any]) -> None:
-            done[0] += 1
-            if env.is_main:
-                run.append_metrics({"step": 0, "stage": "local", **record})
-                if log is not None:
-                    log({"stage": "local", **record, "done": done[0], "blocks": total_blocks})
-
-        local = local_distill(p.student, teacher, family, local_batches(p.data.train, cfg.local, cfg.seed, cfg.group_by_length), cfg.local, device,
-                              cfg.seed, block_done, deadline)
-        p.info["local"] = local.to_dict()
-        if budget is not None:
-            budget.record["local"].update({"seconds": local.seconds, "max_steps": cfg.local.steps, "steps": [b["steps"] for b in local.blocks]})
-        run.update_info({"local": p.info["local"], **({"budget": budget.record} if budget is not None else {})})
+    if resume is None and cfg.local is not None:
+        with on_main_alone(env, "the local stage"):
+            if env.is_main:  # once, on rank 0: the other processes take its weights below
+                _local_stage(p, teacher, budget, note, log)
     if resume is None and env.distributed and not pclora:  # rank 0 factorized (and ran the local stage): every process starts from its student
         broadcast_module(env, p.student)
     eval_seconds = time.perf_counter()
@@ -269,7 +282,8 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
 
     train_cfg = cfg
     if budget is not None and "steps" in budget.record.get("end_to_end", {}):  # resumed: the count the run planned holds
-        train_cfg = cfg.model_copy(update={"max_steps": int(budget.record["end_to_end"]["steps"])})
+        planned = int(budget.record["end_to_end"]["steps"])
+        train_cfg = cfg.model_copy(update={"max_steps": min(planned, cfg.max_steps or planned)})
     last_step = total_steps(train_examples(p.data.train), train_cfg, env.world)
     planner = _end_to_end_planner(p, budget, last_step, eval_seconds)
     if planner is not None:
@@ -280,7 +294,10 @@ def _run_distillation(p: PreparedRun, *, log: Log | None, note: Callable[[str], 
             _record_plan(p, budget, planner, note if len(planner.plans) == 1 else None)
         last = planner.total if planner is not None else last_step
         if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < last:  # the final evaluation follows the last
+            t_point = time.perf_counter()
             point(pos.step, "train")
+            if planner is not None:
+                planner.overhead(slowest(env, time.perf_counter() - t_point)[0], cfg.eval_every)
         if step_hook is not None:
             step_hook(pos)
 
