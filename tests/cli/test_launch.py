@@ -130,3 +130,12 @@ def test_the_launcher_checks_compress_without_factorizing(cli, tmp_path, vit_ckp
     r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path), "--out", tmp_path / "run", "--device", "cpu", "--nproc", "2")
     assert r.code == 0, r.err
     assert calls == ["torchrun"]
+
+
+def test_a_recipe_that_selects_nothing_is_refused_before_torchrun(cli, tmp_path, vit_ckpt, no_launch):
+    recipe = tiny_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "select:\n  include: [no_such_layer]\n")
+    out = tmp_path / "run"
+    one_line_error(cli("compress", vit_ckpt, "--recipe", recipe, "--out", out, "--device", "cpu", "--nproc", "2"),
+                   "recipe 'tiny' factorizes no layer of vit_tiny_patch16_224; nothing to distill")
+    assert not out.exists()

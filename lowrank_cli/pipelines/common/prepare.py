@@ -33,6 +33,8 @@ from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import ModelFamily, model_classes
 from lowrank_cli.models.tasks import Task
 from lowrank_cli.pipelines.common import build_manifest, hint_of
+from lowrank_cli.pipelines.common.inspection import check_calibration
+from lowrank_cli.plan.select import plan_embeddings, plan_layers
 from lowrank_cli.recipe import Recipe, parse_duration, recipe_from_dict
 
 
@@ -147,8 +149,15 @@ def check_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str |
     """What a launcher checks before torchrun starts `world` processes of `compress`: every input as `prepare_compress`
     checks it and one optimizer step of training data for each process; no calibration, no factorization, and no model
     kept (the processes build their own). Returns the run folder (for its lock); writes nothing."""
-    _checkpoint, recipe, _built, data, run, _resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
+    _checkpoint, recipe, built, data, run, _resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
     check_steps(train_examples(data.train), recipe.distill, world)
+    check_calibration(recipe)
+    if recipe.distill.method != "pclora":  # the selection alone (no SVD): a recipe that picks no layer is refused here, not in the processes
+        plans = plan_layers(built.family.linear_candidates(built.model), recipe)
+        if recipe.factorize.embeddings is not None:
+            plans += plan_embeddings(built.family.embedding_candidates(built.model), recipe)
+        if not any(p.factorized or (p.reason is None and p.rank is None) for p in plans):  # rank None: set by its SVD (energy)
+            raise LowrankError(f"recipe '{recipe.name}' factorizes no layer of {built.architecture}; nothing to distill")
     return run
 
 
