@@ -462,7 +462,11 @@ def train(
             pos.step += 1
             if planner is not None and planner.tick(pos.step):  # the step count that ends in time; the schedule follows it
                 total, warmup = planner.total, min(warmup, max(0, planner.total - 1))
-                is_log = is_log or pos.step == total
+                if pos.step == total and not is_log:  # this step is now the last: logged as the last is (every process alike)
+                    is_log = True
+                    if env.distributed:
+                        loss_sum, *averaged = _mean_over_processes([loss_sum, *terms_sum.values()], env)
+                        terms_sum = dict(zip(terms_sum, averaged))
             scheduled = schedule(pos.step) if schedule is not None else {}
             images_seen += global_batch
             images_since_log += global_batch
