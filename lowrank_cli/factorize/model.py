@@ -129,10 +129,10 @@ def factorize_embeddings(model: nn.Module, plans: list[LayerPlan], progress: Pro
 @contextlib.contextmanager
 def on_device(model: nn.Module, device: torch.device | None) -> Iterator[nn.Module]:
     """`model` on `device` inside the block, and back where its parameters were after it (even on an error); nothing
-    moves when `device` is None or where the model already is."""
+    moves when `device` is None, where the model already is, or a GPU whose free memory is under twice the weights."""
     first = next(model.parameters(), None)
     home = first.device if first is not None else None
-    if device is None or home is None or home == device or home.type == "meta":
+    if device is None or home is None or home == device or home.type == "meta" or not _fits(model, device):
         yield model
         return
     model.to(device)
@@ -140,6 +140,15 @@ def on_device(model: nn.Module, device: torch.device | None) -> Iterator[nn.Modu
         yield model
     finally:
         model.to(home)
+
+
+def _fits(model: nn.Module, device: torch.device) -> bool:
+    """Whether `model`'s weights take at most half of `device`'s free memory (a GPU's; the rest for the passes' activations,
+    Grams and SVDs). A model that does not is calibrated where it is."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) <= 0.5 * free
 
 
 def _factorize_linears(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], family: ModelFamily | None, progress: Progress | None,
