@@ -206,6 +206,9 @@ class LocalConfig(_Strict):
     # with distill.budget: the share of the training time (the budget less loading, calibration, factorization and the
     # evaluations) that goes to this stage; `steps` is then the most a block trains, its count set from timed steps
     budget_share: float = Field(default=0.3, gt=0, lt=1)
+    # with distill.budget: the fewest steps a block trains, whatever its part of the time (a few steps at the full rate
+    # make a block worse); the blocks the stage's deadline leaves no time for stay as the factorization made them
+    min_steps: int = Field(default=20, ge=1)
 
 
 class DistillConfig(_Strict):

@@ -63,6 +63,7 @@ class StepPlanner:
     skip: int = 1
     probe: int = 3
     replan_at: tuple[float, ...] = ()
+    lower: int = 0  # the fewest steps a plan sets (the hard deadline aside)
     hard_until: float | None = None  # past it, the stage ends at the step done (one process: no agreement needed)
     total: int = 0
     step_seconds: float | None = None
@@ -104,7 +105,7 @@ class StepPlanner:
         if (done not in self._replan) if self.plans else (timed < self.probe):
             return False
         self.step_seconds, left = self.agree((now - self._timed_from - self._overhead) / timed, self.until - now)
-        self.total = fit_steps(done, self.step_seconds, left, self.upper, self.extra_per_step)
+        self.total = max(min(self.lower, self.upper), fit_steps(done, self.step_seconds, left, self.upper, self.extra_per_step))
         if not self.plans:
             self._replan = {round(f * self.total) for f in self.replan_at} - {done}
         self.plans.append({"at_step": done, "step_seconds": self.step_seconds, "total": self.total})

@@ -187,7 +187,7 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
     planner = None
     if until is not None:  # the evaluation after the steps costs what the one before did
         stage = until[1]
-        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, hard_until=stage.until,
+        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, lower=cfg.min_steps, hard_until=stage.until,
                               **({"agree": stage.agree} if stage.agree else {}))
         planner.start()
     total = cfg.steps

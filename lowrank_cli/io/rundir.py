@@ -111,6 +111,7 @@ class RunDir:
             saved["distill"].setdefault("group_by_length", False)  # and drew their batches at random: resumable with `false`
             if isinstance(saved["distill"].get("local"), dict):  # from before distill.budget: the share had no use, its default
                 saved["distill"]["local"].setdefault("budget_share", 0.3)
+                saved["distill"]["local"].setdefault("min_steps", 20)
         diff = _differences(saved, recipe.to_dict())
         strategy = [(was, now) for key, was, now in diff if key == "distill.strategy"]
         if strategy:

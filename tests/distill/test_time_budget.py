@@ -100,6 +100,24 @@ def test_planner_takes_measured_evaluations_out_of_the_step_time_and_spreads_the
     assert planner.total == step + int((1000.0 - clock.now) // 1.5)
 
 
+def test_planner_keeps_its_lower_bound_but_not_past_the_hard_deadline(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod, "time", clock)
+    planner = StepPlanner(until=105.0, upper=500, lower=20, hard_until=130.0)
+    planner.start(0)
+    for step in range(1, 5):
+        clock.now += 1.0
+        planner.tick(step)
+    assert planner.total == 20  # 1 s left of the block's part: 20 steps all the same
+    step = 4
+    while step < planner.total:
+        step += 1
+        clock.now += 2.0
+        if planner.tick(step):
+            break
+    assert planner.total == step == 17 and planner.plans[-1]["deadline"]  # 104 + 13 × 2 s passes the stage's deadline at 130
+
+
 def test_planner_agrees_with_the_other_processes_and_keeps_its_bound(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(budget_mod, "time", clock)
