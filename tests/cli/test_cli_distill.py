@@ -350,3 +350,17 @@ def test_progress_bar_counts_examples_per_second(monkeypatch):
         log({"step": 1, "total_steps": 2, "loss": 0.5, "lr": 1e-3, "examples_per_s": 123.0, "images_per_s": 123.0})
     text = console.export_text()
     assert "123 ex/s" in text and "img/s" not in text
+
+
+def test_a_run_with_a_local_stage_from_before_the_budget_keys_resumes(cli, tmp_path, vit_ckpt):
+    out = tmp_path / "run"
+    local = {"steps": 2, "examples": 16, "batch_size": 8}
+    assert cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, epochs=1, local=local), "--out", out, "--device", "cpu").code == 0
+    saved = (out / "recipe.yaml").read_text()
+    assert "budget_share: 0.3" in saved and "min_steps: 20" in saved and "budget: null" in saved
+    old = "\n".join(line for line in saved.splitlines() if not line.strip().startswith(("budget_share:", "min_steps:", "budget:")))
+    (out / "recipe.yaml").write_text(old + "\n")  # as written before the keys existed
+    r = cli("compress", vit_ckpt, "--recipe", tiny_recipe(tmp_path, epochs=1, local=local), "--out", out, "--resume", "--device", "cpu",
+            "--json")
+    assert r.code == 0, r.err  # resumed: the run has its student already, nothing left to train
+    assert json.loads(r.out)["train"]["steps"] == 4
