@@ -50,7 +50,8 @@ class StepPlanner:
 
     `start()` right before the first step, `tick(done)` after each, `overhead(seconds, every)` after each periodic evaluation
     (every `every` steps). The first `skip` steps are not timed (allocations, a first-step probe); the plan is made once
-    `probe` more are done, and made again at each fraction of `replan_at` of the planned count, from the mean time of the
+    `probe` more are done and they took `probe_share` of the time to `until` (steps of text batches vary with their
+    length), and made again at each fraction of `replan_at` of the planned count, from the mean time of the
     steps since the skipped ones less the evaluations in it, with `extra_per_step` seconds per step added for the
     evaluations (at first the caller's estimate, then the last evaluation measured). `total` is the count to run (at first
     `upper`).
@@ -62,6 +63,7 @@ class StepPlanner:
     extra_per_step: float = 0.0
     skip: int = 1
     probe: int = 3
+    probe_share: float = 0.0  # and the timed steps last at least this share of the time there was at `start()`
     replan_at: tuple[float, ...] = ()
     lower: int = 0  # the fewest steps a plan sets (the hard deadline aside)
     hard_until: float | None = None  # past it, the stage ends at the step done (one process: no agreement needed)
@@ -73,6 +75,7 @@ class StepPlanner:
     _timed_from: float | None = None
     _replan: set[int] = field(default_factory=set)
     _overhead: float = 0.0  # seconds of evaluations since the timed steps began
+    _window: float = 0.0  # the seconds from `start()` to `until`
 
     def __post_init__(self) -> None:
         self.total = self.upper
@@ -80,6 +83,7 @@ class StepPlanner:
     def start(self, done: int = 0) -> None:
         self._t0, self._first = time.perf_counter(), done
         self._timed_from = self._t0 if self.skip == 0 else None
+        self._window = max(0.0, self.until - self._t0)
 
     def overhead(self, seconds: float, every: int) -> None:
         """A periodic evaluation took `seconds`; one runs every `every` steps."""
@@ -102,7 +106,8 @@ class StepPlanner:
         if n <= self.skip or self._timed_from is None:
             return False
         timed = n - self.skip
-        if (done not in self._replan) if self.plans else (timed < self.probe):
+        probing = timed < self.probe or now - self._timed_from < self.probe_share * self._window
+        if (done not in self._replan) if self.plans else probing:
             return False
         self.step_seconds, left = self.agree((now - self._timed_from - self._overhead) / timed, self.until - now)
         self.total = max(min(self.lower, self.upper), fit_steps(done, self.step_seconds, left, self.upper, self.extra_per_step))

@@ -100,6 +100,20 @@ def test_planner_takes_measured_evaluations_out_of_the_step_time_and_spreads_the
     assert planner.total == step + int((1000.0 - clock.now) // 1.5)
 
 
+def test_planner_probes_until_its_steps_took_their_share_of_the_time(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod, "time", clock)
+    planner = StepPlanner(until=1100.0, upper=10_000, probe_share=0.02)  # 1 000 s ahead: probe 20 s at least
+    planner.start(0)
+    step = 0
+    while not planner.plans:
+        step += 1
+        clock.now += 0.5 if step < 10 else 2.0  # short batches first, then long ones
+        planner.tick(step)
+    assert step == 17  # steps 2-17 are timed: 8 × 0.5 s + 8 × 2 s = the 20 s of 2 % (three steps would have said 0.5 s a step)
+    assert planner.step_seconds == pytest.approx((8 * 0.5 + 8 * 2.0) / 16)
+
+
 def test_planner_keeps_its_lower_bound_but_not_past_the_hard_deadline(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(budget_mod, "time", clock)

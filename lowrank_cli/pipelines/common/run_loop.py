@@ -109,7 +109,7 @@ def _end_to_end_planner(p: PreparedRun, budget: Budget | None, upper: int, eval_
     cfg = p.recipe.distill
     extra = slowest(p.env, eval_seconds)[0] / cfg.eval_every if cfg.eval_every else 0.0
     return StepPlanner(until=budget.deadline - budget.reserve, upper=upper, agree=lambda step, left: _agree(p.env, step, left), extra_per_step=extra,
-                       replan_at=(1 / 3, 2 / 3))
+                       probe_share=0.02, replan_at=(0.1, 1 / 3, 2 / 3))
 
 
 def _record_plan(p: PreparedRun, budget: Budget, planner: StepPlanner, note: Callable[[str], None] | None) -> None:
