@@ -35,13 +35,30 @@ def _same(step_seconds: float, left_seconds: float) -> tuple[float, float]:
     return step_seconds, left_seconds
 
 
-def fit_steps(done: int, step_seconds: float, left_seconds: float, upper: int, extra_per_step: float = 0.0) -> int:
-    """The step count that ends a stage in time: the `done` steps, then as many as `left_seconds` holds at
-    `step_seconds` (+ `extra_per_step`, the evaluations spread over the steps) each; at most `upper`, at least `done`."""
-    per = step_seconds + extra_per_step
-    if per <= 0:
+def evaluations_between(done: int, total: int, every: int) -> int:
+    """The periodic evaluations a run from step `done` to `total` makes: after each step k with done < k < total and
+    k a multiple of `every` (none after the last step, whose evaluation is the final one; none when `every` is 0)."""
+    if every <= 0 or total - 1 <= done:
+        return 0
+    return (total - 1) // every - done // every
+
+
+def fit_steps(done: int, step_seconds: float, left_seconds: float, upper: int, eval_seconds: float = 0.0, eval_every: int = 0) -> int:
+    """The step count that ends a stage in time: the `done` steps, then as many as `left_seconds` holds at `step_seconds`
+    each, with the periodic evaluations they bring (`eval_seconds` each, after every `eval_every`-th step); at most `upper`,
+    at least `done`."""
+    if step_seconds <= 0:
         return max(done, upper)
-    return max(done, min(upper, done + int(max(0.0, left_seconds) // per)))
+    left = max(0.0, left_seconds)
+
+    def fits(n: int) -> bool:
+        return (n - done) * step_seconds + evaluations_between(done, n, eval_every) * eval_seconds <= left
+
+    lo, hi = done, max(done, min(upper, done + int(left // step_seconds)))
+    while lo < hi:  # the largest count that fits: the cost grows with the count
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 @dataclass
@@ -52,15 +69,16 @@ class StepPlanner:
     (every `every` steps). The first `skip` steps are not timed (allocations, a first-step probe); the plan is made once
     `probe` more are done and they took `probe_share` of the time to `until` (steps of text batches vary with their
     length), and made again at each fraction of `replan_at` of the planned count, from the mean time of the
-    steps since the skipped ones less the evaluations in it, with `extra_per_step` seconds per step added for the
-    evaluations (at first the caller's estimate, then the last evaluation measured). `total` is the count to run (at first
-    `upper`).
+    steps since the skipped ones less the evaluations in it, and the evaluations the count would bring counted at
+    `eval_seconds` each (at first the caller's estimate, then the last evaluation measured). `total` is the count to run
+    (at first `upper`).
     """
 
     until: float
     upper: int
     agree: Agree = _same
-    extra_per_step: float = 0.0
+    eval_seconds: float = 0.0  # a periodic evaluation's cost (at first the caller's estimate, then the last measured)
+    eval_every: int = 0  # its period in steps (0: none)
     skip: int = 1
     probe: int = 3
     probe_share: float = 0.0  # and the timed steps last at least this share of the time there was at `start()`
@@ -89,7 +107,7 @@ class StepPlanner:
         """A periodic evaluation took `seconds`; one runs every `every` steps."""
         if self._timed_from is not None:
             self._overhead += seconds
-        self.extra_per_step = seconds / max(1, every)
+        self.eval_seconds, self.eval_every = seconds, every
 
     def tick(self, done: int) -> bool:
         """After each step (`done` steps in all): True when this call (re)planned `total`."""
@@ -110,7 +128,7 @@ class StepPlanner:
         if (done not in self._replan) if self.plans else probing:
             return False
         self.step_seconds, left = self.agree((now - self._timed_from - self._overhead) / timed, self.until - now)
-        self.total = max(min(self.lower, self.upper), fit_steps(done, self.step_seconds, left, self.upper, self.extra_per_step))
+        self.total = max(min(self.lower, self.upper), fit_steps(done, self.step_seconds, left, self.upper, self.eval_seconds, self.eval_every))
         if not self.plans:
             self._replan = {round(f * self.total) for f in self.replan_at} - {done}
         self.plans.append({"at_step": done, "step_seconds": self.step_seconds, "total": self.total})

@@ -9,7 +9,7 @@ import yaml
 from conftest import TINY_VIT, TINY_VIT_KWARGS, one_line_error, tiny_vit
 
 from lowrank_cli.distill import budget as budget_mod
-from lowrank_cli.distill.budget import Budget, StepPlanner, fit_steps
+from lowrank_cli.distill.budget import Budget, StepPlanner, evaluations_between, fit_steps
 from lowrank_cli.distill.local import StageDeadline, local_distill
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.factorize.model import factorize_model
@@ -33,9 +33,12 @@ def test_durations_parse_and_bad_ones_name_the_key():
         recipe_from_dict({"distill": {"local": {"budget_share": 1.0}}})
 
 
-def test_fit_steps_fills_the_time_left_within_the_bounds():
+def test_fit_steps_fills_the_time_left_with_the_steps_and_the_evaluations_they_bring():
+    assert [evaluations_between(0, n, 10) for n in (9, 10, 11, 20, 21)] == [0, 0, 1, 1, 2]  # none after the last step (the final one)
+    assert evaluations_between(10, 21, 10) == 1 and evaluations_between(10, 20, 10) == 0 and evaluations_between(0, 50, 0) == 0
     assert fit_steps(4, 0.5, 10.0, 1000) == 24  # 4 done, 20 more in 10 s
-    assert fit_steps(4, 0.5, 10.0, 1000, extra_per_step=0.5) == 14  # evaluations take as long as the steps
+    assert fit_steps(0, 1.0, 25.0, 1000, eval_seconds=10.0, eval_every=10) == 15  # 15 s of steps and the evaluation at step 10
+    assert fit_steps(0, 1.0, 25.0, 1000, eval_seconds=100.0, eval_every=10) == 10  # no room for that evaluation: stop at step 10
     assert fit_steps(4, 0.5, 10.0, 10) == 10  # the recipe's upper bound
     assert fit_steps(4, 0.5, -3.0, 1000) == 4  # late: stop now
     assert fit_steps(4, 0.0, 10.0, 50) == 50
@@ -54,7 +57,7 @@ class _Clock:
 def test_planner_times_the_steps_after_the_first_and_replans_from_their_mean(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(budget_mod, "time", clock)
-    planner = StepPlanner(until=200.0, upper=10_000, extra_per_step=0.1, replan_at=(1 / 3, 2 / 3))  # 0.1 s a step: evaluations, estimated
+    planner = StepPlanner(until=200.0, upper=10_000, eval_seconds=1.0, eval_every=10, replan_at=(1 / 3, 2 / 3))  # evaluations: 1 s, estimated
     planner.start(0)
     durations = [5.0] + [1.0] * 3  # the first step (allocations) is not timed
     plans = []
@@ -62,24 +65,22 @@ def test_planner_times_the_steps_after_the_first_and_replans_from_their_mean(mon
         clock.now += d
         plans.append(planner.tick(step))
     assert plans == [False, False, False, True]
-    # at t = 108, 92 s left at 1 s + 0.1 s (evaluations) a step: 83 more steps after the 4 done
-    assert planner.step_seconds == pytest.approx(1.0) and planner.total == 4 + 83
+    # at t = 108, 92 s left at 1 s a step: 84 more steps after the 4 done and the 8 evaluations (steps 10 to 80) they bring
+    assert planner.step_seconds == pytest.approx(1.0) and planner.total == 88
     step = 4
     while step < round(planner.plans[0]["total"] / 3):  # the machine slows down: 2 s a step from here
         step += 1
         clock.now += 2.0
         planner.tick(step)
-    assert len(planner.plans) == 2 and planner.plans[1]["at_step"] == 29  # a third of 87
-    mean = (clock.now - 105.0) / 28
-    assert planner.step_seconds == pytest.approx(mean)
-    assert planner.total == 29 + int((200.0 - clock.now) // (mean + 0.1))
-    assert planner.total < 87
+    assert len(planner.plans) == 2 and planner.plans[1]["at_step"] == 29  # a third of 88
+    assert planner.step_seconds == pytest.approx(53 / 28)  # steps 2-29 took 3 + 25 × 2 s
+    assert planner.total == 50  # 42 s left: 21 steps (39.75 s) and the evaluations at 30 and 40 (2 s)
 
 
 def test_planner_takes_measured_evaluations_out_of_the_step_time_and_spreads_their_cost(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(budget_mod, "time", clock)
-    planner = StepPlanner(until=1000.0, upper=10_000, extra_per_step=0.0, replan_at=(0.5,))
+    planner = StepPlanner(until=1000.0, upper=10_000, replan_at=(0.5,))
     planner.start(0)
     step = 0
     while not planner.plans:
@@ -96,8 +97,9 @@ def test_planner_takes_measured_evaluations_out_of_the_step_time_and_spreads_the
         planner.tick(step)
     assert len(planner.plans) == 2
     assert planner.step_seconds == pytest.approx(1.0)  # the evaluations are not steps
-    assert planner.extra_per_step == pytest.approx(0.5)
-    assert planner.total == step + int((1000.0 - clock.now) // 1.5)
+    assert (planner.eval_seconds, planner.eval_every) == (5.0, 10)
+    left = 1000.0 - clock.now
+    assert planner.total == step + max(k for k in range(int(left) + 1) if k + 5.0 * evaluations_between(step, step + k, 10) <= left)
 
 
 def test_planner_probes_until_its_steps_took_their_share_of_the_time(monkeypatch):

@@ -102,13 +102,13 @@ def _agree(env: DistEnv, step_seconds: float, left_seconds: float) -> tuple[floa
 
 
 def _end_to_end_planner(p: PreparedRun, budget: Budget | None, upper: int, eval_seconds: float) -> StepPlanner | None:
-    """The end-to-end stage's planner under a budget: to the deadline less the reserve, the periodic evaluations' cost
-    spread over the steps; None without a budget, or when a resumed run's plan is already fixed."""
+    """The end-to-end stage's planner under a budget: to the deadline less the reserve, each periodic evaluation the count
+    brings at `eval_seconds` (the one after the local stage); None without a budget, or when a resumed run's plan is fixed."""
     if budget is None or "steps" in budget.record.get("end_to_end", {}):
         return None
     cfg = p.recipe.distill
-    extra = slowest(p.env, eval_seconds)[0] / cfg.eval_every if cfg.eval_every else 0.0
-    return StepPlanner(until=budget.deadline - budget.reserve, upper=upper, agree=lambda step, left: _agree(p.env, step, left), extra_per_step=extra,
+    return StepPlanner(until=budget.deadline - budget.reserve, upper=upper, agree=lambda step, left: _agree(p.env, step, left),
+                       eval_seconds=slowest(p.env, eval_seconds)[0], eval_every=cfg.eval_every,
                        probe_share=0.02, replan_at=(0.1, 1 / 3, 2 / 3))
 
 
