@@ -13,8 +13,6 @@ import torch
 from conftest import tiny_recipe
 
 from lowrank_cli.models import load
-from lowrank_cli.pipelines.compress import compress_checkpoint
-from lowrank_cli.recipe import load_recipe
 
 WORKER = Path(__file__).with_name("_once_worker.py")
 
@@ -35,13 +33,13 @@ def test_two_processes_factorize_and_run_the_local_stage_once(tmp_path, vit_ckpt
                                         "factorize:\n  kappa: 3\n  method: whitened\n  allocation: sensitivity\n  calib_samples: 16\n")
         assert "allocation: sensitivity" in text
         path.write_text(text)
-    single = compress_checkpoint(vit_ckpt, load_recipe(str(tmp_path / "one" / "tiny.yaml")), out=tmp_path / "run1", device="cpu")
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(vit_ckpt),
-           str(tmp_path / "two" / "tiny.yaml"), str(tmp_path / "run2"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = [json.loads((tmp_path / f"counts-{r}.json").read_text()) for r in (0, 1)]
+    for n, folder, run in ((1, "one", "run1"), (2, "two", "run2")):  # both on one thread a process: the same sums, bit for bit
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(WORKER), str(vit_ckpt),
+               str(tmp_path / folder / "tiny.yaml"), str(tmp_path / run), str(tmp_path / folder)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "run1" / "report.json").read_text())
+    counts = [json.loads((tmp_path / "two" / f"counts-{r}.json").read_text()) for r in (0, 1)]
     assert counts == [{"calibrate": 1, "factorize": 1, "local": 1}, {"calibrate": 0, "factorize": 0, "local": 0}]
     report = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert report["world_size"] == 2 and len(set(report["rank_weight_sha256"])) == 1

@@ -8,6 +8,7 @@ import torch
 import yaml
 from conftest import TINY_VIT, TINY_VIT_KWARGS, one_line_error, tiny_vit
 
+from lowrank_cli.cli.render_training import budget_table
 from lowrank_cli.distill import budget as budget_mod
 from lowrank_cli.distill.budget import Budget, StepPlanner, evaluations_between, fit_steps
 from lowrank_cli.distill.local import StageDeadline, local_distill
@@ -204,7 +205,7 @@ def test_a_block_that_training_makes_worse_goes_back_to_its_weights(lr):
 
 def _budget_recipe(tmp_path, **distill):
     cfg = {"epochs": 500, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 5, "eval_every": 25, "checkpoint_every": 20,
-           "local": {"steps": 5000, "examples": 32, "batch_size": 16, "budget_share": 0.3}, "budget": "12s", **distill}
+           "local": {"steps": 5000, "examples": 32, "batch_size": 16, "budget_share": 0.3, "min_steps": 4}, "budget": "12s", **distill}
     path = tmp_path / "budget.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny-budget", "model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS, "factorize": {"kappa": 3},
                                     "data": {"source": "synthetic", "synthetic_size": 128, "num_workers": 0}, "distill": cfg}))
@@ -223,11 +224,14 @@ def test_a_budgeted_run_plans_both_stages_reports_them_and_resumes_with_its_plan
     assert len(local["steps"]) == 2 and all(4 <= s < 5000 for s in local["steps"])  # the clock, not the bound, ended each block
     assert [blk["steps"] for blk in report["local"]["blocks"]] == local["steps"]
     assert 4 <= e2e["steps"] < e2e["max_steps"] == 500 * (128 // 16)
-    assert e2e["plans"][0]["at_step"] == 4 and [p["at_step"] for p in e2e["plans"][1:]] == sorted(p["at_step"] for p in e2e["plans"][1:])
+    ats = [p["at_step"] for p in e2e["plans"]]
+    assert ats[0] >= 4 and ats == sorted(set(ats))  # the first plan after 3 timed steps and 2 % of the stage's time, then later ones
     assert report["train"]["steps"] == report["train"]["total_steps"] == e2e["steps"] == e2e["plans"][-1]["total"]
     assert b["command_seconds"] < 12 * 1.5  # ends near the budget (the exact margin is the benchmark's to measure)
     assert json.loads((out / "run.json").read_text())["budget"]["end_to_end"]["steps"] == e2e["steps"]
-    assert "Time budget" in cli("compress", vit_ckpt, "--recipe", _budget_recipe(tmp_path), "--out", tmp_path / "shown", "--device", "cpu").out
+    table = budget_table(report)
+    assert table is not None and [c.header for c in table.columns] == ["stage", "planned min", "actual min", "steps"]
+    assert budget_table({"budget": None}) is None
 
     # interrupted after its plan: the resumed run ends at the planned count, whatever the clock says now
     recipe = load_recipe(str(_budget_recipe(tmp_path)))

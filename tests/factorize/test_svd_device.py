@@ -84,9 +84,11 @@ def test_compress_factorizes_on_the_process_device(tmp_path, vit_ckpt, monkeypat
     asked = []
     real = pc.factorize_model
     monkeypatch.setattr(pc, "factorize_model", lambda *a, device=None, **k: asked.append(device) or real(*a, device="cpu", **k))
+    monkeypatch.setattr(pc, "from_main", lambda env, value: value)  # rank 0 of 2 without a process group: it factorizes
+    monkeypatch.setattr(pc, "on_main_alone", lambda env, what: contextlib.nullcontext())
     recipe = load_recipe(str(tiny_recipe(tmp_path)))
     pc.prepare_compress(vit_ckpt, recipe, out=tmp_path / "a", device="cpu")
-    pc.prepare_compress(vit_ckpt, recipe, out=tmp_path / "b", device="cpu", env=DistEnv(1, 2, 1, torch.device("cuda", 1)))
+    pc.prepare_compress(vit_ckpt, recipe, out=tmp_path / "b", device="cpu", env=DistEnv(0, 2, 1, torch.device("cuda", 1)))
     assert asked == [torch.device("cpu"), torch.device("cuda", 1)]
     assert not (tmp_path / "a").exists()
 
