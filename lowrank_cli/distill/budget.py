@@ -7,13 +7,15 @@ clock decides the rest (docs/algorithms.md §11):
 1. The budget runs from the command's start: loading, calibration and factorization come out of it first, then
    the evaluations of the teacher and of the SVD-only student. What is left, less a reserve for the final
    evaluation and the save (`reserve_seconds`), is the training time.
-2. The local stage gets `distill.local.budget_share` of it. Each block gets an equal part of what the stage has
-   left when the block starts; the block's first steps are timed (`StepPlanner`) and its step count set to end
-   in its part (at most `local.steps`).
-3. The end-to-end stage gets the rest, to the deadline less the reserve. Its first steps are timed, and the count
-   set from them and from the periodic evaluations' cost; it is planned again a third and two thirds of the way
-   in, from the mean time of every step so far (evaluations and checkpoints included), so that a machine that
-   slows down still ends in time. The cosine schedule follows the count as planned.
+2. The local stage gets `distill.local.budget_share` of it (less the evaluation that follows it). Each block gets an
+   equal part of what the stage has left when the block starts; the block's first steps are timed (`StepPlanner`)
+   and its step count set to end in its part (at least `local.min_steps`, at most `local.steps`); no block starts or
+   steps past the stage's deadline.
+3. The end-to-end stage gets the rest, to the deadline less the reserve. Its first steps are timed (at least 2 % of
+   its time), and the count set from them and from the periodic evaluations it brings, each at its measured cost;
+   it is planned again a tenth, a third and two thirds of the way in, from the mean time of the steps so far
+   (evaluations taken out), so that a first estimate that was off, or a machine that slows down, still ends in time.
+   The cosine schedule follows the count as planned.
 
 Several processes agree on every end-to-end count: each plan takes the slowest process's step time and the least time
 left (`agree`). The local stage runs on rank 0 alone.

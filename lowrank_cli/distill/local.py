@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from lowrank_cli.data.stream import TextStream
-from lowrank_cli.distill.budget import Agree, StepPlanner
+from lowrank_cli.distill.budget import StepPlanner
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.blocks import BlockCall, BlockRunner
 from lowrank_cli.models.family import Inputs, ModelFamily, inputs_to
@@ -90,11 +90,9 @@ def normalized_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 @dataclass
 class StageDeadline:
     """A wall-time end for the local stage (`distill.budget`): each block gets an equal part of what is left when it starts,
-    and its step count (at most `local.steps`) from its first steps timed; `agree` (default: this process's times) for
-    processes that would train the blocks together."""
+    and its step count (at least `local.min_steps`, at most `local.steps`) from its first steps timed; none past `until`."""
 
     until: float  # a time.perf_counter() time
-    agree: Agree | None = None
 
 
 def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, batches: list[Inputs], cfg: LocalConfig,
@@ -148,13 +146,12 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
             blocks_left -= 1
             with torch.no_grad():
                 target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
-            clock = None if until is None else (until, deadline)
-            before, after, outputs, steps = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, clock)
+            clock = None if until is None else (until, deadline.until)
+            before, after, outputs, steps, reverted = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, clock)
             s_in = outputs if student_chain else []
             t_in = target
-            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": before if steps < 0 else after,
-                      "steps": abs(steps), "seconds": time.perf_counter() - t0,
-                      **({"reverted": True, "error_trained": after} if steps < 0 else {})}
+            record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": before if reverted else after,
+                      "steps": steps, "seconds": time.perf_counter() - t0, **({"reverted": True, "error_trained": after} if reverted else {})}
             result.blocks.append(record)
             if log is not None:
                 log(record)
@@ -165,12 +162,12 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
 
 
 def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
-                 gen: torch.Generator, until: tuple[float, StageDeadline] | None = None) -> tuple[float, float, list[torch.Tensor], int]:
+                 gen: torch.Generator, until: tuple[float, float] | None = None) -> tuple[float, float, list[torch.Tensor], int, bool]:
     """Adam on the block's trainable parameters for `cfg.steps` steps (with `until`, the block's end and the stage's deadline:
-    as many, at most `cfg.steps`, as end by the block's end, the final evaluation included, and none past the stage's
-    deadline); (mean error before, mean error after training, the block's outputs on `source`, the steps taken) over every
-    batch. A block whose error rose goes back to its weights before the steps (its outputs too), and the steps come back
-    negated. No gradient is left on the block's parameters."""
+    as many, at least `cfg.min_steps` and at most `cfg.steps`, as end by the block's end, the final evaluation included,
+    and none past the stage's deadline); (mean error before, mean error after training, the block's outputs on `source`,
+    the steps taken, whether the block went back) over every batch. A block whose error rose goes back to its weights
+    before the steps (its outputs too). No gradient is left on the block's parameters."""
     params = [p for p in block.parameters() if p.requires_grad]
     t_eval = time.perf_counter()
 
@@ -181,14 +178,12 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
 
     outs, before = outputs_and_error()
     if not params:
-        return before, before, outs, 0
+        return before, before, outs, 0, False
     del outs
     start = [p.detach().clone() for p in params]  # kept if training makes the block worse on its examples
     planner = None
     if until is not None:  # the evaluation after the steps costs what the one before did
-        stage = until[1]
-        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, lower=cfg.min_steps, hard_until=stage.until,
-                              **({"agree": stage.agree} if stage.agree else {}))
+        planner = StepPlanner(until[0] - (time.perf_counter() - t_eval), cfg.steps, lower=cfg.min_steps, hard_until=until[1])
         planner.start()
     total = cfg.steps
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -212,5 +207,5 @@ def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torc
             for p, p0 in zip(params, start):
                 p.copy_(p0)
         outs, _ = outputs_and_error()
-        return before, after, outs, -step
-    return before, after, outs, step
+        return before, after, outs, step, True
+    return before, after, outs, step, False

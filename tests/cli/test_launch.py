@@ -139,3 +139,19 @@ def test_a_recipe_that_selects_nothing_is_refused_before_torchrun(cli, tmp_path,
     one_line_error(cli("compress", vit_ckpt, "--recipe", recipe, "--out", out, "--device", "cpu", "--nproc", "2"),
                    "recipe 'tiny' factorizes no layer of vit_tiny_patch16_224; nothing to distill")
     assert not out.exists()
+
+
+def test_the_processes_count_a_budget_from_the_launchers_start(monkeypatch):
+    """Under torchrun the clock of `--budget` is the launching command's: its start, passed on in the environment."""
+    import time
+
+    import lowrank_cli.cli.app as app
+
+    monkeypatch.setenv(app.STARTED_ENV, repr(time.time() - 100.0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    app._start_clock()
+    assert time.perf_counter() - app.command_started() == pytest.approx(100.0, abs=1.0)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # outside torchrun a stale value is ignored: the clock starts now
+    app._start_clock()
+    assert time.perf_counter() - app.command_started() < 1.0
+    assert abs(app.command_started_unix() - time.time()) < 1.0

@@ -33,7 +33,6 @@ from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import ModelFamily, model_classes
 from lowrank_cli.models.tasks import Task
 from lowrank_cli.pipelines.common import build_manifest, hint_of
-from lowrank_cli.pipelines.common.inspection import check_calibration
 from lowrank_cli.plan.select import plan_embeddings, plan_layers
 from lowrank_cli.recipe import Recipe, parse_duration, recipe_from_dict
 
@@ -151,7 +150,6 @@ def check_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str |
     kept (the processes build their own). Returns the run folder (for its lock); writes nothing."""
     _checkpoint, recipe, built, data, run, _resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
     check_steps(train_examples(data.train), recipe.distill, world)
-    check_calibration(recipe)
     if recipe.distill.method != "pclora":  # the selection alone (no SVD): a recipe that picks no layer is refused here, not in the processes
         plans = plan_layers(built.family.linear_candidates(built.model), recipe)
         if recipe.factorize.embeddings is not None:
