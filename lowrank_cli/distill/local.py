@@ -147,7 +147,7 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
             with torch.no_grad():
                 target = [b.call(t_block, h) for h, b in zip(t_in, meta)]
             clock = None if until is None else (until, deadline.until)
-            before, after, outputs, steps, reverted = _train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, clock)
+            before, after, outputs, steps, reverted = train_block(s_block, s_in if student_chain else t_in, target, meta, cfg, gen, clock)
             s_in = outputs if student_chain else []
             t_in = target
             record = {"block": name, "index": i, "round": rnd + 1, "error_before": before, "error_after": before if reverted else after,
@@ -161,7 +161,7 @@ def local_distill(student: nn.Module, teacher: nn.Module, family: ModelFamily, b
     return result
 
 
-def _train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
+def train_block(block: nn.Module, source: list[torch.Tensor], target: list[torch.Tensor], meta: list[_Batch], cfg: LocalConfig,
                  gen: torch.Generator, until: tuple[float, float] | None = None) -> tuple[float, float, list[torch.Tensor], int, bool]:
     """Adam on the block's trainable parameters for `cfg.steps` steps (with `until`, the block's end and the stage's deadline:
     as many, at least `cfg.min_steps` and at most `cfg.steps`, as end by the block's end, the final evaluation included,

@@ -248,6 +248,22 @@ def _loss_weights(sens: dict[str, LayerSensitivity], per_unit: Callable[[str], f
     return {n: max(v, 1e-12 * top) for n, v in w.items()}
 
 
+def allocate_on_bases(plans: list[LayerPlan], recipe: Recipe, sigma: Callable[[str], torch.Tensor], sens: dict[str, LayerSensitivity] | None,
+                      unit: dict[str, float], rows: dict[str, int] | None = None) -> Allocation:
+    """Ranks across layers for the data-aware methods, from each layer's spectrum `sigma(name)` (of W·S, whitened; of W·D,
+    ASVD) weighted by its sensitivity (`unit`: the squared output error per row of one unit of the spectrum's energy), or
+    from the exact per-component output error where the sensitivity pass measured it (ASVD's `direction_power`)."""
+    fac = recipe.factorize
+    weights = _loss_weights(sens, unit.__getitem__) if sens else {}
+
+    def spectrum(n: str) -> torch.Tensor:
+        if n in weights and sens[n].direction_power is not None:  # exact per-component output error (asvd)
+            return (sens[n].direction_power.cpu().double() * weights[n]).sqrt()
+        return sigma(n) * math.sqrt(weights[n]) if n in weights else sigma(n)
+
+    return allocate_ranks(plans, spectrum, fac.min_rank, rows, spectrum_kind=fac.method, sensitivity=_c(sens))
+
+
 def _factorize_data_aware(
     model: nn.Module,
     recipe: Recipe,
@@ -311,16 +327,7 @@ def _factorize_data_aware(
         sens = measure(directions)
         directions.clear()
         unit = {n: 1.0 for n in sens}
-    allocation = None
-    if budget:
-        weights = _loss_weights(sens, unit.__getitem__) if sens else {}
-
-        def spectrum(n: str) -> torch.Tensor:
-            if n in weights and sens[n].direction_power is not None:  # exact per-component output error (asvd)
-                return (sens[n].direction_power.cpu().double() * weights[n]).sqrt()
-            return bases[n][1] * math.sqrt(weights[n]) if n in weights else bases[n][1]
-
-        allocation = allocate_ranks(plans, spectrum, fac.min_rank, rows, spectrum_kind=fac.method, sensitivity=_c(sens))
+    allocation = allocate_on_bases(plans, recipe, lambda n: bases[n][1], sens, unit, rows) if budget else None
 
     def swap(name: str, linear: nn.Module) -> nn.Module | None:
         plan = todo[name]

@@ -103,7 +103,7 @@ def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 BACKWARD_TOKENS = 1024
 
 
-def _micro_batches(inputs: Inputs) -> list[Inputs]:
+def micro_batches(inputs: Inputs) -> list[Inputs]:
     """`inputs` cut along the batch into pieces of at most `BACKWARD_TOKENS` tokens (text); images and short text whole."""
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
     if ids is None or ids.dim() != 2:
@@ -113,21 +113,84 @@ def _micro_batches(inputs: Inputs) -> list[Inputs]:
             for i in range(0, ids.shape[0], rows)]
 
 
+class SensitivityTaps:
+    """The hooks that measure `LayerSensitivity` on the layers of `module` (`names`: the stats' key -> the layer's name in
+    `module`): input power (and power along `directions[key]`) before each layer, and the gradient of its output (the graph
+    starts at a layer whose output needs none). `current["mask"]`: the batch's attention mask, set by the caller."""
+
+    def __init__(self, module: nn.Module, names: dict[str, str], directions: dict[str, torch.Tensor] | None = None):
+        self.stats: dict[str, LayerSensitivity] = {}
+        self.current: dict[str, torch.Tensor | None] = {}
+        self.hooks = []
+        for key, name in names.items():
+            layer = module.get_submodule(name)
+            d_in, d_out = linear_dims(layer)
+            self.stats[key] = LayerSensitivity(d_in=d_in, d_out=d_out)
+            V = None if directions is None else directions.get(key)
+            self.hooks += [layer.register_forward_pre_hook(self._pre(self.stats[key], V)), layer.register_forward_hook(self._post(self.stats[key]))]
+
+    def _pre(self, st: LayerSensitivity, V: torch.Tensor | None):
+        def pre(_mod, args):
+            x = _real(args[0].detach(), self.current.get("mask"))
+            if V is not None:
+                p = (x.float() @ V.to(x.device, torch.float32)).pow(2).sum(0).double()
+                st.direction_sq = p if st.direction_sq is None else st.direction_sq + p
+            x = x.double()
+            st.input_sq += float(x.pow(2).sum())
+            st.input_rows += x.shape[0]
+        return pre
+
+    def _post(self, st: LayerSensitivity):
+        def record(grad: torch.Tensor) -> None:
+            g = _real(grad.detach(), self.current.get("mask")).double()
+            st.grad_sq += float(g.pow(2).sum())
+            st.rows += g.shape[0]
+
+        def post(_mod, _args, out):
+            if not out.requires_grad:  # the first selected layer: the graph starts here
+                out = out.detach().requires_grad_(True)
+            return _Tap.apply(out, record)
+        return post
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
 def output_loss(out: torch.Tensor, task: Task | str | None, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """The loss whose gradient's second moment is the Fisher / Gauss–Newton matrix of `out` (see the module docstring):
     cross-entropy for a task whose output is a distribution over classes (`Task.distribution`)."""
-    if (get_task(task).distribution if task is not None else out.dim() == 2):
-        logits = out.float()
+    return target_loss(out, task, mask, draw_targets(out, task, mask, generator))
+
+
+def is_distribution(out: torch.Tensor, task: Task | str | None) -> bool:
+    return get_task(task).distribution if task is not None else out.dim() == 2
+
+
+def draw_targets(out: torch.Tensor, task: Task | str | None, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """What `output_loss` draws: a label per (real) row from the output's own softmax, or z ~ N(0, 1) of its shape (zero on
+    padding) for a model of features."""
+    if is_distribution(out, task):
+        logits = out.detach().float()
         if logits.dim() == 3:  # per token: the real ones only
             logits = _real(logits, mask)
-        logits = logits.reshape(-1, logits.shape[-1])
-        probs = torch.softmax(logits.detach(), dim=-1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return nn.functional.cross_entropy(logits, labels, reduction="sum")
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     z = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
     if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
         z = z * mask.to(z.dtype)[..., None]  # padding carries no loss
-    return (z * out.float()).sum()
+    return z
+
+
+def target_loss(out: torch.Tensor, task: Task | str | None, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of `out` against the `targets` `draw_targets` drew (summed: over rows, pieces of a batch add up)."""
+    if is_distribution(out, task):
+        logits = out.float()
+        if logits.dim() == 3:
+            logits = _real(logits, mask)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    return (targets * out.float()).sum()
 
 
 def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable, *, task: Task | str | None = None,
@@ -139,36 +202,8 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable,
     weights are not changed. `directions` (d_in × k per layer, e.g. its right singular vectors) adds the mean input
     power along each."""
     param = next(model.parameters())
-    stats: dict[str, LayerSensitivity] = {}
-    current: dict[str, torch.Tensor | None] = {}
-    hooks = []
-    for name in names:
-        layer = model.get_submodule(name)
-        d_in, d_out = linear_dims(layer)
-        st = stats[name] = LayerSensitivity(d_in=d_in, d_out=d_out)
-
-        def record(grad: torch.Tensor, st=st) -> None:
-            g = _real(grad.detach(), current.get("mask")).double()
-            st.grad_sq += float(g.pow(2).sum())
-            st.rows += g.shape[0]
-
-        V = None if directions is None or name not in directions else directions[name]
-
-        def pre(_mod, args, st=st, V=V):
-            x = _real(args[0].detach(), current.get("mask"))
-            if V is not None:
-                p = (x.float() @ V.to(x.device, torch.float32)).pow(2).sum(0).double()
-                st.direction_sq = p if st.direction_sq is None else st.direction_sq + p
-            x = x.double()
-            st.input_sq += float(x.pow(2).sum())
-            st.input_rows += x.shape[0]
-
-        def post(_mod, _args, out, record=record):
-            if not out.requires_grad:  # the first selected layer: the graph starts here
-                out = out.detach().requires_grad_(True)
-            return _Tap.apply(out, record)
-
-        hooks += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+    taps = SensitivityTaps(model, {name: name for name in names}, directions)
+    stats, current = taps.stats, taps.current
     frozen = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
@@ -179,7 +214,7 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable,
         for i, inputs in enumerate(_batches_of(calibration)):
             inputs = inputs_to(inputs, param.device, param.dtype)
             generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + i)
-            for piece in _micro_batches(inputs):
+            for piece in micro_batches(inputs):
                 mask = piece.get("attention_mask") if isinstance(piece, dict) else None
                 current["mask"] = mask
                 with torch.enable_grad():
@@ -192,12 +227,16 @@ def layer_sensitivity(model: nn.Module, names: list[str], calibration: Iterable,
         if seen == 0:
             raise LowrankError("calibration data is empty: give at least one example (factorize.calib_samples)", param="calib_samples")
     finally:
-        for h in hooks:
-            h.remove()
+        taps.remove()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
+    check_felt(stats)
+    return stats
+
+
+def check_felt(stats: dict[str, LayerSensitivity]) -> None:
+    """A LowrankError when no layer's output reached the loss: nothing to weight the ranks by."""
     if not any(st.grad_sq > 0 for st in stats.values()):
         raise LowrankError("no selected layer's output changes the model's output on the calibration data (factorize.allocation "
                            "'sensitivity' has nothing to weight by); check select.include / select.exclude", param="allocation")
-    return stats

@@ -53,6 +53,10 @@ class TensorInfo:
             n *= d
         return n
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _DTYPE_BYTES.get(self.dtype, 4)
+
 
 @dataclass
 class CheckpointHeader:

@@ -34,10 +34,12 @@ class BlockCall:
 
     args: tuple
     kwargs: dict[str, Any]
+    tuple_out: bool = False  # the block returned a tuple (hidden states first) when last called
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = block(hidden, *self.args, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        self.tuple_out = isinstance(out, tuple)
+        return out[0] if self.tuple_out else out
 
 
 def _split_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
@@ -129,9 +131,42 @@ class BlockRunner:
             if not _close(hidden, outs[i], rtol):
                 raise self._refuse(f"block {self.names[i]} replayed with the first block's arguments does not give its own output")
 
+    def head(self, inputs: Inputs, hidden: torch.Tensor, as_tuple: bool = False) -> torch.Tensor:
+        """The model's output for a batch whose last block's output is `hidden`: the model's own forward with every block
+        passed through (the first to the next, the last giving `hidden`), so that only the embeddings (their output unused)
+        and what follows the blocks (a final norm, a head) run. Gradients flow into `hidden`. `as_tuple`: the blocks
+        return tuples (the hidden states first), as some families' do."""
+        last = len(self.blocks) - 1
+        swapped = [(name, _Passthrough(hidden if i == last else None, as_tuple)) for i, (name, _) in enumerate(self.blocks)]
+        _swap(self.model, swapped)
+        try:
+            return self.family.forward(self.model, inputs)
+        finally:
+            _swap(self.model, self.blocks)
+
     def _refuse(self, why: str) -> LowrankError:
         return LowrankError(f"{type(self.model).__name__}: {why}, so its blocks cannot be distilled one at a time; "
                             "turn local distillation off (recipe key distill.local)", param="distill.local")
+
+
+class _Passthrough(nn.Module):
+    """A block stand-in for `BlockRunner.head`: gives its input back, or `out` when given."""
+
+    def __init__(self, out: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.out, self.as_tuple = out, as_tuple
+
+    def forward(self, hidden: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        hidden = kwargs.get("hidden_states") if hidden is None else hidden
+        out = hidden if self.out is None else self.out
+        return (out,) if self.as_tuple else out
+
+
+def _swap(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> None:
+    """Put each (dotted name, module) in its place in `model`."""
+    for name, module in modules:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
