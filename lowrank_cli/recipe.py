@@ -25,6 +25,22 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m(?:in)?)?(?:(\d
 DURATIONS = "a duration such as 30m, 1h30m, 90s or 2h"
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?")
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SIZES = "a size such as 1.5GB, 800MB or 2GiB"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size written `1.5GB`, `800MB`, `2GiB` or a number of bytes; ValueError for anything else."""
+    m = _SIZE.fullmatch(str(text).strip().lower())
+    if m is None:
+        raise ValueError(f"not {SIZES}")
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if size <= 0:
+        raise ValueError(f"must be more than 0 bytes ({SIZES})")
+    return size
+
+
 def parse_duration(text: str) -> float:
     """Seconds of a duration written `2h`, `30m` (or `30min`), `90s`, `1h30m`, `1.5h`; ValueError for anything else
     (a bare number too: minutes or seconds would be a guess)."""
@@ -127,6 +143,19 @@ class FactorizeConfig(_Strict):
     calib_batch_size: int = Field(default=32, ge=1)
     calib_max_gram_mb: int = Field(default=2048, ge=1)
     embeddings: EmbeddingsConfig | None = None  # factorize embedding tables too (off by default)
+    # the memory the command may use (1.5GB): a model whose in-memory work needs more is compressed one transformer block
+    # at a time from its files (docs/algorithms.md §12); None: the machine's available memory
+    max_memory: str | None = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _is_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @model_validator(mode="after")
     def _rule_has_value(self) -> "FactorizeConfig":

@@ -56,6 +56,9 @@ StrategyOpt = typer.Option(None, "--strategy", help="Several processes: ddp (a w
                            "optimizer state and teacher sharded per block). Overrides the recipe's distill.strategy.")
 BudgetOpt = typer.Option(None, "--budget", help="Wall time for the whole command, e.g. 30m, 1h30m or 90s: the step counts of the recipe "
                          "become upper bounds and each stage's count is set from its first steps timed (overrides distill.budget).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Memory the command may use, e.g. 1.5GB or 800MB: a model whose in-memory run "
+                            "needs more is compressed one transformer block at a time from its files (overrides factorize.max_memory; "
+                            "default: the machine's available memory).")
 ModelArgs = Optional[List[str]]
 
 

@@ -53,7 +53,7 @@ _TEMPORARY = re.compile(r"^\..+\.tmp$")  # what atomic_output leaves behind when
 LOCK_FILE = ".lock"
 LOCK_ENV = "LOWRANK_RUN_LOCK"  # the token of a lock held by a parent (`--nproc`) for the processes it starts
 # recipe keys that may change on --resume without changing what the run computes so far
-RESUMABLE_CHANGES = {("distill", "epochs"), ("distill", "max_steps"), ("distill", "log_every"),
+RESUMABLE_CHANGES = {("factorize", "max_memory"), ("distill", "epochs"), ("distill", "max_steps"), ("distill", "log_every"),
                      ("distill", "checkpoint_every"), ("distill", "keep_checkpoints"), ("data", "num_workers")}
 
 
@@ -105,6 +105,13 @@ class RunDir:
         latest = self.latest()
         if latest is None:
             raise LowrankError(f"{self.root}: the run has no complete checkpoint yet; start it again, without resuming, in a new output folder", param="resume")
+        self.check_same_recipe(recipe)
+        return latest
+
+    def check_same_recipe(self, recipe: Recipe) -> None:
+        """A LowrankError unless the run in this folder was started with `recipe` (up to the keys a resume may change)."""
+        if not self.run_file.exists() or not self.recipe_file.exists():
+            raise LowrankError(f"{self.root}: no run to resume here (no run.json); start it without resuming", param="resume")
         saved = yaml.safe_load(self.recipe_file.read_text()) or {}
         if isinstance(saved.get("distill"), dict):
             saved["distill"].setdefault("strategy", "ddp")  # runs from before distill.strategy existed trained with DDP
@@ -124,7 +131,6 @@ class RunDir:
                 f"{self.root}: holds a run of another recipe ('{saved.get('name')}', {key} = {was!r}, now {now!r}); "
                 "resume with the same recipe and options, or choose another output folder"
             )
-        return latest
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path, Path]]:

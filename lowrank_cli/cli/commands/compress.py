@@ -52,11 +52,12 @@ def compress(
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
     strategy: Optional[str] = opt.StrategyOpt,
     budget: Optional[str] = opt.BudgetOpt,
+    max_memory: Optional[str] = opt.MaxMemoryOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
-    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy, budget)
+    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy, budget, max_memory)
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):
         # checks only: no factorization, no model held while torchrun runs

@@ -20,7 +20,7 @@ from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import INDEX_SUFFIX, CheckpointHeader, read_header, sha256_file
 from lowrank_cli.models.build import ArchitectureHint
 from lowrank_cli.plan.select import LayerPlan, manifest_layers
-from lowrank_cli.recipe import Recipe
+from lowrank_cli.recipe import Recipe, parse_size
 
 RUNS_DIR = Path("runs")
 STUDENT_FILE = "student.safetensors"
@@ -99,3 +99,16 @@ def build_manifest(arch: str | None, family: str | None, model_kwargs: dict[str,
         layers=manifest_layers(plans, method), architecture=arch, family=family, model_kwargs=model_kwargs, recipe=recipe.to_dict(),
         source=None if source is None else {"file": Path(source).name, "sha256": sha256_file(source)}, latency=latency, allocation=record,
     )
+
+
+def with_max_memory(recipe: Recipe, max_memory: str | None) -> Recipe:
+    """A copy with `factorize.max_memory` set (None: the recipe as it is)."""
+    if max_memory is None:
+        return recipe
+    try:
+        parse_size(max_memory)
+    except ValueError as e:
+        raise LowrankError(f"max_memory '{max_memory}': {e}", param="max_memory") from None
+    recipe = recipe.model_copy(deep=True)
+    recipe.factorize = recipe.factorize.model_copy(update={"max_memory": str(max_memory)})
+    return recipe

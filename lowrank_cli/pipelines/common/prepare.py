@@ -32,13 +32,13 @@ from lowrank_cli.io.safetensors import read_header, sha256_file
 from lowrank_cli.models.build import build_model
 from lowrank_cli.models.family import ModelFamily, model_classes
 from lowrank_cli.models.tasks import Task
-from lowrank_cli.pipelines.common import build_manifest, hint_of
+from lowrank_cli.pipelines.common import build_manifest, hint_of, with_max_memory
 from lowrank_cli.plan.select import plan_embeddings, plan_layers
 from lowrank_cli.recipe import Recipe, parse_duration, recipe_from_dict
 
 
 def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None = None, strategy: str | None = None,
-                     budget: str | None = None) -> Recipe:
+                     budget: str | None = None, max_memory: str | None = None) -> Recipe:
     """The recipe with the data source, the number of epochs, the distillation strategy and the time budget given (a copy).
     A source given replaces the recipe's with its digits-only setting (`data.max_shift`) unless it is digits too."""
     recipe = recipe.model_copy(deep=True)
@@ -61,7 +61,7 @@ def with_run_options(recipe: Recipe, data: str | None = None, epochs: int | None
             raise LowrankError(f"budget '{budget}': {e}", param="budget") from None
         recipe = recipe_from_dict({**recipe.to_dict(), "distill": {**recipe.distill.model_dump(mode="json"), "budget": budget}},
                                   source=f"recipe '{recipe.name}' with budget {budget}")
-    return recipe
+    return with_max_memory(recipe, max_memory)
 
 
 def check_token_noise(recipe: Recipe, family: ModelFamily, model: nn.Module) -> None:
@@ -99,7 +99,7 @@ class PreparedRun:
             self.task = self.family.task(self.teacher)
 
 
-def _run_dir(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
+def run_folder(recipe: Recipe, out: str | Path | None, resume: bool) -> tuple[RunDir, tuple[Path, Path] | None]:
     """The run folder, checked: free of another writer, and empty (a new run) or holding this recipe's run (resume)."""
     run = RunDir(out or Path("runs") / recipe.name)
     run.check_free()
@@ -139,7 +139,7 @@ def _compress_inputs(checkpoint: str | Path | None, recipe: Recipe, arch: str | 
     check_method(recipe, built.family.task(built.model))
     check_token_noise(recipe, built.family, built.model)
     data = load_data(recipe, built.family, built.model, built.folder)
-    run, resume_from = _run_dir(recipe, out, resume)
+    run, resume_from = run_folder(recipe, out, resume)
     return checkpoint, recipe, built, data, run, resume_from
 
 
@@ -270,7 +270,7 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
         raise LowrankError(f"teacher {teacher_file} does not match the student's architecture '{arch}': {str(e).split(': ', 1)[-1]}", param="teacher") from None
     check_token_noise(recipe, teacher.family, teacher.model)
     data_ = load_data(recipe, teacher.family, teacher.model, teacher.folder or student.folder)
-    run, resume_from = _run_dir(recipe, out, resume)
+    run, resume_from = run_folder(recipe, out, resume)
     manifest = manifest.replace(recipe=recipe.to_dict())
     task = teacher.family.task(teacher.model)
     base, match = task.base_loss(recipe.distill.base_loss, model_classes(teacher.model), data_.num_classes, data_.source)
