@@ -18,7 +18,8 @@ from typing import Any, Callable
 from lowrank_cli.data.modality import calibration_for
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.factorize.model import check_method, factorize_model
+from lowrank_cli.factorize.blockwise import ActivationStore, BlockSource, factorize_block, measure_streamed
+from lowrank_cli.factorize.model import allocate_on_bases, check_method, factorize_model
 from lowrank_cli.factorize.state_dict import factorize_state_dict
 from lowrank_cli.factorize.stream import factorize_streamed, plan_streamed
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
@@ -29,6 +30,8 @@ from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built
 from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
 from lowrank_cli.pipelines.common import build_manifest, output_beside
+from lowrank_cli.pipelines.common import with_max_memory
+from lowrank_cli.pipelines.common.streamed import Streamed, blockwise_plan, fmt_bytes, resident_bytes
 from lowrank_cli.pipelines.common.inspection import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import plan_embeddings, plan_layers, saved_params
@@ -180,6 +183,8 @@ def factorize_checkpoint(
     check_calibration(recipe)
     if as_folder and (stream := streamable(header, arch, kwargs, recipe)) is not None:
         return _factorize_streamed(stream, path, header, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
+    if as_folder and (blocks := _blockwise(path, header, recipe, arch, kwargs)) is not None:
+        return _factorize_blockwise(blocks, path, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
     if built is None:  # weight-only: from the file alone
@@ -246,3 +251,71 @@ def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, reci
         architecture_source=built.source, seq_len=family.text_length(model, seq_len),
     )
     return FactorizeResult(out, insp, manifest)
+
+
+def _blockwise(path, header: CheckpointHeader, recipe: Recipe, arch: str | None, kwargs: dict[str, Any]) -> Streamed | None:
+    """The block-by-block plan for ranks allocated across layers (`allocation: sensitivity`, `rank_rule: budget`) with whitened
+    SVD, when the model and its sensitivity pass (about twice its weights) exceed `factorize.max_memory` (or the available
+    memory); None otherwise."""
+    f = recipe.factorize
+    if f.method != "whitened" or (f.allocation != "sensitivity" and f.rank_rule != "budget") or f.embeddings is not None or recipe.select.latency_aware:
+        return None
+    return blockwise_plan(path, header, recipe, arch, kwargs, 2 * sum(t.nbytes for t in header.tensors.values()), trains=False)
+
+
+def _factorize_blockwise(s: Streamed, path, recipe: Recipe, out: Path, force: bool, inputs: tuple, progress, seq_len: int | None, device,
+                         max_bytes: int) -> FactorizeResult:
+    """A Hub folder factorized one block at a time with ranks allocated across layers (docs/algorithms.md §12): the
+    measurements block by block, then each block's layers factorized on its calibration inputs and written to the shards."""
+    built = s.built
+    model, family, arch = built.model, built.family, built.architecture
+    check_method(recipe, family.task(model))
+    before = count_params(model)
+    macs = count_macs(zero_weights(model), family.example_at(model, seq_len), family.forward)  # weights of no memory
+    plans = plan_streamed(model, recipe, family)
+    f = recipe.factorize
+    calibration = calibration_for(f.calib_data, family, model, s.header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+    done = progress(sum(p.factorized for p in plans)) if progress else None
+    with atomic_folder(out, force=force, inputs=inputs) as tmp:
+        store = ActivationStore(tmp / ".activations", max(0, s.max_memory - resident_bytes() - s.block_need))
+        try:
+            with read_tensors(s.header) as reader, shard_writer(tmp, max_bytes) as writer:
+                src = BlockSource(model, family, reader.get_tensor, s.sources, device)
+                sigmas, unit, sens = measure_streamed(src, plans, recipe, calibration, family.task(model), store)
+                allocation = allocate_on_bases(plans, recipe, sigmas.__getitem__, sens, unit, macs.linear_rows)
+                _write_blocks(src, reader, writer, plans, recipe, calibration, store, done)
+                manifest = build_manifest(arch, family.name, built.model_kwargs, plans, recipe, path, f.method, allocation=allocation)
+                manifest = finish_factorized(writer, manifest)
+        finally:
+            store.close()
+        write_folder_files(tmp, s.header.folder, built)
+    insp = Inspection(
+        str(path), plans, before, before - saved_params(plans), architecture=arch, model_kwargs=built.model_kwargs,
+        macs_before=macs.macs, macs_after=macs.macs_after(plans), rank_rule=f.rule_label(), allocation=allocation.to_dict(),
+        architecture_source=built.source, seq_len=family.text_length(model, seq_len),
+        notes=[f"one block at a time: the model and its sensitivity pass need about {fmt_bytes(s.in_memory)}, more than "
+               f"{fmt_bytes(s.max_memory)} (factorize.max_memory)"],
+    )
+    return FactorizeResult(out, insp, manifest)
+
+
+def _write_blocks(src: BlockSource, reader, writer, plans, recipe: Recipe, calibration, store: ActivationStore, done: Progress | None) -> None:
+    """The tensors outside the blocks as stored, then each block's factors at the allocated ranks (whitened on the block's
+    calibration inputs, the dense model's)."""
+    for key in src.keys:
+        if src.outside(key):
+            writer.add(key, reader.get_tensor(src.sources[key]))
+    hidden, calls, masks = src.first_inputs([b[0] if isinstance(b, (tuple, list)) else b for b in calibration])
+    store.put("calib", hidden)
+    todo = {p.name: p for p in plans if p.factorized}
+    for b in range(len(src)):
+        prefix = src.prefix(b)
+        student, outs = factorize_block(src.load(b), prefix, todo, recipe, src.device, True, (store.get("calib"), calls, masks))
+        store.put("calib", outs)
+        for key, value in student.state_dict().items():
+            writer.add(prefix + key, value.detach())
+        src.drop(b)
+        if done is not None:
+            for name in todo:
+                if name.startswith(prefix):
+                    done(name)

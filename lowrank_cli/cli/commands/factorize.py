@@ -11,7 +11,7 @@ from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli.render import allocation_table, console, err_console, latency_table, layer_progress, print_notes, summary_table
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.pipelines.factorize import factorize_checkpoint
+from lowrank_cli.pipelines.factorize import factorize_checkpoint, with_max_memory
 
 app = typer.Typer(add_completion=False)
 
@@ -32,10 +32,11 @@ def factorize(
     device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto (CUDA when available), cpu, cuda or cuda:N."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
                                                   help="A Hub folder's output: weight shards of at most this size (bytes, 500MB, 2GB; default 5GB)."),
+    max_memory: Optional[str] = opt.MaxMemoryOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
-    r = opt.load_recipe_with(recipe, kappa, latency_aware)
+    r = with_max_memory(opt.load_recipe_with(recipe, kappa, latency_aware), max_memory)
     checkpoint = checkpoint or (Path(r.checkpoint) if r.checkpoint else None)
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint (or 'checkpoint:' in the recipe), or an architecture with --model")
