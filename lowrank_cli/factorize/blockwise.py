@@ -124,8 +124,8 @@ class ActivationStore:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if self.folder is None or self._held(False) + nbytes <= self.limit or not tensors:
             self.lists[name], self.sizes[name] = list(tensors), (nbytes, False)
-        else:
-            self.lists[name], self.sizes[name] = self._to_disk(name, tensors, nbytes), (nbytes, True)
+        else:  # read back onto the device they came from, one at a time as they are used
+            self.lists[name], self.sizes[name] = _Spilled(self._to_disk(name, tensors, nbytes), tensors[0].device), (nbytes, True)
         self.peak_disk, self.peak_memory = max(self.peak_disk, self._held(True)), max(self.peak_memory, self._held(False))
         return self.lists[name]
 
@@ -135,16 +135,14 @@ class ActivationStore:
         dtype = tensors[0].dtype
         if any(t.dtype != dtype for t in tensors):
             raise ValueError(f"activations '{name}' mix dtypes")
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
+        with open(path, "wb") as f:  # written through the file, so that no page of it is resident until it is read
+            for t in tensors:
+                f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
         flat = torch.from_file(str(path), shared=True, size=nbytes // tensors[0].element_size(), dtype=dtype)
         out, offset = [], 0
         for t in tensors:
-            n = t.numel()
-            view = flat[offset:offset + n].view(t.shape)
-            view.copy_(t.detach().reshape(t.shape))
-            out.append(view)
-            offset += n
+            out.append(flat[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
         return out
 
     def get(self, name: str) -> list[torch.Tensor]:
@@ -161,6 +159,21 @@ class ActivationStore:
             self.drop(name)
         if self.folder is not None and self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+class _Spilled(list):
+    """Tensors kept on the host (memory-mapped), each handed out on `device`."""
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device):
+        super().__init__(tensors)
+        self.device = device
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return [t.to(self.device) for t in item] if isinstance(i, slice) else item.to(self.device)
+
+    def __iter__(self):
+        return (t.to(self.device) for t in super().__iter__())
 
 
 def measure_streamed(src: BlockSource, plans: list[LayerPlan], recipe: Recipe, calibration: Iterable, task: Task, store: ActivationStore,

@@ -27,7 +27,7 @@ from lowrank_cli.pipelines.common.prepare import (PreparedRun, check_compress, c
                                                   with_run_options)
 from lowrank_cli.pipelines.common.report import recovered_fraction
 from lowrank_cli.pipelines.common.run_loop import Log, run_distillation, weights_digest
-from lowrank_cli.pipelines.common.streamed import compress_streamed, discard_streamed, streamed_compress
+from lowrank_cli.pipelines.common.streamed import compress_streamed, discard_streamed, one_process_only, streamed_compress
 from lowrank_cli.recipe import Recipe
 
 __all__ = ["PreparedRun", "check_compress", "check_world_steps", "claimed", "compress_checkpoint", "distill_checkpoint", "prepare_compress", "prepare_distill", "recovered_fraction",
@@ -38,10 +38,12 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
     """Factorize `checkpoint` by the recipe and distill it; the library form of `lowrank compress`."""
     env = init_distributed(resolve_device(device))
     try:
-        if not env.distributed:  # a model whose in-memory run exceeds factorize.max_memory: one block at a time
-            streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, kw.get("arch"), kw.get("model_kwargs"))
-            if streamed is not None:
-                return _compress_streamed(streamed, checkpoint or recipe.checkpoint, recipe, device=device, log=log, note=note, **kw)
+        # a model whose in-memory run exceeds factorize.max_memory: one block at a time, in one process
+        streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, kw.get("arch"), kw.get("model_kwargs"))
+        if streamed is not None:
+            if env.distributed:
+                raise one_process_only(streamed, env.world)
+            return _compress_streamed(streamed, checkpoint or recipe.checkpoint, recipe, device=device, log=log, note=note, **kw)
         p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
         barrier(env)  # every process has checked the run folder before rank 0 writes in it (else a slow one finds "already holds a run")
         with claimed(p):

@@ -82,7 +82,8 @@ def stage_peaks(s: Shape, w: Work = Work(), processes: int = 1) -> dict[str, dic
     local_cache = 4 * w.local * w.tokens * hidden  # teacher and student, inputs and outputs of one block
     state = 3 * student  # gradients and Adam's two moments
     in_memory = {
-        "calibration": teacher + student + min(grams, 2 << 30) + 1024 * s.layers * ACTIVATIONS_PER_TOKEN * hidden + logits,
+        # the Grams' pass and the sensitivity pass (a micro-batch's backward through every block, its logits) come one after the other
+        "calibration": teacher + student + max(min(grams, 2 << 30), micro * s.layers * ACTIVATIONS_PER_TOKEN * hidden + logits),
         "local stage": teacher + student + local_cache + WORK_PER_BLOCK * s.block_params * b,
         "end-to-end": teacher + student + state + train_acts,
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--train-docs", type=int, default=4000,
                     help="minilm: training documents (the 706 training help topics, then docstring paragraphs; about 7 500 exist)")
     ap.add_argument("--budget", help="the whole command's time budget (e.g. 20m), overriding the recipe's distill.budget")
+    ap.add_argument("--max-memory", help="the command's memory limit (e.g. 1GB): a model whose in-memory run needs more is compressed one "
+                    "block at a time")
     ap.add_argument("--recipe", help="a recipe file instead of the bundled one (e.g. a copy with another factorize.allocation)")
     args = ap.parse_args()
     recipe = args.recipe or ("bert" if args.case == "minilm" else "causal-lm")
@@ -74,19 +77,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowrank-bench-text-") as tmp:
         data = args.data or minilm_text(Path(tmp) / "text", args.train_docs)
         cmd = ["lowrank", "compress", str(model), "--recipe", recipe, "--data", str(data), "--kappa", f"{kappa:g}", "--out", str(out),
-               "--device", "cpu", "--json"] + (["--budget", args.budget] if args.budget else [])
+               "--device", "cpu", "--json"] + (["--budget", args.budget] if args.budget else []) + (
+               ["--max-memory", args.max_memory] if args.max_memory else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t0
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the command's peak resident memory (Linux: KiB)
     if done.returncode != 0:
         sys.exit(f"compress failed with exit status {done.returncode}")
     report = json.loads(done.stdout)
     key = "mean_cosine" if args.case == "minilm" else "perplexity"
     teacher = (report["accuracy"]["teacher"] or {})
     print(f"\n{args.case} κ = {kappa:g}: {report['params_before'] / 1e6:.2f} M → {report['params_after'] / 1e6:.2f} M parameters; "
-          f"wall time {wall / 60:.1f} min (command), teacher {key} {teacher.get(key)}")
+          f"wall time {wall / 60:.1f} min (command), peak RSS {peak_rss / 1e9:.2f} GB, teacher {key} {teacher.get(key)}")
+    if st := report.get("streamed"):
+        print(f"one block at a time: max_memory {st['max_memory'] / 1e9:.2f} GB (in memory: {st['in_memory_need'] / 1e9:.2f} GB of weights "
+              f"and training state); activations cached at most {st['activations_peak_memory'] / 1e9:.2f} GB in memory, "
+              f"{st['activations_peak_disk'] / 1e9:.2f} GB on disk")
     print(f"{'step':>6} {'stage':>6} {'min':>6}  " + ("mean cos  min cos  NN agree" if args.case == "minilm" else "perplexity  × dense"))
     for p in report.get("curve", []):
         e = p["eval"]
@@ -107,7 +116,7 @@ def main() -> None:
               f"({e2e.get('steps')} steps, at most {e2e.get('max_steps')}); whole command {b['command_seconds'] / 60:.1f} min "
               f"in the report, {wall / 60:.1f} min as the script timed it")
     if args.json:
-        args.json.write_text(json.dumps({"wall_seconds": wall, "command": cmd, "report": report}, indent=1))
+        args.json.write_text(json.dumps({"wall_seconds": wall, "peak_rss": peak_rss, "command": cmd, "report": report}, indent=1))
 
 
 if __name__ == "__main__":

@@ -210,3 +210,13 @@ def test_factorize_with_too_little_memory_for_one_block_says_what_it_needs(folde
     r = cli("factorize", str(folder), "--recipe", "causal-lm", "--calib-data", "pydoc", "--max-memory", "10KB", "--out", str(tmp_path / "out"))
     one_line_error(r, "factorize.max_memory 10KB", "its teacher and its student", "at least")
     assert not (tmp_path / "out").exists()
+
+
+def test_several_processes_are_refused_before_the_launcher_builds_the_model(folder, tmp_path, monkeypatch):
+    import lowrank_cli.pipelines.common.prepare as prepare_module
+    from lowrank_cli.pipelines.compress import check_compress
+
+    monkeypatch.setattr(prepare_module, "build_model", lambda *a, **k: pytest.fail("the launcher built the model"))
+    with pytest.raises(LowrankError, match="one block at a time, which runs in one process, not 2"):
+        check_compress(folder, _recipe(), out=tmp_path / "run", world=2)
+    assert not (tmp_path / "run").exists()

@@ -459,3 +459,26 @@ def test_calibration_passes_of_a_host_model_run_on_the_device_and_the_model_retu
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=2e-3, rtol=0)
+
+
+def test_compress_one_block_at_a_time_on_the_gpu_gives_the_cpu_result(tmp_path, fp32_exact):
+    """`compress` under a small factorize.max_memory on `DEVICE`: every pass (measure, factorization, local stage, held-out
+    chains, the head) on the GPU, activations spilled to disk and read back onto it; the perplexities and the student are
+    the CPU run's within GPU float tolerance."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from factorize.test_blockwise import _recipe  # the tiny Llama's recipe: 400KB, sensitivity, whitened, 5 local steps
+    from hf_models import hub_model
+
+    from lowrank_cli.io.manifest import read_checkpoint
+    from lowrank_cli.pipelines.compress import compress_checkpoint
+
+    folder = hub_model(tmp_path, "llama-tied", pretrain_steps=30)
+    cpu = compress_checkpoint(folder, _recipe(), device="cpu", out=tmp_path / "cpu")
+    gpu = compress_checkpoint(folder, _recipe(), device=DEVICE, out=tmp_path / "gpu")
+    assert gpu["streamed"]["activations_peak_disk"] > 0
+    for model in ("teacher", "svd", "distilled"):
+        assert gpu["accuracy"][model]["perplexity"] == pytest.approx(cpu["accuracy"][model]["perplexity"], rel=1e-3)
+    a, b = read_checkpoint(tmp_path / "cpu")[2], read_checkpoint(tmp_path / "gpu")[2]
+    assert a.keys() == b.keys() and all(t.device.type == "cpu" for t in b.values())

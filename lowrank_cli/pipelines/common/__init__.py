@@ -112,3 +112,14 @@ def with_max_memory(recipe: Recipe, max_memory: str | None) -> Recipe:
     recipe = recipe.model_copy(deep=True)
     recipe.factorize = recipe.factorize.model_copy(update={"max_memory": str(max_memory)})
     return recipe
+
+
+def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
+    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back.
+
+    The figures are the task's primary ones, larger better (`Evaluation.primary`): top-1, the
+    mean embedding cosine to the teacher, or −log perplexity.
+    """
+    if teacher is None or svd is None or distilled is None or teacher - svd <= 1e-12:
+        return None
+    return (distilled - svd) / (teacher - svd)

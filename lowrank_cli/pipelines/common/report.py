@@ -12,6 +12,7 @@ from lowrank_cli.distill.train import TrainResult, train_examples
 from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.nn.pclora import decay_lambda
+from lowrank_cli.pipelines.common import recovered_fraction
 from lowrank_cli.pipelines.common.prepare import PreparedRun
 
 
@@ -21,17 +22,6 @@ def curve(run: RunDir, final: Evaluation | None, steps: int, seconds: float) -> 
     if final is not None:
         points.append({"step": steps, "stage": "final", "seconds": seconds, "eval": final.to_dict()})
     return points
-
-
-def recovered_fraction(teacher: float | None, svd: float | None, distilled: float | None) -> float | None:
-    """(distilled − svd) / (teacher − svd): the share of what SVD lost that distillation won back.
-
-    The figures are the task's primary ones, larger better (`Evaluation.primary`): top-1, the
-    mean embedding cosine to the teacher, or −log perplexity.
-    """
-    if teacher is None or svd is None or distilled is None or teacher - svd <= 1e-12:
-        return None
-    return (distilled - svd) / (teacher - svd)
 
 
 def _primary(d: dict | None) -> float | None:

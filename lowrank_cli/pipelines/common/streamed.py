@@ -50,8 +50,7 @@ from lowrank_cli.io.safetensors import CheckpointHeader, read_header, read_tenso
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built
 from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
-from lowrank_cli.pipelines.common import build_manifest
-from lowrank_cli.pipelines.common.report import recovered_fraction
+from lowrank_cli.pipelines.common import build_manifest, recovered_fraction
 from lowrank_cli.plan.memory import WORK_PER_BLOCK, block_need, in_memory_need
 from lowrank_cli.plan.select import saved_params
 from lowrank_cli.recipe import Recipe
@@ -108,6 +107,13 @@ def streamed_compress(checkpoint, recipe: Recipe, arch: str | None, model_kwargs
         return None
     header = read_header(checkpoint)
     return blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, in_memory_need(sum(t.nbytes for t in header.tensors.values())))
+
+
+def one_process_only(s: Streamed, world: int) -> LowrankError:
+    """The error for a model that must go one block at a time, asked of `world` processes."""
+    return LowrankError(f"the in-memory run needs about {fmt_bytes(s.in_memory)}, more than factorize.max_memory ({fmt_bytes(s.max_memory)}), "
+                        f"so the model is compressed one block at a time, which runs in one process, not {world}; run it in one process, "
+                        "or raise factorize.max_memory", param="factorize.max_memory")
 
 
 def blockwise_plan(checkpoint, header: CheckpointHeader, recipe: Recipe, arch: str | None, model_kwargs: dict | None,
