@@ -23,18 +23,24 @@ def training_progress(description: str, enabled: bool = True) -> Iterator[Callab
         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[lam]}  {task.fields[ips]} ex/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
     )
-    task = local = None
+    task = local = measure = None
 
     def log(record: dict[str, Any]) -> None:
-        nonlocal task, local
+        nonlocal task, local, measure
         if "eval" in record:  # a held-out evaluation: a line above the bar, quality against wall time
             progress.console.print(f"[dim]held-out at step {record['step']} ({record['stage']}, {record['seconds'] / 60:.1f} min): "
                                    f"{eval_summary(record['eval'])}[/]")
             return
+        if record.get("stage") == "measure":  # one record per block of each pass of the block-by-block measurement
+            if measure is None:
+                measure = progress.add_task("measure", total=record["blocks"], loss="", lr="", lam="", ips="")
+            progress.update(measure, completed=record["done"])
+            return
         if record.get("stage") == "local":  # one record per block of local distillation
             if local is None:
                 local = progress.add_task("local", total=record["blocks"], loss="", lr="", lam="", ips="")
-            progress.update(local, completed=record["done"], loss=f"{record['error_after']:.3g}", lr="", lam="", ips="")
+            error = record.get("error_after")
+            progress.update(local, completed=record["done"], loss="" if error is None else f"{error:.3g}", lr="", lam="", ips="")
             return
         if task is None:
             task = progress.add_task(description, total=record["total_steps"], loss="", lr="", lam="", ips="")

@@ -177,11 +177,11 @@ class _Spilled(list):
 
 
 def measure_streamed(src: BlockSource, plans: list[LayerPlan], recipe: Recipe, calibration: Iterable, task: Task, store: ActivationStore,
-                     seed: int = 0, progress: Callable[[str], None] | None = None
+                     seed: int = 0, progress: Callable[[int, int], None] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, LayerSensitivity] | None]:
     """(each planned layer's whitened spectrum, its squared output error per row of one unit of that spectrum's energy,
     each budget-ruled layer's `LayerSensitivity` when the allocation is by sensitivity): see the module docstring.
-    `progress(what)` after each block of each pass."""
+    `progress(done, total)` after each block of each pass."""
     fac = recipe.factorize
     if fac.method != "whitened":
         raise LowrankError(f"factorize.method '{fac.method}' with ranks allocated across layers is not computed one block at a time; "
@@ -209,7 +209,7 @@ def measure_streamed(src: BlockSource, plans: list[LayerPlan], recipe: Recipe, c
         if not sensitive:
             store.drop(f"measure-{b}")
         if progress is not None:
-            progress(f"forward {b + 1}/{len(src)}")
+            progress(b + 1, len(src) * (2 if sensitive else 1))
     if not sensitive:
         store.drop(f"measure-{len(src)}")
         return sigmas, unit, None
@@ -236,7 +236,7 @@ def _pass(block: nn.Module, names: list[str], hidden: list[torch.Tensor], calls:
 
 
 def _backward(src: BlockSource, pieces: list[tuple[int, Inputs]], calls: list[BlockCall], masks: list, measured: set[str], task: Task,
-              store: ActivationStore, seed: int, progress: Callable[[str], None] | None) -> dict[str, LayerSensitivity]:
+              store: ActivationStore, seed: int, progress: Callable[[int, int], None] | None) -> dict[str, LayerSensitivity]:
     """The sensitivity pass, block by block from the head back (see the module docstring); frees the kept inputs as it goes."""
     n = len(src)
     src.load_outside()
@@ -275,7 +275,7 @@ def _backward(src: BlockSource, pieces: list[tuple[int, Inputs]], calls: list[Bl
         store.drop(f"measure-{b}")
         grads = store.put("grad", new) if b > 0 else []
         if progress is not None:
-            progress(f"backward {n - b}/{n}")
+            progress(2 * n - b, 2 * n)
     store.drop("grad")
     check_felt(stats)
     return stats

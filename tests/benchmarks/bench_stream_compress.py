@@ -84,12 +84,12 @@ def main() -> None:
     recipe = load_recipe("causal-lm").to_dict()
     recipe["factorize"]["calib_samples"] = args.calib_samples
     recipe["distill"]["local"]["examples"] = args.local_examples
-    recipe_file = args.out.with_suffix(".recipe.yaml")
+    recipe_file = args.out.parent / f"{args.out.name}.recipe.yaml"
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
     recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     if args.out.exists():
         shutil.rmtree(args.out)
-    data = args.out.with_suffix(".data")
+    data = args.out.parent / f"{args.out.name}.data"
     data.mkdir(exist_ok=True)
     shutil.copyfile(args.data / "train.jsonl", data / "train.jsonl")
     (data / "val.jsonl").write_text("".join((args.data / "val.jsonl").read_text().splitlines(keepends=True)[: args.val_docs]))

@@ -221,7 +221,10 @@ def test_a_budgeted_run_plans_both_stages_reports_them_and_resumes_with_its_plan
     b = report["budget"]
     assert b["seconds"] == 12 and b["reserve_seconds"] > 2
     local, e2e = b["local"], b["end_to_end"]
-    assert len(local["steps"]) == 2 and all(4 <= s < 5000 for s in local["steps"])  # the clock, not the bound, ended each block
+    # the clock, not the bound, ended each block; on a loaded machine the first block's 4 steps can outlast the stage's time,
+    # and the second is then left untrained (recorded as such), never trained past the deadline
+    untrained = report["local"].get("untrained", [])
+    assert local["steps"] and len(local["steps"]) + len(untrained) == 2 and all(4 <= s < 5000 for s in local["steps"])
     assert [blk["steps"] for blk in report["local"]["blocks"]] == local["steps"]
     assert 4 <= e2e["steps"] < e2e["max_steps"] == 500 * (128 // 16)
     ats = [p["at_step"] for p in e2e["plans"]]

@@ -220,3 +220,45 @@ def test_several_processes_are_refused_before_the_launcher_builds_the_model(fold
     with pytest.raises(LowrankError, match="one block at a time, which runs in one process, not 2"):
         check_compress(folder, _recipe(), out=tmp_path / "run", world=2)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_progress_file_is_a_one_line_error(folder, tmp_path, monkeypatch, cli):
+    finish = streamed_module.StreamState.finish_block
+
+    def fail_on_block_1(self, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        return finish(self, i, *args)
+
+    monkeypatch.setattr(streamed_module.StreamState, "finish_block", fail_on_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(folder, _recipe(), device="cpu", out=tmp_path / "run")
+    (tmp_path / "run" / ".stream" / "state.json").write_text("{not json")
+    with pytest.raises(LowrankError, match=r"state.json: is not a block-by-block run's progress file"):
+        compress_checkpoint(folder, _recipe(), device="cpu", out=tmp_path / "run", resume=True)
+
+
+def test_the_command_line_reports_a_block_by_block_run(folder, tmp_path, cli):
+    import yaml
+
+    recipe = _recipe(max_memory=None, local_steps=2)
+    recipe.distill = recipe.distill.model_copy(update={"budget": "1h"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    r = cli("compress", str(folder), "--recipe", str(tmp_path / "r.yaml"), "--max-memory", "400KB", "--out", str(tmp_path / "run"))
+    assert r.code == 0, r.err
+    assert "one block at a time" in r.err and "Traceback" not in r.err
+    assert "perplexity" in r.out and "Time budget" in r.out and "local stage" in r.out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["streamed"]["max_memory"] == 400_000 and report["train"]["end_to_end"].startswith("skipped")
+
+
+def test_the_machines_memory_alone_sends_only_what_this_path_takes(folder, monkeypatch):
+    """Without factorize.max_memory the limit is the available memory: a model over it goes one block at a time, but a
+    recipe this path does not take goes in memory as before instead of being refused."""
+    monkeypatch.setattr(streamed_module, "available_memory", lambda: 400_000)
+    assert streamed_compress(folder, _recipe(max_memory=None), None, None) is not None
+    asvd = _recipe(max_memory=None)
+    asvd.factorize = asvd.factorize.model_copy(update={"method": "asvd"})
+    assert streamed_compress(folder, asvd, None, None) is None
+    monkeypatch.setattr(streamed_module, "available_memory", lambda: 10**12)
+    assert streamed_compress(folder, _recipe(max_memory=None), None, None) is None

@@ -101,12 +101,19 @@ def fmt_bytes(nbytes: float) -> str:
 
 def streamed_compress(checkpoint, recipe: Recipe, arch: str | None, model_kwargs: dict | None) -> Streamed | None:
     """The block-by-block plan when the in-memory run would need more than `factorize.max_memory` (default: the machine's
-    available memory), else None. A LowrankError when such a model cannot be taken one block at a time, or when one block's
-    work alone needs more than the limit."""
+    available memory), else None. With the limit given, a LowrankError when such a model cannot be taken one block at a
+    time, or when one block's work alone needs more than the limit; by the machine's memory alone, a model or recipe this
+    path does not take goes the in-memory way as before."""
     if checkpoint is None:
         return None
     header = read_header(checkpoint)
-    return blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, in_memory_need(sum(t.nbytes for t in header.tensors.values())))
+    s = blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, in_memory_need(sum(t.nbytes for t in header.tensors.values())))
+    if s is not None and recipe.factorize.max_memory is None:  # by the machine's memory alone: only what this path takes
+        try:
+            _check(s, recipe.with_calibration_default())
+        except LowrankError:
+            return None
+    return s
 
 
 def one_process_only(s: Streamed, world: int) -> LowrankError:
@@ -125,6 +132,8 @@ def blockwise_plan(checkpoint, header: CheckpointHeader, recipe: Recipe, arch: s
         return None
     given = f"factorize.max_memory {recipe.factorize.max_memory}" if limit is not None else f"the available memory ({fmt_bytes(available_memory())})"
     found = hub_skeleton(header, arch, dict(model_kwargs or {})) if Manifest.from_header(header) is None else None
+    if found is None and limit is None:  # the machine's memory is only an estimate's default: the in-memory path as before
+        return None
     if found is None:
         raise LowrankError(f"{checkpoint}: its in-memory work needs about {fmt_bytes(in_memory)}, more than {given}, and only a "
                            "transformers Hub folder whose weights load as stored is taken one block at a time", param="factorize.max_memory")
@@ -154,6 +163,8 @@ def _check(s: Streamed, recipe: Recipe) -> None:
         why = f"its held-out evaluation is computed for causal language models; this model's task is {task.name}"
     elif f.method == "asvd" or (f.method == "svd" and f.allocation == "sensitivity"):
         why = f"factorize.method '{f.method}' with factorize.allocation '{f.allocation}' is not computed one block at a time (use whitened)"
+    elif recipe.distill.local is not None and recipe.distill.local.rounds > 1:
+        why = f"distill.local.rounds {recipe.distill.local.rounds} goes over the blocks again (one block at a time goes once: set it to 1)"
     elif f.rank_rule == "budget" and f.allocation != "sensitivity" or f.embeddings is not None or recipe.select.latency_aware:
         why = "factorize.embeddings, select.latency_aware and rank_rule 'budget' without sensitivity need the whole model"
     if why is not None:
@@ -241,8 +252,12 @@ class StreamState:
         if not path.is_file():
             raise LowrankError(f"{run.root}: holds no run compressed one block at a time with a finished block; start it again, "
                                "without resuming, in a new output folder", param="resume")
-        saved = json.loads(path.read_text())
-        return cls(run, saved["ranks"], saved.get("allocation"), saved["records"])
+        try:
+            saved = json.loads(path.read_text())
+            return cls(run, dict(saved["ranks"]), saved.get("allocation"), list(saved["records"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise LowrankError(f"{path}: is not a block-by-block run's progress file ({type(e).__name__}: {e}); start the run again in a "
+                               "new output folder", param="resume") from None
 
     def save(self) -> None:
         self.folder.mkdir(exist_ok=True)
@@ -298,7 +313,8 @@ def _compress(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, plans,
     else:
         if allocated:
             hooks.note("measuring each layer's spectrum and sensitivity, one block at a time (a forward and a backward pass)")
-            sigmas, unit, sens = measure_streamed(src, plans, recipe, calibration, family.task(s.built.model), store)
+            progress = None if hooks.log is None else (lambda done, total: hooks.log({"stage": "measure", "done": done, "blocks": total}))
+            sigmas, unit, sens = measure_streamed(src, plans, recipe, calibration, family.task(s.built.model), store, progress=progress)
             allocation = allocate_on_bases(plans, recipe, sigmas.__getitem__, sens, unit).to_dict()
         run.create(recipe, {"teacher": str(s.header.folder or ""), "data": data.source, "world_size": 1, "device": str(src.device),
                             "base_loss": "local", "streamed": s.memory, **({"allocation": allocation} if allocation is not None else {})})
@@ -441,7 +457,8 @@ def _blocks(src: BlockSource, recipe: Recipe, plans: list, groups: dict, store: 
         if not replay:
             entry["seconds"] = time.perf_counter() - t0
             state.finish_block(b, student, gen, entry, plans)
-            hooks.log is not None and hooks.log({"stage": "local", **entry, "done": b + 1, "blocks": n})
+            if hooks.log is not None:
+                hooks.log({"stage": "local", **entry, "done": b + 1, "blocks": n})
             state.run.append_metrics({"step": 0, "stage": "local", **entry})
         src.drop(b)
         del student, block
