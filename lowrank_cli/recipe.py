@@ -147,10 +147,11 @@ class FactorizeConfig(_Strict):
     # at a time from its files (docs/algorithms.md §12); None: the machine's available memory
     max_memory: str | None = None
 
-    @field_validator("max_memory")
+    @field_validator("max_memory", mode="before")
     @classmethod
-    def _is_size(cls, value: str | None) -> str | None:
+    def _is_size(cls, value: str | int | None) -> str | None:
         if value is not None:
+            value = str(value)  # a number of bytes too
             parse_size(value)
         return value
 

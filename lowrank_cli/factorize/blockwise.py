@@ -8,8 +8,9 @@
   `factorize.method: whitened`), block by block: a forward pass through the dense blocks (each block's calibration
   inputs kept, its layers' whitened spectra taken from their Grams), the model's head on the last block's output, then a
   backward pass from the last block to the first, each block's forward recomputed from its kept inputs with the gradient of
-  its output handed in. The sums are those of `sensitivity.layer_sensitivity` on the whole model (same micro-batches, same
-  labels drawn in the same order), so the ranks are the in-memory path's.
+  its output handed in. The sums are those of `sensitivity.layer_sensitivity` on the whole model up to float rounding
+  (the Grams summed over its micro-batches, the head's logits computed a few sequences at a time), with the labels drawn
+  in the same order from the same generators; on a tiny Llama and on SmolLM2-135M the ranks are the in-memory path's.
 - `factorize_block`: one dense block's low-rank copy, by whitened SVD on the block's calibration inputs (which it passes
   on) or plain SVD, at the ranks already allocated or by the rank rule.
 """
@@ -80,9 +81,6 @@ class BlockSource:
     def drop(self, i: int) -> None:
         _to_meta(self.model, lambda key: key.startswith(self.prefixes[i]))
 
-    def block_keys(self, i: int) -> list[str]:
-        return [k for k in self.keys if k.startswith(self.prefixes[i])]
-
     def first_inputs(self, batches: list[Inputs]) -> tuple[list[torch.Tensor], list[BlockCall], list[torch.Tensor | None]]:
         """(first block's input, the call that replays every block, attention mask) of each batch: the weights outside the
         blocks are read for it and dropped after."""
@@ -98,10 +96,6 @@ class BlockSource:
         finally:
             self.drop_outside()
         return hidden, calls, masks
-
-    def block_bytes(self, header_tensors: dict, i: int) -> int:
-        """Bytes of block i's weights as stored."""
-        return sum(header_tensors[self.sources[k]].nbytes for k in self.block_keys(i) if self.sources.get(k) in header_tensors)
 
 
 class ActivationStore:
@@ -195,6 +189,7 @@ def measure_streamed(src: BlockSource, plans: list[LayerPlan], recipe: Recipe, c
         raise LowrankError("calibration data is empty: give at least one example (factorize.calib_samples)", param="calib_samples")
     hidden, calls, masks = src.first_inputs([piece for _, piece in pieces])
     store.put("measure-0", hidden)
+    del hidden  # the store holds it (in memory or on disk)
     sigmas, unit = {}, {}
     for b in range(len(src)):
         prefix, block = src.prefix(b), src.load(b)

@@ -17,6 +17,7 @@ The steps live in the pipelines' shared home, beside `demo`'s use of them: `comm
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
     env = init_distributed(resolve_device(device))
     try:
         # a model whose in-memory run exceeds factorize.max_memory: one block at a time, in one process
-        streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, kw.get("arch"), kw.get("model_kwargs"))
+        streamed = None  # several processes by the machine's memory alone: the in-memory path, as before
+        if not env.distributed or recipe.factorize.max_memory is not None:
+            streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, kw.get("arch"), kw.get("model_kwargs"))
         if streamed is not None:
             if env.distributed:
                 raise one_process_only(streamed, env.world)
@@ -60,11 +63,13 @@ def _compress_streamed(streamed, checkpoint, recipe: Recipe, *, device: str, log
     run.check_free()
     with run.locked():
         if not resume:
+            shutil.rmtree(run.root / ".activations", ignore_errors=True)  # left by a killed run before it created anything
             run.check_new()
         try:
             return compress_streamed(streamed, checkpoint, recipe, run, device=device, note=note, log=log, started=started, resume=resume)
         except BaseException:
-            discard_streamed(run)
+            if not resume:  # a resumed run keeps what it had
+                discard_streamed(run)
             raise
 
 

@@ -185,6 +185,12 @@ def factorize_checkpoint(
         return _factorize_streamed(stream, path, header, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
     if as_folder and (blocks := _blockwise(path, header, recipe, arch, kwargs)) is not None:
         return _factorize_blockwise(blocks, path, recipe, out, force, inputs, progress, seq_len, svd_dev, max_bytes)
+    limit = recipe.factorize.max_memory_bytes()
+    if limit is not None and header is not None and 2 * sum(t.nbytes for t in header.tensors.values()) > limit:
+        raise LowrankError(f"factorize.max_memory {recipe.factorize.max_memory} is less than the in-memory factorization of {path} needs "
+                           f"(about {fmt_bytes(2 * sum(t.nbytes for t in header.tensors.values()))}); a Hub folder goes one tensor at a time "
+                           "with uniform ranks, or one block at a time with factorize.method whitened and ranks allocated across layers, into "
+                           "an output folder; raise factorize.max_memory otherwise", param="factorize.max_memory")
     built, why = build_or_weight_only(path, arch, kwargs, recipe)
 
     if built is None:  # weight-only: from the file alone
@@ -307,6 +313,7 @@ def _write_blocks(src: BlockSource, reader, writer, plans, recipe: Recipe, calib
             writer.add(key, reader.get_tensor(src.sources[key]))
     hidden, calls, masks = src.first_inputs([b[0] if isinstance(b, (tuple, list)) else b for b in calibration])
     store.put("calib", hidden)
+    del hidden
     todo = {p.name: p for p in plans if p.factorized}
     for b in range(len(src)):
         prefix = src.prefix(b)

@@ -191,7 +191,9 @@ def test_factorize_one_block_at_a_time_writes_the_in_memory_checkpoint(folder, t
     assert any("one block at a time" in n for n in blocks.inspection.notes)
     with monkeypatch.context() as m:
         m.setattr(factorize_pipeline, "_blockwise", lambda *a: None)
-        whole = factorize_checkpoint(folder, recipe, tmp_path / "whole")
+        with pytest.raises(LowrankError, match="factorize.max_memory 200KB is less than the in-memory factorization"):
+            factorize_checkpoint(folder, recipe, tmp_path / "whole")  # a limit given is never ignored
+        whole = factorize_checkpoint(folder, _recipe(max_memory=None), tmp_path / "whole")
     assert {n: e.rank for n, e in blocks.manifest.layers.items()} == {n: e.rank for n, e in whole.manifest.layers.items()}
     a, b = read_checkpoint(tmp_path / "blocks")[2], read_checkpoint(tmp_path / "whole")[2]
     assert a.keys() == b.keys()
@@ -236,6 +238,10 @@ def test_a_damaged_progress_file_is_a_one_line_error(folder, tmp_path, monkeypat
     (tmp_path / "run" / ".stream" / "state.json").write_text("{not json")
     with pytest.raises(LowrankError, match=r"state.json: is not a block-by-block run's progress file"):
         compress_checkpoint(folder, _recipe(), device="cpu", out=tmp_path / "run", resume=True)
+    other = _recipe(local_steps=3)
+    with pytest.raises(LowrankError, match="another recipe"):  # a failed resume keeps what the run had
+        compress_checkpoint(folder, other, device="cpu", out=tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "recipe.yaml").is_file() and (tmp_path / "run" / ".stream" / "block-0000.safetensors").is_file()
 
 
 def test_the_command_line_reports_a_block_by_block_run(folder, tmp_path, cli):

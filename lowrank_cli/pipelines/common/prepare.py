@@ -149,9 +149,10 @@ def check_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str |
     """What a launcher checks before torchrun starts `world` processes of `compress`: every input as `prepare_compress`
     checks it and one optimizer step of training data for each process; no calibration, no factorization, and no model
     kept (the processes build their own). Returns the run folder (for its lock); writes nothing."""
-    streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, arch, model_kwargs)
-    if streamed is not None and world > 1:  # before the launcher builds the model it could not hold
-        raise one_process_only(streamed, world)
+    if world > 1 and recipe.factorize.max_memory is not None:  # before the launcher builds the model it could not hold
+        streamed = streamed_compress(checkpoint or recipe.checkpoint, recipe, arch, model_kwargs)
+        if streamed is not None:
+            raise one_process_only(streamed, world)
     _checkpoint, recipe, built, data, run, _resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
     check_steps(train_examples(data.train), recipe.distill, world)
     if recipe.distill.method != "pclora":  # the selection alone (no SVD): a recipe that picks no layer is refused here, not in the processes

@@ -49,6 +49,7 @@ from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, read_tensors, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
 from lowrank_cli.models.build import Built
+from lowrank_cli.models.family import inputs_to
 from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
 from lowrank_cli.pipelines.common import build_manifest, recovered_fraction
 from lowrank_cli.plan.memory import WORK_PER_BLOCK, block_need, in_memory_need
@@ -71,6 +72,7 @@ class Streamed:
     in_memory: int  # bytes the in-memory run needs for its weights (teacher, student, gradients, Adam)
     block_need: int  # bytes one block's work needs (the largest block), or the weights outside the blocks if more
     memory: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, int] | None = None  # each linear's input rows per example (a MAC budget's allocation needs them)
 
 
 def available_memory() -> int:
@@ -107,13 +109,16 @@ def streamed_compress(checkpoint, recipe: Recipe, arch: str | None, model_kwargs
     if checkpoint is None:
         return None
     header = read_header(checkpoint)
-    s = blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, in_memory_need(sum(t.nbytes for t in header.tensors.values())))
-    if s is not None and recipe.factorize.max_memory is None:  # by the machine's memory alone: only what this path takes
-        try:
+    need = in_memory_need(sum(t.nbytes for t in header.tensors.values()))
+    if recipe.factorize.max_memory is not None:
+        return blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, need)
+    try:  # by the machine's memory alone: only what this path takes, else the in-memory path as before
+        s = blockwise_plan(checkpoint, header, recipe, arch, model_kwargs, need)
+        if s is not None:
             _check(s, recipe.with_calibration_default())
-        except LowrankError:
-            return None
-    return s
+        return s
+    except LowrankError:
+        return None
 
 
 def one_process_only(s: Streamed, world: int) -> LowrankError:
@@ -163,13 +168,25 @@ def _check(s: Streamed, recipe: Recipe) -> None:
         why = f"its held-out evaluation is computed for causal language models; this model's task is {task.name}"
     elif f.method == "asvd" or (f.method == "svd" and f.allocation == "sensitivity"):
         why = f"factorize.method '{f.method}' with factorize.allocation '{f.allocation}' is not computed one block at a time (use whitened)"
+    elif _outside_blocks(s, recipe):
+        why = f"it would factorize layers outside the transformer blocks ({', '.join(_outside_blocks(s, recipe)[:3])}); exclude them (select.exclude)"
+    elif len(set(getattr(getattr(s.built.model, "config", None), "layer_types", None) or ["one"])) > 1:
+        why = "its blocks are called with masks of their own (config layer_types: sliding-window and full attention), which one block's call cannot replay"
     elif recipe.distill.local is not None and recipe.distill.local.rounds > 1:
         why = f"distill.local.rounds {recipe.distill.local.rounds} goes over the blocks again (one block at a time goes once: set it to 1)"
-    elif f.rank_rule == "budget" and f.allocation != "sensitivity" or f.embeddings is not None or recipe.select.latency_aware:
-        why = "factorize.embeddings, select.latency_aware and rank_rule 'budget' without sensitivity need the whole model"
+    elif f.rank_rule == "budget" and f.method != "whitened" or f.embeddings is not None or recipe.select.latency_aware:
+        why = "factorize.embeddings, select.latency_aware and rank_rule 'budget' with another method than whitened need the whole model"
+    elif not any(p.factorized for p in plan_streamed(s.built.model, recipe, s.built.family)):
+        why = f"recipe '{recipe.name}' factorizes no layer of {s.built.architecture}; nothing to compress"
     if why is not None:
         raise LowrankError(f"the model needs more than factorize.max_memory ({fmt_bytes(s.max_memory)}) in memory and is compressed one block "
                            f"at a time, but {why}; raise factorize.max_memory", param="factorize.max_memory")
+
+
+def _outside_blocks(s: Streamed, recipe: Recipe) -> list[str]:
+    """The layers the recipe would factorize that lie outside the transformer blocks."""
+    prefixes = tuple(f"{name}." for name, _ in s.built.family.blocks(s.built.model))
+    return [p.name for p in plan_streamed(s.built.model, recipe, s.built.family) if p.factorized and not p.name.startswith(prefixes)]
 
 
 @dataclass
@@ -202,6 +219,7 @@ def compress_streamed(s: Streamed, checkpoint, recipe: Recipe, run: RunDir, *, d
     plans = plan_streamed(model, recipe, family)
     before = count_params(model)
     macs = count_macs(zero_weights(model), family.example_at(model), family.forward)  # weights of no memory
+    s.rows = macs.linear_rows
     note(f"{fmt_bytes(s.in_memory)} in memory is more than {fmt_bytes(s.max_memory)} (factorize.max_memory): compressing one block at a time "
          f"({len(family.blocks(model))} blocks, {fmt_bytes(s.block_need)} for a block's work)")
     # what the limit leaves beyond this process as it stands (the libraries, the data) and one block's work
@@ -216,6 +234,7 @@ def compress_streamed(s: Streamed, checkpoint, recipe: Recipe, run: RunDir, *, d
                    "macs_after": macs.macs_after(plans)})
     report["streamed"].update({"activations_peak_memory": store.peak_memory, "activations_peak_disk": store.peak_disk})
     write_json(run.report_file, report)
+    shutil.rmtree(run.root / ".stream", ignore_errors=True)  # the run is complete: its progress is no longer needed
     return report
 
 
@@ -231,8 +250,10 @@ class StreamState:
     each finished block, `block-NNNN.safetensors` (its student weights and the local stage's random state after it). A
     block counts once its record is in `state.json`, which is written after its file, atomically."""
 
-    def __init__(self, run: RunDir, ranks: dict[str, list], allocation: dict | None, records: list[dict[str, Any]]):
+    def __init__(self, run: RunDir, ranks: dict[str, list], allocation: dict | None, records: list[dict[str, Any]],
+                 allocation_record: dict | None = None):
         self.run, self.ranks, self.allocation, self.records = run, ranks, allocation, records
+        self.allocation_record = allocation_record  # what the manifest records of a sensitivity allocation
 
     @property
     def folder(self) -> Path:
@@ -254,14 +275,15 @@ class StreamState:
                                "without resuming, in a new output folder", param="resume")
         try:
             saved = json.loads(path.read_text())
-            return cls(run, dict(saved["ranks"]), saved.get("allocation"), list(saved["records"]))
+            return cls(run, dict(saved["ranks"]), saved.get("allocation"), list(saved["records"]), saved.get("allocation_record"))
         except (ValueError, KeyError, TypeError) as e:
             raise LowrankError(f"{path}: is not a block-by-block run's progress file ({type(e).__name__}: {e}); start the run again in a "
                                "new output folder", param="resume") from None
 
     def save(self) -> None:
         self.folder.mkdir(exist_ok=True)
-        write_json(self.folder / "state.json", {"ranks": self.ranks, "allocation": self.allocation, "records": self.records})
+        write_json(self.folder / "state.json", {"ranks": self.ranks, "allocation": self.allocation, "records": self.records,
+                                                "allocation_record": self.allocation_record})
 
     def finish_block(self, i: int, student: nn.Module, generator: torch.Generator, record: dict[str, Any], plans: list) -> None:
         self.folder.mkdir(exist_ok=True)
@@ -282,12 +304,20 @@ GENERATOR = "__lowrank_generator_state__"
 
 
 def discard_streamed(run: RunDir) -> None:
-    """After a failure: a run with a finished block stays resumable; one without is removed (`RunDir.discard`), its
-    progress folder too."""
+    """After a failure of a run this command started: one with a finished block (or whose progress cannot be read, or that
+    finished) stays; one without is removed (`RunDir.discard`), its progress folder too."""
     state = run.root / ".stream" / "state.json"
-    if state.is_file() and json.loads(state.read_text()).get("records"):
+    if run.report_file.exists():
         return
+    if state.is_file():
+        try:
+            records = json.loads(state.read_text()).get("records")
+        except (ValueError, AttributeError):
+            return
+        if records:
+            return
     shutil.rmtree(run.root / ".stream", ignore_errors=True)
+    shutil.rmtree(run.root / ".shards", ignore_errors=True)
     run.discard()
 
 
@@ -315,10 +345,12 @@ def _compress(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, plans,
             hooks.note("measuring each layer's spectrum and sensitivity, one block at a time (a forward and a backward pass)")
             progress = None if hooks.log is None else (lambda done, total: hooks.log({"stage": "measure", "done": done, "blocks": total}))
             sigmas, unit, sens = measure_streamed(src, plans, recipe, calibration, family.task(s.built.model), store, progress=progress)
-            allocation = allocate_on_bases(plans, recipe, sigmas.__getitem__, sens, unit).to_dict()
+            chosen = allocate_on_bases(plans, recipe, sigmas.__getitem__, sens, unit, s.rows)
+            allocation = chosen.to_dict()
+            record = chosen.manifest_record() if chosen.allocation == "sensitivity" else None
         run.create(recipe, {"teacher": str(s.header.folder or ""), "data": data.source, "world_size": 1, "device": str(src.device),
                             "base_loss": "local", "streamed": s.memory, **({"allocation": allocation} if allocation is not None else {})})
-        state = StreamState(run, _ranks(plans) if allocated else {}, allocation, [])
+        state = StreamState(run, _ranks(plans) if allocated else {}, allocation, [], record if allocated else None)
         state.save()
     groups = _first_inputs(src, recipe, calibration, data)
     budget = _budget(recipe.distill, hooks.started, s, hooks.note, _end_seconds(src, groups["val"]) if recipe.distill.budget else 0.0)
@@ -329,7 +361,6 @@ def _compress(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, plans,
     manifest = _write_student(s, src, recipe, run, plans, state, reader, data.source)
     family.write_hub_files(run.root, s.built.architecture, s.built.model_kwargs, s.header.folder)
     evals = _head_evaluations(src, groups["val"], store)
-    shutil.rmtree(state.folder, ignore_errors=True)
     seconds = time.perf_counter() - hooks.started
     report = {"run": str(run.root), "student": str(run.root), "architecture": s.built.architecture, "architecture_source": s.built.source,
               "accuracy": evals, "task": family.task(s.built.model).name, "method": "local",
@@ -349,7 +380,10 @@ def _compress(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, plans,
 
 def _write_student(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, plans, state: StreamState, reader, data_source) -> Manifest:
     """The student's shards in the run folder: the tensors outside the blocks as stored, each block's from its file."""
-    with shard_writer(run.root, shard_bytes(None)) as writer:
+    tmp = run.root / ".shards"  # written whole there, then moved into place: no half-written shard in the run folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with shard_writer(tmp, shard_bytes(None)) as writer:
         for key in src.keys:
             if src.outside(key):
                 writer.add(key, reader.get_tensor(s.sources[key]))
@@ -359,8 +393,14 @@ def _write_student(s: Streamed, src: BlockSource, recipe: Recipe, run: RunDir, p
                     writer.add(src.prefix(i) + key, value)
         manifest = build_manifest(s.built.architecture, s.built.family.name, s.built.model_kwargs, plans, recipe, s.header.folder,
                                   recipe.factorize.method)
+        if state.allocation_record is not None:
+            manifest = manifest.replace(allocation=state.allocation_record)
         record = {"teacher": {"file": str(s.header.folder)}, "data": data_source, "method": "local", "steps": 0}
-        return finish_factorized(writer, manifest.replace(distill=record))
+        manifest = finish_factorized(writer, manifest.replace(distill=record))
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name.endswith(".json")):  # the index last
+        os.replace(path, run.root / path.name)
+    tmp.rmdir()
+    return manifest
 
 
 def _first_inputs(src: BlockSource, recipe: Recipe, calibration, data) -> dict[str, Any]:
@@ -388,7 +428,7 @@ def _end_seconds(src: BlockSource, val) -> float:
         return 0.0
     src.load_outside()
     try:
-        one = {k: v[:1] if torch.is_tensor(v) and v.dim() else v for k, v in batches[0].items()}
+        one = inputs_to({k: v[:1] if torch.is_tensor(v) and v.dim() else v for k, v in batches[0].items()}, src.device)
         with torch.no_grad():
             src.runner.head(one, hidden[0][:1], chain.calls[0].tuple_out)  # once unmeasured: the first call's set-up
             t0 = time.perf_counter()
@@ -422,9 +462,13 @@ def _blocks(src: BlockSource, recipe: Recipe, plans: list, groups: dict, store: 
     calib, calib_chain, _ = groups["calib"]
     local_in, local_chain, _ = groups["local"]
     val_in, val_chain, _ = groups["val"]
+    n_local, examples = len(local_in), sum(h.shape[0] for h in local_in)
     for name, tensors in (("calib", calib), ("t_local", local_in), ("s_local", local_in if student_chain else []),
                           ("t_val", val_in), ("svd_val", val_in), ("s_val", val_in)):
         store.put(name, tensors)
+    for key in ("calib", "local", "val"):  # the store holds them now (in memory or on disk)
+        groups[key] = (None, *groups[key][1:])
+    del calib, local_in, val_in
     todo = {p.name: p for p in plans if p.factorized}
     gen = torch.Generator().manual_seed(cfg.seed)
     t0, after_training, n = time.perf_counter(), 0.0, len(src)
@@ -449,7 +493,10 @@ def _blocks(src: BlockSource, recipe: Recipe, plans: list, groups: dict, store: 
         if replay:
             state.restore_block(b, student, gen)
             _advance(block, student, store, local_chain, student_chain)
-        elif local_cfg is not None and local_in:
+        elif local_cfg is not None and n_local and deadline is not None and time.perf_counter() >= deadline:
+            entry["untrained"] = True  # out of time: the block stays as SVD left it, its chains move on
+            _advance(block, student, store, local_chain, student_chain)
+        elif local_cfg is not None and n_local:
             entry.update(_train(block, student, store, local_chain, local_cfg, gen, until, student_chain))
         t_after = time.perf_counter()
         with torch.no_grad():
@@ -463,8 +510,9 @@ def _blocks(src: BlockSource, recipe: Recipe, plans: list, groups: dict, store: 
         src.drop(b)
         del student, block
         after_training = time.perf_counter() - t_after
-    record = {"blocks": state.records, "seconds": time.perf_counter() - t0, "examples": sum(h.shape[0] for h in local_in),
-              "tokens": sum(int(m.sum()) for m in local_chain.masks if m is not None)}
+    record = {"blocks": state.records, "seconds": time.perf_counter() - t0, "examples": examples,
+              "tokens": sum(int(m.sum()) for m in local_chain.masks if m is not None),
+              **({"untrained": [e["block"] for e in state.records if e.get("untrained")]} if any(e.get("untrained") for e in state.records) else {})}
     if budget is not None:
         budget.record["local"].update({"seconds": record["seconds"], "steps": [e["steps"] for e in state.records]})
     return record
