@@ -268,3 +268,30 @@ def test_the_machines_memory_alone_sends_only_what_this_path_takes(folder, monke
     assert streamed_compress(folder, asvd, None, None) is None
     monkeypatch.setattr(streamed_module, "available_memory", lambda: 10**12)
     assert streamed_compress(folder, _recipe(max_memory=None), None, None) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.distill.local.__setattr__("rounds", 2), "distill.local.rounds 2 goes over the blocks again"),
+    (lambda r: r.select.__setattr__("include", ["no_such_layer"]), "factorizes no layer"),
+    (lambda r: r.select.__setattr__("exclude", ["score"]), "layers outside the transformer blocks (lm_head)"),
+], ids=["rounds", "nothing", "outside"])
+def test_each_refusal_names_its_key_before_any_work(folder, tmp_path, cli, change, message):
+    import yaml
+
+    if "outside" in message:  # an untied head is a planned layer outside the blocks once select.exclude lets it in
+        folder = hub_model(tmp_path, "llama")
+    recipe = _recipe()
+    change(recipe)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    r = cli("compress", str(folder), "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    one_line_error(r, message, "raise factorize.max_memory")
+    assert not (tmp_path / "run").exists() or not any(p.name != ".lock" for p in (tmp_path / "run").iterdir())
+
+
+def test_blocks_with_masks_of_their_own_are_refused(folder, tmp_path, monkeypatch):
+    s = streamed_compress(folder, _recipe(), None, None)
+    s.built.model.config.layer_types = ["sliding_attention", "full_attention"]
+    run = streamed_module.RunDir(tmp_path / "run")
+    with pytest.raises(LowrankError, match="masks of their own"):
+        streamed_module.compress_streamed(s, folder, _recipe(), run, device="cpu")
+    assert not (tmp_path / "run").exists()

@@ -75,26 +75,26 @@ class Streamed:
     rows: dict[str, int] | None = None  # each linear's input rows per example (a MAC budget's allocation needs them)
 
 
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key:  N kB` line of a /proc file, in bytes; None where it is not known."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory() -> int:
     """The machine's available memory in bytes (MemAvailable), or its physical memory where that is not known."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    found = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (VmRSS), 0 where it is not known."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def fmt_bytes(nbytes: float) -> str:
@@ -161,6 +161,9 @@ def _check(s: Streamed, recipe: Recipe) -> None:
     """What the block-by-block path does not do, refused in one line before any work."""
     f, task = recipe.factorize, s.built.family.task(s.built.model)
     check_method(recipe, task)
+    planned = [p.name for p in plan_streamed(s.built.model, recipe, s.built.family) if p.factorized]
+    prefixes = tuple(f"{name}." for name, _ in s.built.family.blocks(s.built.model))
+    outside = [name for name in planned if not name.startswith(prefixes)]
     why = None
     if recipe.distill.method == "pclora":
         why = "distill.method 'pclora' trains the whole model"
@@ -168,30 +171,24 @@ def _check(s: Streamed, recipe: Recipe) -> None:
         why = f"its held-out evaluation is computed for causal language models; this model's task is {task.name}"
     elif f.method == "asvd" or (f.method == "svd" and f.allocation == "sensitivity"):
         why = f"factorize.method '{f.method}' with factorize.allocation '{f.allocation}' is not computed one block at a time (use whitened)"
-    elif _outside_blocks(s, recipe):
-        why = f"it would factorize layers outside the transformer blocks ({', '.join(_outside_blocks(s, recipe)[:3])}); exclude them (select.exclude)"
+    elif outside:
+        why = f"it would factorize layers outside the transformer blocks ({', '.join(outside[:3])}); exclude them (select.exclude)"
     elif len(set(getattr(getattr(s.built.model, "config", None), "layer_types", None) or ["one"])) > 1:
         why = "its blocks are called with masks of their own (config layer_types: sliding-window and full attention), which one block's call cannot replay"
     elif recipe.distill.local is not None and recipe.distill.local.rounds > 1:
         why = f"distill.local.rounds {recipe.distill.local.rounds} goes over the blocks again (one block at a time goes once: set it to 1)"
     elif f.rank_rule == "budget" and f.method != "whitened" or f.embeddings is not None or recipe.select.latency_aware:
         why = "factorize.embeddings, select.latency_aware and rank_rule 'budget' with another method than whitened need the whole model"
-    elif not any(p.factorized for p in plan_streamed(s.built.model, recipe, s.built.family)):
+    elif not planned:
         why = f"recipe '{recipe.name}' factorizes no layer of {s.built.architecture}; nothing to compress"
     if why is not None:
         raise LowrankError(f"the model needs more than factorize.max_memory ({fmt_bytes(s.max_memory)}) in memory and is compressed one block "
                            f"at a time, but {why}; raise factorize.max_memory", param="factorize.max_memory")
 
 
-def _outside_blocks(s: Streamed, recipe: Recipe) -> list[str]:
-    """The layers the recipe would factorize that lie outside the transformer blocks."""
-    prefixes = tuple(f"{name}." for name, _ in s.built.family.blocks(s.built.model))
-    return [p.name for p in plan_streamed(s.built.model, recipe, s.built.family) if p.factorized and not p.name.startswith(prefixes)]
-
-
 @dataclass
 class _Chains:
-    """Per batch: the first block's input (then each block's), the call that replays the blocks, and the mask."""
+    """Per batch of a group (calibration, local stage, held out): the call that replays the blocks, and the mask."""
 
     calls: list
     masks: list
