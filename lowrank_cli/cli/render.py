@@ -218,6 +218,8 @@ def export_table(result) -> Table:
         table.add_row("external data", extra)
     if result.format == "dense" and result.architecture:
         table.caption = get_family(result.family or DEFAULT_FAMILY).load_instructions(result.architecture, result.out, result.model_kwargs)
+    elif getattr(result, "usage", None):
+        table.caption = result.usage
     return table
 
 
@@ -249,6 +251,36 @@ def bench_tables(result) -> list[Table]:
         slower = sum(l.slower for l in result.layers)
         lt.caption = f"{slower} of {len(result.layers)} factorized layers slower than dense (red)"
         tables.append(lt)
+    for note in result.notes:
+        tables.append(Table(title=f"note: {note}", title_justify="left", show_header=False))
+    return tables
+
+
+def generation_tables(result) -> list[Table]:
+    """`lowrank bench --generate`'s report: prefill, first token and decode of both models per batch size, the speedups
+    against their ideals (decode: weight bytes per token; prefill: MACs), and the memory generation adds."""
+    compiled = ", torch.compile" if result.compiled else ""
+    table = Table(title=f"Generation: {result.runtime}{compiled} on {result.device}, {result.threads} threads, {result.prompt_len}-token prompts, "
+                        f"{result.new_tokens} new tokens (greedy, KV cache)", title_justify="left")
+    for col in ("batch", "model", "prefill tok/s", "first token", "decode tok/s", "decode step"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in result.rows:
+        for label, t in (("dense", row.dense), ("factorized", row.factorized)):
+            table.add_row(str(row.batch), label, f"{t.prefill_tokens_per_s:,.0f}", _ms(t.ttft.median_s), f"{t.decode_tokens_per_s:,.1f}",
+                          _ms(t.decode.median_s))
+        table.add_row("", "[bold]speedup[/]", f"{row.speedup('prefill'):.2f}× ({result.efficiency(row, 'prefill'):.0%})",
+                      f"{row.speedup('ttft'):.2f}×", f"{row.speedup('decode'):.2f}× ({result.efficiency(row, 'decode'):.0%})", "", end_section=True)
+    table.caption = (f"ideal: decode {result.ideal_decode_speedup:.2f}× (weight bytes per token {fmt_count(result.bytes_per_token_dense, 'B')} → "
+                     f"{fmt_count(result.bytes_per_token_factorized, 'B')}), prefill {result.ideal_prefill_speedup:.2f}× (MACs); "
+                     f"(efficiency = measured / ideal); medians of {result.rows[0].dense.decode.runs} interleaved runs")
+    tables = [table]
+    if result.memory:
+        mt = Table(title=f"Memory a fresh process adds to load and generate (batch {result.rows[-1].batch})", title_justify="left")
+        for col in ("model", "after imports", "peak", "added", "weights", "KV cache", "added / (weights + KV)"):
+            mt.add_column(col, justify="left" if col == "model" else "right")
+        for name, m in result.memory.items():
+            mt.add_row(name, *(fmt_count(v, "B") for v in (m.after_imports, m.peak, m.added, m.weights, m.kv_cache)), f"{m.ratio:.2f}")
+        tables.append(mt)
     for note in result.notes:
         tables.append(Table(title=f"note: {note}", title_justify="left", show_header=False))
     return tables

@@ -15,6 +15,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest, read_checkpoint
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, strip_prefix
 from lowrank_cli.models.family import ModelFamily, fill_tied, get_family, recognizes
+from lowrank_cli.nn.surgery import parameters_on_meta
 
 DEFAULT_FAMILY = "timm"
 
@@ -156,7 +157,26 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             "Check the architecture and the settings it was trained with (e.g. img_size=384)",
             param="model",
         )
-    model.load_state_dict(state_dict, strict=True)
+    if any(p.is_meta for p in model.parameters()):
+        _assign(model, state_dict, expected)
+    else:
+        model.load_state_dict(state_dict, strict=True)
+
+
+def _assign(model: nn.Module, state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Load into a model whose parameters are on the meta device: the checkpoint's tensors become the parameters
+    (no second copy), in the dtype the model was built with, and parameters the model ties stay one parameter."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, leaf))
+    cast = {k: v.to(expected[k].dtype) if v.is_floating_point() and expected[k].is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    for group in holders.values():
+        first = group[0][0]._parameters[group[0][1]]
+        for module, leaf in group[1:]:
+            module._parameters[leaf] = first
 
 
 def build_model(
@@ -196,8 +216,8 @@ def build_model(
         fam = get_family(manifest.family or DEFAULT_FAMILY)
         arch = manifest.architecture
         kwargs = {**manifest.model_kwargs, **(model_kwargs or {})}
-        model = fam.create(arch, kwargs)
-        manifest.apply(model)
+        with parameters_on_meta():  # the weights come from the file: none is initialized, the dense layers never exist
+            model = manifest.apply(fam.create(arch, kwargs))
         source, note = "manifest", None
     else:
         source, note = "given", None
@@ -210,7 +230,8 @@ def build_model(
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
         if header.folder is not None and (model := fam.load_pretrained(header.folder, arch, kwargs)) is not None:
             return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
-        model = fam.create(arch, kwargs)
+        with parameters_on_meta():
+            model = fam.create(arch, kwargs)
     load_state_dict_strict(model, fam.adapt_state_dict(model, read_checkpoint(path)[2]), path, arch)
     return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
 

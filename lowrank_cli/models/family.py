@@ -26,6 +26,7 @@ from torch import nn
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.safetensors import CheckpointHeader
+from lowrank_cli.models.generation import Decoder
 from lowrank_cli.models.tasks import Task, get_task
 from lowrank_cli.nn.lowrank import LowRankLinear
 
@@ -106,7 +107,9 @@ def fill_tied(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str
     word embeddings) under every one of its names, from whichever name is present: a checkpoint stores a tied tensor once."""
     groups: dict[tuple, list[str]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        if value.numel():
+        if value.is_meta:  # no storage to compare: a tied parameter is one object under several names
+            groups.setdefault(("meta", id(value)), []).append(key)
+        elif value.numel():
             groups.setdefault((value.data_ptr(), value.dtype, tuple(value.shape), value.stride()), []).append(key)
     out = dict(state_dict)
     for keys in groups.values():
@@ -266,6 +269,11 @@ class ModelFamily(ABC):
     def architecture_for(self, config: dict[str, Any]) -> str:
         """The architecture a Hub `config.json` names."""
         raise LowrankError(f"{self.name} models are not named by a config.json", param="model")
+
+    def decoder(self, model: nn.Module) -> Decoder:
+        """The model as a `Decoder` (greedy generation with a KV cache), or a LowrankError where it does not generate."""
+        raise LowrankError(f"{type(model).__name__} ({self.name}) does not generate text; generation is timed for causal LMs "
+                           "(transformers models whose task is causal-lm)", param="generate")
 
     def exportable(self) -> ContextManager[None]:
         """A context in which models are built in their export-friendly form (for ONNX)."""

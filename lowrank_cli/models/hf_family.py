@@ -24,6 +24,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.hub import copy_side_files, write_config
 from lowrank_cli.models.family import (Candidate, ImageConfig, Inputs, ModelFamily, TextConfig, call_model, embedding_candidates, fill_tied,
                                        linear_candidates)
+from lowrank_cli.models.generation import CachedDecoder, Decoder
 from lowrank_cli.models.tasks import Task, get_task
 from lowrank_cli.nn.lowrank import is_conv1d
 
@@ -176,6 +177,11 @@ class HFFamily(ModelFamily):
             if isinstance(module, nn.ModuleList) and len(module) == n and n:
                 return [(f"{name}.{i}", m) for i, m in enumerate(module)]
         raise LowrankError(f"{type(model).__name__}: no stack of {n} layers found for feature distillation")
+
+    def decoder(self, model: nn.Module) -> Decoder:
+        if not self.task(model).language_model:
+            return super().decoder(model)
+        return CachedDecoder(model)
 
     def max_positions(self, model: nn.Module) -> int | None:
         config = model.config

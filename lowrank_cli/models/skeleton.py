@@ -8,8 +8,7 @@ model computes some of them at construction (rotary frequencies) and never store
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Collection, Iterator
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -18,27 +17,7 @@ from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import CheckpointHeader
 from lowrank_cli.models.build import Built, hub_config
 from lowrank_cli.models.family import ModelFamily, get_family
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (their buffers as usual).
-
-    A parameter is created on the CPU before it is registered, but its memory is never touched
-    (the initialization that would touch it runs on the meta copy), so it is never resident.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+from lowrank_cli.nn.surgery import parameters_on_meta
 
 
 def build_skeleton(family: ModelFamily, architecture: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -7,7 +7,8 @@ Factorization, whitening, PC-LoRA, manifests and export all swap modules through
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -44,3 +45,24 @@ def named_in(names) -> Select:
     """A `select` for `replace_modules` that matches the given dotted names."""
     wanted = set(names)
     return lambda name, _module: name in wanted
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (their buffers as usual).
+
+    A parameter is created on the CPU before it is registered, but its memory is never touched
+    (the initialization that would touch it runs on the meta copy), so it is never resident.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +25,11 @@ from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.export.dense import merge_model
 from lowrank_cli.export.onnx import onnx_export_model
+from lowrank_cli.io.manifest import Manifest
+from lowrank_cli.io.safetensors import read_header
+from lowrank_cli.measure.generation import GenerationTiming, time_generation, weight_bytes_per_token
 from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.measure.memory import peak_resident_bytes, reset_peak, resident_bytes
 from lowrank_cli.measure.timing import (LayerTiming, Timing, check_ort_device, check_runtime, layer_shapes, ort_cuda_available, ort_session,
                                         time_interleaved, time_linear_layers, torch_threads)
 from lowrank_cli.models.build import DEFAULT_FAMILY, build_model
@@ -126,13 +133,7 @@ def bench_checkpoint(
     family = get_family(manifest.family or DEFAULT_FAMILY)
     with family.exportable() if runtime == "onnxruntime" else contextlib.nullcontext():  # the ONNX path wants export-friendly modules
         fact = build_model(path).model
-        if baseline is not None:
-            base = build_model(Path(baseline), manifest.architecture, manifest.model_kwargs, family=family.name)
-            if base.manifest is not None:  # timing low rank against low rank says nothing
-                raise LowrankError(f"baseline {baseline}: is a factorized checkpoint; give the dense original, or no baseline to time the model merged dense", param="baseline")
-            dense = base.model
-        else:
-            dense = merge_model(copy.deepcopy(fact))
+        dense = _dense_baseline(fact, baseline, manifest, family)
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
     length = family.text_length(fact, seq_len)
     one = family.example_inputs(fact, seq_len=length)
@@ -160,3 +161,232 @@ def bench_checkpoint(
         str(path), str(baseline) if baseline else "merged dense (W = up·down)", runtime, str(dev), batch, n_threads,
         timings["factorized"], timings["dense"], macs_f.macs, macs_d.macs, count_params(fact), count_params(dense), layer_times, notes, length, providers,
     )
+
+
+# --- generation: prefill, first token and decode with a KV cache ------------------------------
+
+DEFAULT_PROMPT_LEN = 32
+
+
+@dataclass
+class MemoryUse:
+    """What loading a model and generating with it add to a fresh process (bytes): the peak resident memory over the
+    memory after imports, against the weights and the KV cache it holds at the end."""
+
+    after_imports: int
+    peak: int
+    weights: int
+    kv_cache: int
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.after_imports
+
+    @property
+    def ratio(self) -> float:
+        """Added memory / (weights + KV cache): 1.0 is no overhead."""
+        return self.added / max(1, self.weights + self.kv_cache)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "added": self.added, "ratio": self.ratio}
+
+
+@dataclass
+class GenerationRow:
+    """Both models' generation at one batch size."""
+
+    batch: int
+    dense: GenerationTiming
+    factorized: GenerationTiming
+
+    def speedup(self, phase: str) -> float:
+        """Dense time / factorized time of `prefill`, `ttft` or `decode` (medians)."""
+        return getattr(self.dense, phase).median_s / getattr(self.factorized, phase).median_s
+
+
+@dataclass
+class GenerationBenchResult:
+    """What `lowrank bench --generate` measured. Bytes per token: weights one decoding step reads; MACs: one prompt's prefill."""
+
+    model: str
+    baseline: str
+    runtime: str
+    device: str
+    threads: int
+    prompt_len: int
+    new_tokens: int
+    compiled: bool
+    params_factorized: int
+    params_dense: int
+    bytes_per_token_factorized: int
+    bytes_per_token_dense: int
+    prefill_macs_factorized: int
+    prefill_macs_dense: int
+    rows: list[GenerationRow]
+    memory: dict[str, MemoryUse] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ideal_decode_speedup(self) -> float:
+        return self.bytes_per_token_dense / self.bytes_per_token_factorized
+
+    @property
+    def ideal_prefill_speedup(self) -> float:
+        return self.prefill_macs_dense / self.prefill_macs_factorized
+
+    def efficiency(self, row: GenerationRow, phase: str) -> float:
+        """Measured speedup / ideal: decode against the weight bytes, prefill and time to first token against the MACs."""
+        return row.speedup(phase) / (self.ideal_decode_speedup if phase == "decode" else self.ideal_prefill_speedup)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("rows", "memory")}
+        d.update(ideal_decode_speedup=self.ideal_decode_speedup, ideal_prefill_speedup=self.ideal_prefill_speedup)
+        d["rows"] = [{"batch": r.batch, **{name: {**asdict(t), "prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s}
+                                           for name, t in (("dense", r.dense), ("factorized", r.factorized))},
+                      **{f"{p}_speedup": r.speedup(p) for p in ("prefill", "ttft", "decode")},
+                      **{f"{p}_efficiency": self.efficiency(r, p) for p in ("prefill", "ttft", "decode")}} for r in self.rows]
+        d["memory"] = None if self.memory is None else {k: m.to_dict() for k, m in self.memory.items()}
+        return d
+
+
+def _prompts(family: ModelFamily, model: nn.Module, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = inputs_to(family.example_inputs(model, batch, seq_len=length, generator=torch.Generator().manual_seed(0)), device)
+    return x["input_ids"], x["attention_mask"]
+
+
+def _compiled(model: nn.Module, compile_model: bool | str) -> nn.Module:
+    """The model with its forward compiled by `torch.compile` (dynamic shapes: the cache grows every step); `compile_model`
+    a backend name, or True for the default (inductor)."""
+    if compile_model:
+        kwargs = {"backend": compile_model} if isinstance(compile_model, str) else {}
+        model.forward = torch.compile(model.forward, dynamic=True, **kwargs)
+    return model
+
+
+def _check_generation(new_tokens: int, prompt_len: int, batch: int, repeats: int, limit: int | None) -> None:
+    if new_tokens < 2:
+        raise LowrankError(f"generate {new_tokens}: at least 2 new tokens (the first token and one decode step)", param="generate")
+    if prompt_len < 1 or batch < 1:
+        raise LowrankError(f"prompt_len {prompt_len} / batch {batch}: both must be at least 1", param="prompt_len")
+    if repeats < 1:
+        raise LowrankError(f"repeats {repeats}: at least 1", param="repeats")
+    if limit is not None and prompt_len + new_tokens > limit:
+        raise LowrankError(f"prompt_len {prompt_len} + generate {new_tokens} tokens is above the model's maximum of {limit} positions",
+                           param="generate")
+
+
+@dataclass
+class GenerationSettings:
+    """How `bench_generation` times: `new_tokens` per run, at batch 1 and `batch`, after `prompt_len` prompt tokens; `threads`
+    (CPU), `runtime`, `device`; `compile`: `torch.compile` the models (True, or a backend's name); `memory`: also measure
+    what loading and generating add to a fresh process."""
+
+    new_tokens: int = 64
+    batch: int = 8
+    prompt_len: int = DEFAULT_PROMPT_LEN
+    threads: int | None = None
+    runtime: str = "torch"
+    device: str | torch.device | None = None
+    compile: bool | str = False
+    warmup: int = 1
+    repeats: int = 3
+    memory: bool = True
+
+
+def bench_generation(model: str | os.PathLike | None, baseline: str | os.PathLike | None = None,
+                     settings: GenerationSettings | None = None, runs_dir: str | os.PathLike | None = None) -> GenerationBenchResult:
+    """Greedy generation with a KV cache, factorized vs dense in the same process, interleaved: prefill and decode tokens
+    per second and time to first token at batch 1 and `settings.batch`, against the ideal speedups (decode: the ratio of
+    weight bytes read per token; prefill: of MACs); and, in a fresh process each, the memory that loading and generating add.
+    The dense model is `baseline` or the factorized one merged dense (see `bench_checkpoint`)."""
+    s = settings or GenerationSettings()
+    check_runtime(s.runtime)
+    if s.runtime != "torch":
+        raise LowrankError(f"runtime '{s.runtime}': generation is timed in torch; accepted: torch", param="runtime")
+    dev = resolve_device(s.device)
+    path = resolve_model_path(model, runs_dir or RUNS_DIR)
+    _, manifest = require_manifest(path, "lowrank bench", need_architecture=True)
+    family = get_family(manifest.family or DEFAULT_FAMILY)
+    fact = build_model(path).model
+    family.decoder(fact)  # a model that does not generate is refused before anything else is built
+    _check_generation(s.new_tokens, s.prompt_len, s.batch, s.repeats, family.max_positions(fact))
+    dense = _dense_baseline(fact, baseline, manifest, family)
+    fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
+    ids, mask = _prompts(family, fact, 1, s.prompt_len, dev)
+    prefill = lambda m, x: family.decoder(m).prefill(x["ids"], x["mask"])  # noqa: E731
+    macs = {k: count_macs(m, {"ids": ids, "mask": mask}, prefill).macs for k, m in (("f", fact), ("d", dense))}
+    sizes = {k: (count_params(m), weight_bytes_per_token(m)) for k, m in (("f", fact), ("d", dense))}
+    decoders = {"dense": family.decoder(_compiled(dense, s.compile)), "factorized": family.decoder(_compiled(fact, s.compile))}
+    rows = []
+    with torch_threads(s.threads) as n_threads:
+        for b in sorted({1, s.batch}):
+            ids, mask = _prompts(family, fact, b, s.prompt_len, dev)
+            t = time_generation(decoders, ids, mask, s.new_tokens, warmup=s.warmup, repeats=s.repeats, device=dev)
+            rows.append(GenerationRow(b, t["dense"], t["factorized"]))
+    notes = [f"{n_threads} threads on {os.cpu_count()} CPU cores: oversubscribed"] if dev.type == "cpu" and n_threads > (os.cpu_count() or n_threads) else []
+    memory = None
+    if s.memory:
+        memory, why = _generation_memory(path, baseline, s, dev)
+        notes += [why] if why else []
+    return GenerationBenchResult(
+        str(path), str(baseline) if baseline else "merged dense (W = up·down)", s.runtime, str(dev), n_threads, s.prompt_len, s.new_tokens,
+        bool(s.compile), sizes["f"][0], sizes["d"][0], sizes["f"][1], sizes["d"][1], macs["f"], macs["d"], rows, memory, notes,
+    )
+
+
+def _dense_baseline(fact: nn.Module, baseline: str | os.PathLike | None, manifest, family: ModelFamily) -> nn.Module:
+    """The dense model to compare with: `baseline` built with the factorized model's architecture, or `fact` merged dense."""
+    if baseline is None:
+        return merge_model(copy.deepcopy(fact))
+    base = build_model(Path(baseline), manifest.architecture, manifest.model_kwargs, family=family.name)
+    if base.manifest is not None:  # timing low rank against low rank says nothing
+        raise LowrankError(f"baseline {baseline}: is a factorized checkpoint; give the dense original, or no baseline to time the model merged dense",
+                           param="baseline")
+    return base.model
+
+
+def _generation_memory(path: Path, baseline, s: GenerationSettings, dev: torch.device) -> tuple[dict[str, MemoryUse] | None, str | None]:
+    """`generation_memory` of the factorized model (and of the baseline when given), each in a fresh Python process."""
+    out = {}
+    for name, spec in (("factorized", {"path": str(path)}), ("dense", {"path": str(baseline), "like": str(path)} if baseline else None)):
+        if spec is None:
+            continue
+        spec.update(batch=s.batch, prompt_len=s.prompt_len, new_tokens=s.new_tokens, device=str(dev))
+        code = "import sys; from lowrank_cli.pipelines.bench import memory_child; memory_child(sys.argv[1])"
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return None, f"memory not measured: the measuring process failed ({why})"
+        found = json.loads(lines[-1])
+        if found is None:
+            return None, "memory not measured: this system cannot reset a process's peak memory (Linux /proc/self/clear_refs)"
+        out[name] = MemoryUse(**found)
+    if not baseline:
+        return out, "memory of the dense model not measured: it is the factorized one merged in the process; give --baseline to measure it"
+    return out, None
+
+
+def memory_child(spec_json: str) -> None:
+    """In a fresh process: print, as JSON, the `MemoryUse` of loading the model `spec['path']` (in fp32) and generating
+    `new_tokens` after `batch × prompt_len` prompt tokens, or null where the peak cannot be reset."""
+    spec = json.loads(spec_json)
+    dev = torch.device(spec["device"])
+    like = None if "like" not in spec else require_manifest(Path(spec["like"]), "lowrank bench", need_architecture=True)[1]
+    get_family((like.family if like else Manifest.from_header(read_header(Path(spec["path"]))).family) or DEFAULT_FAMILY)  # its library imported
+    if not reset_peak():
+        print("null")
+        return
+    after_imports = resident_bytes()
+    if like is None:
+        built = build_model(Path(spec["path"]))
+    else:
+        built = build_model(Path(spec["path"]), like.architecture, like.model_kwargs, family=like.family or DEFAULT_FAMILY)
+    family, model = built.family, built.model.float().eval().to(dev)
+    decoder = family.decoder(model)
+    ids, mask = _prompts(family, model, spec["batch"], spec["prompt_len"], dev)
+    logits, state = decoder.prefill(ids, mask)
+    for _ in range(spec["new_tokens"] - 1):
+        logits, state = decoder.step(logits.argmax(-1, keepdim=True), state)
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    print(json.dumps({"after_imports": after_imports, "peak": peak_resident_bytes() or 0, "weights": weights, "kv_cache": decoder.state_bytes(state)}))

@@ -27,11 +27,12 @@ from lowrank_cli.io.hub import copy_side_files
 from lowrank_cli.io.manifest import Manifest, finish_factorized, save_factorized, tied_once
 from lowrank_cli.io.safetensors import CheckpointHeader, open_tensors, read_header, read_tensors, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.measure.memory import resident_bytes
 from lowrank_cli.models.build import Built
 from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
 from lowrank_cli.pipelines.common import build_manifest, output_beside
 from lowrank_cli.pipelines.common import with_max_memory
-from lowrank_cli.pipelines.common.streamed import Streamed, blockwise_plan, fmt_bytes, resident_bytes
+from lowrank_cli.pipelines.common.streamed import Streamed, blockwise_plan, fmt_bytes
 from lowrank_cli.pipelines.common.inspection import Inspection, build_or_weight_only, check_calibration, header_params, plan_weight_only
 from lowrank_cli.plan.latency import LatencySelection, LayerTimer
 from lowrank_cli.plan.select import plan_embeddings, plan_layers, saved_params

@@ -9,8 +9,9 @@ import typer
 
 from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
-from lowrank_cli.cli.render import bench_tables, console, err_console
-from lowrank_cli.pipelines.bench import bench_checkpoint
+from lowrank_cli.cli.render import bench_tables, console, err_console, generation_tables
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.pipelines.bench import DEFAULT_PROMPT_LEN, GenerationSettings, bench_checkpoint, bench_generation
 
 app = typer.Typer(add_completion=False)
 
@@ -19,21 +20,41 @@ app = typer.Typer(add_completion=False)
 def bench(
     model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Dense checkpoint to compare with (default: the model merged dense)."),
-    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Images per forward pass."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Examples per forward pass (images, or sequences of --seq-len tokens); with --generate, the second batch size after 1."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the runtime's)."),
     runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime"),
     device: str = opt.DeviceOpt,
-    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs of each model, interleaved."),
-    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs of each model first."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed runs of each model, interleaved (default 10; 3 with --generate)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed runs of each model first (default 2; 1 with --generate)."),
     layers: bool = typer.Option(False, "--layers", help="Also time each factorized linear against its dense shape."),
     seq_len: Optional[int] = opt.SeqLenOpt,
+    generate: Optional[int] = typer.Option(None, "--generate", min=2, help="Causal LMs: time greedy generation of this many new tokens "
+                                           "with the KV cache (prefill, first token, decode, memory) at batch 1 and --batch."),
+    prompt_len: int = typer.Option(DEFAULT_PROMPT_LEN, "--prompt-len", min=1, help="With --generate: prompt tokens per sequence."),
+    compile_model: bool = typer.Option(False, "--compile", help="With --generate: torch.compile both models first (minutes on a CPU)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="With --generate: also measure the memory loading and generating add."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
-    """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."""
+    """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency; with --generate,
+    tokens per second of generation with a KV cache against the ideal of weight bytes read per token."""
     if threads is not None and device.startswith("cuda"):
         err_console.print("[yellow]note:[/] --threads sets CPU threads; it has no effect on the CUDA timings")
+    if generate is not None:
+        if layers or seq_len is not None:
+            raise LowrankError("--layers and --seq-len time one forward pass; with --generate give --prompt-len instead", param="generate")
+        settings = GenerationSettings(generate, batch, prompt_len, threads, runtime, device, compile_model,
+                                      warmup=1 if warmup is None else warmup, repeats=repeats or 3, memory=memory)
+        gen = bench_generation(model, baseline, settings)
+        if as_json:
+            print_json(gen.to_dict())
+        else:
+            for table in generation_tables(gen):
+                console.print(table)
+        return
+    if compile_model or prompt_len != DEFAULT_PROMPT_LEN:
+        raise LowrankError("--compile and --prompt-len apply with --generate N", param="generate")
     result = bench_checkpoint(model, baseline, batch=batch, threads=threads, runtime=runtime, device=device,
-                              layers=layers, warmup=warmup, repeats=repeats, seq_len=seq_len)
+                              layers=layers, warmup=2 if warmup is None else warmup, repeats=repeats or 10, seq_len=seq_len)
     if as_json:
         print_json(result.to_dict())
     else:

@@ -48,6 +48,7 @@ from lowrank_cli.io.manifest import Manifest, finish_factorized
 from lowrank_cli.io.rundir import RunDir
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, read_tensors, shard_bytes, shard_writer
 from lowrank_cli.measure.macs import count_macs, count_params
+from lowrank_cli.measure.memory import available_memory, resident_bytes
 from lowrank_cli.models.build import Built
 from lowrank_cli.models.family import inputs_to
 from lowrank_cli.models.skeleton import hub_skeleton, zero_weights
@@ -73,28 +74,6 @@ class Streamed:
     block_need: int  # bytes one block's work needs (the largest block), or the weights outside the blocks if more
     memory: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, int] | None = None  # each linear's input rows per example (a MAC budget's allocation needs them)
-
-
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A `key:  N kB` line of a /proc file, in bytes; None where it is not known."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def available_memory() -> int:
-    """The machine's available memory in bytes (MemAvailable), or its physical memory where that is not known."""
-    found = _proc_bytes("/proc/meminfo", "MemAvailable")
-    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (VmRSS), 0 where it is not known."""
-    return _proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def fmt_bytes(nbytes: float) -> str:
