@@ -71,6 +71,7 @@ FLAGS = {
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
     "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",
     "max_shard_size": "--max-shard-size", "strategy": "--strategy", "budget": "--budget",
+    "base_model": "--base-model",
 }
 
 

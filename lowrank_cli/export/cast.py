@@ -23,6 +23,12 @@ def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) ->
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
+def cast_factorized(tensors: dict[str, torch.Tensor], layers: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A factorized checkpoint's tensors in `dtype` (None: unchanged), `layers` its manifest's entries (`{name: LayerEntry}`):
+    the one cast of factors that exports of factors go through. For now every floating-point tensor is cast alone."""
+    return cast_tensors(tensors, dtype)
+
+
 def dtype_name(tensors: dict[str, torch.Tensor]) -> str:
     """`float32`, or `bfloat16+float32` for mixed checkpoints (floating-point tensors only)."""
     kinds = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values() if v.is_floating_point()})

@@ -9,6 +9,8 @@
 Every check compares outputs relative to their scale (`export.verify`): max |Δ| ≤ 5e-4 · max |y|
 in fp32; in fp16/bf16 3e-2 · max |y| and 99 % of the top-1 predictions kept.
 - `safetensors`: the factorized checkpoint and its manifest, cast to another dtype.
+- `hf`: a transformers model as a Hub folder that stock transformers loads without lowrank (`trust_remote_code=True`),
+  the factors kept (`export.hf`), with the tokenizer and usage files and a model card (`export.hf_card`).
 
 Every output is written to a temporary file and renamed into place only when it is complete
 and verified, so a failed export leaves nothing behind.
@@ -17,6 +19,7 @@ and verified, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,11 @@ import torch
 from torch import nn
 
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.export.cast import cast_tensors, dtype_name, parse_dtype
+from lowrank_cli.export.cast import cast_factorized, cast_tensors, dtype_name, parse_dtype
 from lowrank_cli.export.dense import merge_state_dict
+from lowrank_cli.export.hf import (hf_classes, hf_config, hub_id, load_folder, modeling_source, require_clean_load, require_transformers,
+                                   require_written_tensors, write_folder)
+from lowrank_cli.export.hf_card import CardFacts, dense_params, model_card, run_report
 from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
 from lowrank_cli.export.verify import LOW_PRECISION, compare_outputs, require_match
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
@@ -39,7 +45,7 @@ from lowrank_cli.models.family import ModelFamily, fill_tied, get_family
 from lowrank_cli.nn.lowrank import LowRankLinear
 from lowrank_cli.pipelines.common import RUNS_DIR, output_beside, require_manifest, resolve_model_path
 
-FORMATS = ("onnx", "dense", "safetensors")
+FORMATS = ("onnx", "dense", "safetensors", "hf")
 def check_shard_size(size: int | str | None) -> None:
     """A positive number of bytes, or digits and a unit (`500MB`, `2GB`, `1GiB`); else a LowrankError naming it."""
     if size is not None:
@@ -66,6 +72,7 @@ class ExportResult:
     extra_files: list[str] = field(default_factory=list)  # e.g. the ONNX external data file
     family: str | None = None
     weight_files: list[str] = field(default_factory=list)  # a Hub folder's weight files: model.safetensors, or its shards
+    usage: str | None = None  # how to load the export, when that is not the family's own loader (format hf)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,10 +80,11 @@ class ExportResult:
 
 def default_output(path: Path, fmt: str, dtype: str, hub: bool = False) -> Path:
     """`<stem>.onnx`, `<stem>.dense.safetensors` or `<stem>.<dtype>.safetensors` beside the input; for a transformers
-    model's dense export, the Hub folder `<folder>.dense` (named after the checkpoint's folder when it has one)."""
-    if hub:
+    model's dense export, the Hub folder `<folder>.dense` (named after the checkpoint's folder when it has one); `hf`: the
+    Hub folder `<folder>.hf`."""
+    if hub or fmt == "hf":
         base = path.parent if path.name in ("model.safetensors", "student.safetensors") and (path.parent / "config.json").is_file() else path
-        return output_beside(base, ".dense")
+        return output_beside(base, ".hf" if fmt == "hf" else ".dense")
     return output_beside(path, {"onnx": ".onnx", "dense": ".dense.safetensors", "safetensors": f".{dtype}.safetensors"}[fmt])
 
 
@@ -213,6 +221,59 @@ def export_safetensors(path: Path, out: Path, *, dtype: str = "float32", force: 
     )
 
 
+def export_hf(path: Path, out: Path, *, dtype: str | None = None, force: bool = False, base_model: str | None = None,
+              command: str | None = None) -> ExportResult:
+    """A transformers model as a Hub folder that stock transformers loads without lowrank (`trust_remote_code=True`), at its
+    factorized size: the factors in `dtype` (through `export.cast.cast_factorized`), `config.json` with its `auto_map`,
+    `modeling_lowrank.py`, the tokenizer and usage files (sentence-transformers' pooling among them) and a model card
+    (`base_model`: a Hub id for its front matter; `command`: the command it names as the one that made it).
+
+    Before the folder is moved into place, transformers' own `from_pretrained(..., trust_remote_code=True)` loads it:
+    no missing, unexpected or mismatched key, every tensor the one written, the factorized model's parameter count, and
+    outputs (in fp32) within the export tolerance of the factorized model's (`export.verify`)."""
+    header, manifest = require_manifest(path, "export as hf", need_architecture=True)
+    require_transformers(path, manifest)
+    check_output_folder(out, force=force, inputs=(path,))
+    if base_model is not None and hub_id(base_model) is None:
+        raise LowrankError(f"base_model '{base_model}' is not a Hub repository id; accepted: owner/name", param="base_model")
+    factorized = build_model(path)
+    family, model = factorized.family, factorized.model
+    classes = hf_classes(model)
+    tensors = cast_factorized(read_checkpoint(path)[2], manifest.layers, parse_dtype(dtype) if dtype else None)
+    if "+" in dtype_name(tensors):  # several dtypes: one for from_pretrained's dtype="auto" to load them in
+        tensors = cast_factorized(tensors, manifest.layers, torch.float32)
+    written, params = dtype_name(tensors), count_params(model)
+    what = f"the hf export of {path}"
+    with atomic_folder(out, force=force, inputs=(path,)) as tmp:
+        files = write_folder(tmp, modeling_source(classes), hf_config(manifest.model_kwargs, manifest.layers, classes, written), tensors)
+        copy_side_files(header.folder, tmp)
+        facts = CardFacts(title=out.name, architecture=manifest.architecture, auto_class=classes.main_auto(), task=family.task(model).name,
+                          layers=manifest.layers, params=(dense_params(params, manifest.layers), params), dtype=written,
+                          command=command or hf_command(path, out, dtype, base_model), base_model=base_model, source=manifest.source,
+                          recipe=manifest.recipe, distill=manifest.distill, report=run_report(path),
+                          sentence_transformers=(tmp / "modules.json").is_file())
+        (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
+        loaded, info = load_folder(tmp, classes.main_auto())
+        require_clean_load(info, what)
+        require_written_tensors(loaded, tensors, what)
+        if count_params(loaded) != params:
+            raise LowrankError(f"{what}: loads with {count_params(loaded):,} parameters, not the factorized model's {params:,}; "
+                               "nothing was written")
+        loaded_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in loaded.parameters()})
+        verification = {"check": f"{classes.main_auto()}.from_pretrained(trust_remote_code=True) of the folder: no missing or unexpected "
+                                 "keys, every tensor the one written; outputs (in fp32) vs the factorized model",
+                        **_compare(family, model.float(), loaded.float(), _low_precision(tensors)), "loaded_dtypes": loaded_dtypes}
+        require_match(verification, what, "the factorized model")
+        bytes_after = sum((tmp / f).stat().st_size for f in files if f.endswith(".safetensors"))
+    macs = _macs(model, family)  # the loaded model's layers are the factorized model's; the family reads the config's model_type
+    return ExportResult(
+        "hf", str(path), str(out), sum(f.stat().st_size for f in checkpoint_files(path)[1]), bytes_after, params, macs, written,
+        manifest.architecture, {}, len(manifest.layers), verification, family=manifest.family,
+        weight_files=[f for f in files if f.endswith(".safetensors")],
+        usage=f"load with transformers.{classes.main_auto()}.from_pretrained('{out}', trust_remote_code=True)",
+    )
+
+
 def build_exportable(path: Path, img_size: int | None = None) -> Built:
     """The factorized model, built in its family's export-friendly form, in fp32, at `img_size` when given."""
     manifest = Manifest.from_header(read_header(path))
@@ -281,4 +342,24 @@ def export_checkpoint(
             raise LowrankError(f"{name} applies to the onnx format only, not {fmt}", param=name)
     if fmt == "dense":
         return export_dense(path, out_path, dtype=dtype, force=force, max_shard_size=max_shard_size)
+    if fmt == "hf":
+        return export_hf(path, out_path, dtype=dtype, force=force, command=hf_command(model, out, dtype))
     return export_safetensors(path, out_path, dtype=dtype or "float32", force=force)
+
+
+def hf_command(model: str | os.PathLike | None, out: str | os.PathLike | None, dtype: str | None, base_model: str | None = None) -> str:
+    """The `lowrank export` command line of an hf export, for its model card."""
+    args = ["lowrank", "export"] + ([str(model)] if model is not None else []) + ["--format", "hf"]
+    for flag, value in (("--out", out), ("--dtype", dtype), ("--base-model", base_model)):
+        args += [flag, str(value)] if value is not None else []
+    return shlex.join(args)
+
+
+def export_hf_checkpoint(model: str | os.PathLike | None, out: str | os.PathLike | None = None, *, dtype: str | None = None,
+                         force: bool = False, base_model: str | None = None, runs_dir: str | os.PathLike = RUNS_DIR) -> ExportResult:
+    """`export_checkpoint(model, "hf", out, dtype=, force=)` with `base_model`, a Hub id, named in the model card's front matter."""
+    if dtype is not None:
+        parse_dtype(dtype)
+    path = resolve_model_path(model, runs_dir)
+    out_path = Path(out) if out is not None else default_output(path, "hf", dtype or "float32")
+    return export_hf(path, out_path, dtype=dtype, force=force, base_model=base_model, command=hf_command(model, out, dtype, base_model))
