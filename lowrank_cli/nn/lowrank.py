@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 
 from lowrank_cli.decompose.svd import Svd, truncated_factors
 
@@ -27,6 +30,14 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def _plain(module: nn.Module) -> bool:
+    """An `nn.Linear` whose call would do nothing but `F.linear`: no hooks of its own or global ones (MAC counting,
+    calibration and sensitivity taps hook the halves), not a subclass or a wrapper (FSDP, parametrizations)."""
+    return (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                                                or module._backward_pre_hooks)
+            and not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks))
+
+
 class LowRankLinear(nn.Module):
     """`y = up(down(x))`: a rank-`rank` stand-in for an `nn.Linear(in_features, out_features)`.
 
@@ -41,7 +52,10 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        down, up = self.down, self.up
+        if _plain(down) and _plain(up):  # the two products straight away: decoding calls this hundreds of times per token
+            return F.linear(F.linear(x, down.weight), up.weight, up.bias)
+        return up(down(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"
