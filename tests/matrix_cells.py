@@ -236,8 +236,9 @@ def run_cell(c: dict[str, str], checkpoint: Callable[[str, str], Path], work: Pa
         assert report["train"]["steps"] == 2, report["train"]
     figures: dict[str, Any] = {}
     check_plan(c, source, factorized, figures)
-    exported = work / ("export.onnx" if c["export"] == "onnx" else "export.safetensors" if c["export"] == "safetensors"
-                       or c["family"] in ("deit", "swin") else "export")
+    kv_cache = c["export"] == "onnx" and c["family"] in ("llama", "gpt2")  # a causal LM's ONNX export: a folder with its KV cache
+    exported = work / ("export-onnx" if kv_cache else "export.onnx" if c["export"] == "onnx" else "export.safetensors"
+                       if c["export"] == "safetensors" or c["family"] in ("deit", "swin") else "export")
     listing = sorted(p.name for p in work.iterdir())
     code, out, err = cli("export", factorized, "--format", c["export"], "--out", exported, "--dtype", TORCH_DTYPE[c["export_dtype"]], "--json")
     if v.kind == "refused":
@@ -358,12 +359,17 @@ def check_export(c: dict[str, str], factorized: Path, exported: Path, figures: d
         import onnx
         import onnxruntime as ort
 
-        proto = onnx.load(str(exported))
+        from lowrank_cli.export.onnx_cache import OrtDecoder
+
+        proto = onnx.load(str(exported / "model.onnx" if exported.is_dir() else exported))  # a causal LM's folder (KV cache)
         types = {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
         assert types <= {"FLOAT", "INT64", "INT32", "BOOL"}, types
-        session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-        feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
-        got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+        if exported.is_dir():  # the prompt's logits, with an empty past
+            got = torch.from_numpy(OrtDecoder.from_path(exported).forward(x["input_ids"], x["attention_mask"])[0])
+        else:
+            session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+            feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+            got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
     else:
         dtypes = {t.dtype for t in read_header(exported).tensors.values() if t.dtype in ("F32", "F16", "BF16", "F64")}
         assert dtypes == {HEADER_DTYPE[c["export_dtype"]]}, f"written {dtypes}, asked {c['export_dtype']}"

@@ -70,7 +70,7 @@ FLAGS = {
     "batch": "--batch", "batch_size": "--batch-size", "threads": "--threads", "runtime": "--runtime", "repeats": "--repeats",
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
     "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",
-    "max_shard_size": "--max-shard-size", "strategy": "--strategy", "budget": "--budget",
+    "max_shard_size": "--max-shard-size", "strategy": "--strategy", "budget": "--budget", "kv_cache": "--kv-cache",
     "base_model": "--base-model",
 }
 

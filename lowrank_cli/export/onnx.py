@@ -4,6 +4,7 @@
 (full check), counts its MatMuls (each `LowRankLinear` must stay two), runs it in
 onnxruntime against PyTorch at two batch sizes (max |Δ| ≤ 5e-4 · max |y|, `export.verify`),
 and only then moves it into place: a failed export leaves nothing behind. Models of 2 GB or more keep their weights in `<out>.data`.
+A causal LM's graph with its KV cache, in the folder optimum's ORTModelForCausalLM loads, is `export.onnx_cache`'s.
 """
 
 from __future__ import annotations
@@ -166,28 +167,35 @@ def _shape_of(inputs: Inputs) -> str:
     return f"batch {inputs.shape[0]}"
 
 
+def check_graph(path: Path, model: nn.Module) -> dict[str, int]:
+    """`onnx.checker` (full check) of an exported graph and its op counts, with at least two MatMul/Gemm nodes for each
+    `LowRankLinear` of `model` (the exporter must not merge a factorized layer back); a LowrankError otherwise."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises ValidationError and friends
+        raise LowrankError(f"the exported ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    ops = onnx_op_counts(path)
+    n_factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    if ops.get("MatMul", 0) + ops.get("Gemm", 0) < 2 * n_factorized:
+        raise LowrankError(
+            f"the exported graph has {ops.get('MatMul', 0)} MatMul + {ops.get('Gemm', 0)} Gemm nodes for "
+            f"{n_factorized} factorized layers (expected at least two each): the exporter merged them"
+        )
+    return ops
+
+
 def write_verified_onnx(model: nn.Module, out: Path, make_inputs: InputMaker, forward: Forward, *, opset: int = DEFAULT_OPSET,
                         force: bool = False, inputs: tuple[Path, ...] = (), source: str = "the model", max_length: int | None = None) -> OnnxExport:
     """Export `model` (fp32, eval) to `out`: staged, checked, verified against PyTorch, then moved into place."""
-    import onnx
-
     check_opset(opset)
-    n_factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name  # staged under the final name: external data is referenced by file name
         external = onnx_export_model(model, staged, make_inputs(SAMPLE_BATCH, torch.Generator().manual_seed(1)), opset, forward=forward,
                                      max_length=max_length)
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except Exception as e:  # noqa: BLE001 - onnx raises ValidationError and friends
-            raise LowrankError(f"the exported ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-        ops = onnx_op_counts(staged)
-        if ops.get("MatMul", 0) + ops.get("Gemm", 0) < 2 * n_factorized:
-            raise LowrankError(
-                f"the exported graph has {ops.get('MatMul', 0)} MatMul + {ops.get('Gemm', 0)} Gemm nodes for "
-                f"{n_factorized} factorized layers (expected at least two each): the exporter merged them"
-            )
+        ops = check_graph(staged, model)
         verification = verify_onnx(staged, model, make_inputs, forward)
         require_match(verification, f"the ONNX export of {source}", f"PyTorch (batches {list(VERIFY_BATCHES)})")
         extra = []

@@ -1,7 +1,8 @@
 """`lowrank export`: a factorized checkpoint (or a run's student) as a deployable artifact.
 
 - `onnx`: the model built in its family's export-friendly form, exported by the dynamo
-  exporter with a dynamic batch axis, checked and verified against PyTorch (`export.onnx`).
+  exporter with a dynamic batch axis, checked and verified against PyTorch (`export.onnx`); a causal LM's
+  graph takes and returns its KV cache, in the folder optimum's ORTModelForCausalLM loads (`export.onnx_cache`).
 - `dense`: every `<layer>.down/up` pair merged back into `<layer>.weight = up · down`: a plain
   state dict that the model's library loads strictly (timm: `create_model(arch, checkpoint_path=...)`),
   or for a transformers model a Hub folder (`from_pretrained`), in the asked dtype.
@@ -34,6 +35,7 @@ from lowrank_cli.export.hf import (hf_classes, hf_config, hub_id, load_folder, m
                                    require_written_tensors, write_folder)
 from lowrank_cli.export.hf_card import CardFacts, dense_params, model_card, run_report
 from lowrank_cli.export.onnx import DEFAULT_OPSET, check_opset, write_verified_onnx
+from lowrank_cli.export.onnx_cache import MODEL_FILE, write_verified_decoder
 from lowrank_cli.export.verify import LOW_PRECISION, compare_outputs, require_match
 from lowrank_cli.io.atomic import atomic_folder, check_output, check_output_folder
 from lowrank_cli.io.hub import copy_side_files
@@ -291,13 +293,27 @@ def build_exportable(path: Path, img_size: int | None = None) -> Built:
     return built
 
 
-def export_onnx(path: Path, out: Path, *, img_size: int | None = None, opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
-    """Export to ONNX, check it, verify it against PyTorch, and only then move it to `out`."""
-    _, manifest = require_manifest(path, "export as onnx", need_architecture=True)
-    check_output(out, force=force, inputs=(path,))
+def export_onnx(path: Path, out: Path | None, *, img_size: int | None = None, opset: int = DEFAULT_OPSET, force: bool = False,
+                kv_cache: bool | None = None) -> ExportResult:
+    """Export to ONNX, check it, verify it against PyTorch, and only then move it to `out` (None: beside the input).
+
+    A model that generates text (a causal LM) gets, unless `kv_cache` is False, the graph with a KV cache that generation
+    needs, in the folder optimum's ORTModelForCausalLM loads (`export_onnx_decoder`); every other model, or a causal LM
+    with `kv_cache=False`, one `.onnx` file without a cache. `kv_cache=True` is refused for a model that does not generate."""
+    header, manifest = require_manifest(path, "export as onnx", need_architecture=True)
     check_opset(opset)
+    if out is not None and kv_cache is False:
+        check_output(out, force=force, inputs=(path,))
     built = build_exportable(path, img_size)
     model, family = built.model, built.family
+    task = family.task(model)
+    if kv_cache and not task.language_model:
+        raise LowrankError(f"kv_cache: {path} holds a {task.name} model ({manifest.architecture}), which does not generate text; "
+                           "a KV cache is exported for causal LMs only (accepted here: kv_cache false or unset)", param="kv_cache")
+    if task.language_model and kv_cache is not False:
+        return export_onnx_decoder(path, out, built, header, manifest, opset=opset, force=force)
+    out = out if out is not None else default_output(path, "onnx", "float32")
+    check_output(out, force=force, inputs=(path,))
     written = write_verified_onnx(model, out, input_maker(family, model), family.forward, opset=opset, force=force, inputs=(path,), source=str(path),
                                   max_length=family.max_positions(model))
     size_after = out.stat().st_size + sum(Path(p).stat().st_size for p in written.extra_files)
@@ -305,6 +321,39 @@ def export_onnx(path: Path, out: Path, *, img_size: int | None = None, opset: in
     return ExportResult(
         "onnx", str(path), str(out), path.stat().st_size, size_after, count_params(model), _macs(model, family), "float32",
         manifest.architecture, manifest.model_kwargs, n_factorized, written.verification, written.ops, written.extra_files, manifest.family,
+    )
+
+
+def decoder_folder(path: Path) -> Path:
+    """The default folder of a causal LM's ONNX export with a KV cache: `<folder>-onnx` beside the checkpoint's Hub folder
+    (or `<stem>-onnx` beside a checkpoint file)."""
+    base = path.parent if path.name in ("model.safetensors", "student.safetensors") and (path.parent / "config.json").is_file() else path
+    return output_beside(base, "-onnx")
+
+
+def export_onnx_decoder(path: Path, out: Path | None, built: Built, header, manifest: Manifest, *, opset: int = DEFAULT_OPSET,
+                        force: bool = False) -> ExportResult:
+    """A causal LM's ONNX export with a KV cache (`export.onnx_cache`): the folder `out` (default `decoder_folder`) holding
+    `model.onnx` (inputs `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/.value`; outputs `logits`,
+    `present.{i}.key/.value`), `config.json`, `generation_config.json` and the tokenizer and usage files, which
+    `ORTModelForCausalLM.from_pretrained(out)` loads; written only once its logits and its greedy generation match PyTorch's."""
+    out = out if out is not None else decoder_folder(path)
+    if out.suffix == ".onnx":
+        raise LowrankError(f"out {out}: a causal LM's ONNX export with a KV cache is a folder (model.onnx, config.json, the tokenizer) that "
+                           "ORTModelForCausalLM.from_pretrained loads, not a .onnx file; accepted: a folder name, or kv_cache false "
+                           "for one .onnx file without a cache", param="out")
+    check_output_folder(out, force=force, inputs=(path,))
+    model, family = built.model, built.family
+    with atomic_folder(out, force=force, inputs=(path,)) as tmp:
+        written = write_verified_decoder(model, tmp, input_maker(family, model), family.forward, opset=opset, source=str(path),
+                                         max_length=family.max_positions(model))
+        family.write_hub_files(tmp, manifest.architecture, manifest.model_kwargs, header.folder)  # config.json, tokenizer, usage files
+        files = [MODEL_FILE, *written.extra_files]
+        size_after = sum((tmp / f).stat().st_size for f in files)
+    n_factorized = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    return ExportResult(
+        "onnx", str(path), str(out), path.stat().st_size, size_after, count_params(model), _macs(model, family), "float32",
+        manifest.architecture, manifest.model_kwargs, n_factorized, written.verification, written.ops, [], manifest.family, weight_files=files,
     )
 
 
@@ -319,9 +368,11 @@ def export_checkpoint(
     force: bool = False,
     runs_dir: str | os.PathLike = RUNS_DIR,
     max_shard_size: int | str | None = None,
+    kv_cache: bool | None = None,
 ) -> ExportResult:
     """Export a factorized checkpoint (or a run directory's, or the newest run's) as `fmt`. `max_shard_size`: a
-    transformers model's dense export is written in shards of at most that many bytes (an int, or `"500MB"`)."""
+    transformers model's dense export is written in shards of at most that many bytes (an int, or `"500MB"`). `kv_cache`
+    (onnx): a causal LM's graph with a KV cache, in a folder (None: for every model that generates; see `export_onnx`)."""
     if fmt not in FORMATS:
         raise LowrankError(f"format '{fmt}' is not supported; accepted: {', '.join(FORMATS)}", param="format")
     if dtype is not None:
@@ -336,8 +387,9 @@ def export_checkpoint(
     hub = manifest is not None and exports_folder(manifest)
     out_path = Path(out) if out is not None else default_output(path, fmt, dtype or "float32", hub)
     if fmt == "onnx":
-        return export_onnx(path, out_path, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset, force=force)
-    for name, value in (("img_size", img_size), ("opset", opset)):
+        return export_onnx(path, Path(out) if out is not None else None, img_size=img_size, opset=DEFAULT_OPSET if opset is None else opset,
+                           force=force, kv_cache=kv_cache)
+    for name, value in (("img_size", img_size), ("opset", opset), ("kv_cache", kv_cache)):
         if value is not None:
             raise LowrankError(f"{name} applies to the onnx format only, not {fmt}", param=name)
     if fmt == "dense":

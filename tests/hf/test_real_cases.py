@@ -46,7 +46,7 @@ def test_whitened_llama_at_kappa_1_25_exports_to_onnx_and_dense_in_fp32_and_bf16
     ranks = {row["name"]: row["rank"] for row in alloc["layers"]}
     assert all(e.rank == ranks[n] for n, e in manifest.layers.items() if e.kind != "embedding")  # the manifest holds the allocation's ranks
     assert any(e.rank > rank_for_kappa(e.d_in, e.d_out, 1.25) for e in linears)  # not the uniform ranks
-    for fmt, dtype, out in (("onnx", "float32", tmp_path / "m.onnx"), ("dense", "float32", tmp_path / "dense"),
+    for fmt, dtype, out in (("onnx", "float32", tmp_path / "m-onnx"), ("dense", "float32", tmp_path / "dense"),
                             ("dense", "bfloat16", tmp_path / "dense-bf16")):
         r = cli("export", fact, "--format", fmt, "--dtype", dtype, "--out", out, "--json")
         assert r.code == 0, (fmt, dtype, r.err)
@@ -54,7 +54,7 @@ def test_whitened_llama_at_kappa_1_25_exports_to_onnx_and_dense_in_fp32_and_bf16
         assert v["relative_diff"] <= (5e-4 if dtype == "float32" else 3e-2), (fmt, dtype, v)
         if dtype != "float32":
             assert v["top1_agreement"] >= 0.99 and {t.dtype for t in read_header(out).tensors.values()} == {"BF16"}
-    for folder in (fact, tmp_path / "dense", tmp_path / "dense-bf16"):
+    for folder in (fact, tmp_path / "m-onnx", tmp_path / "dense", tmp_path / "dense-bf16"):
         assert (folder / "chat_template.jinja").read_bytes() == (llama / "chat_template.jinja").read_bytes(), folder
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense-bf16"), dtype="auto")
     assert str(dense.dtype) == "torch.bfloat16" and dense.lm_head.weight is dense.model.embed_tokens.weight

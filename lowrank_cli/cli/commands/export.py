@@ -30,6 +30,9 @@ def export(
                                                   help="Dense export of a transformers model: weight shards of at most this size (bytes, 500MB, 2GB)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="--format hf: the Hub id of the model it was compressed from, "
                                                                         "for the model card's base_model."),
+    kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache",
+                                            help="ONNX of a causal LM: the graph with a KV cache, in a folder optimum's ORTModelForCausalLM "
+                                                 "loads (default for causal LMs), or one .onnx file without a cache."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
@@ -41,7 +44,8 @@ def export(
     if base_model is not None and (img_size, opset, shard) == (None, None, None):  # else export_checkpoint refuses those for hf
         result = export_hf_checkpoint(model, out, dtype=dtype, force=force, base_model=base_model)
     else:
-        result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force, max_shard_size=shard)
+        result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force, max_shard_size=shard,
+                                   kv_cache=kv_cache)
     if as_json:
         print_json(result.to_dict())
     else:
