@@ -88,13 +88,14 @@ def time_generation(
     *,
     warmup: int = 1,
     repeats: int = 3,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
 ) -> dict[str, GenerationTiming]:
     """Greedy generation of `new_tokens` (at least 2) after the prompts `ids`, with each decoder, interleaved: see the
-    module docstring. Every run generates all `new_tokens`, whatever the tokens are (no stop at an end token)."""
+    module docstring. Every run generates all `new_tokens`, whatever the tokens are (no stop at an end token). `device`:
+    where the work runs, to synchronise with (default: the prompts' device)."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens {new_tokens}: at least 2 (a first token and one decode step)")
-    sync = lambda: _sync(device)  # noqa: E731
+    sync = lambda: _sync(device or ids.device)  # noqa: E731
     for _ in range(warmup):
         for decoder in decoders.values():
             _run_once(decoder, ids, mask, new_tokens, sync)

@@ -164,19 +164,55 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def _assign(model: nn.Module, state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Load into a model whose parameters are on the meta device: the checkpoint's tensors become the parameters
-    (no second copy), in the dtype the model was built with, and parameters the model ties stay one parameter."""
+    """Load into a model whose parameters are on the meta device: the checkpoint's tensors become the parameters (no
+    second copy), in the dtype the model was built with; parameters the model ties stay one parameter; buffers are
+    copied into as `load_state_dict` does (their dtype kept)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
+    names: dict[int, str] = {}
+    for prefix, module in model.named_modules():
         for leaf, param in module._parameters.items():
             if param is not None:
                 holders.setdefault(id(param), []).append((module, leaf))
-    cast = {k: v.to(expected[k].dtype) if v.is_floating_point() and expected[k].is_floating_point() else v for k, v in state_dict.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
-    for group in holders.values():
-        first = group[0][0]._parameters[group[0][1]]
-        for module, leaf in group[1:]:
-            module._parameters[leaf] = first
+                names.setdefault(id(param), f"{prefix}.{leaf}" if prefix else leaf)
+    for key, group in holders.items():
+        old = group[0][0]._parameters[group[0][1]]
+        value = state_dict[names[key]]
+        value = value.to(old.dtype) if value.is_floating_point() and old.is_floating_point() else value
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+        for module, leaf in group:
+            module._parameters[leaf] = new
+    with torch.no_grad():
+        for key, buffer in model.state_dict(keep_vars=True).items():
+            if key not in params and key in state_dict:
+                buffer.copy_(state_dict[key])
+
+
+def _built_for_load(fam: ModelFamily, arch: str, kwargs: dict[str, Any], manifest: Manifest | None) -> nn.Module:
+    """The model to load a checkpoint into: built on the meta device (no weights initialized, the dense layers a manifest
+    replaces never made), unless the model computes some state from its parameters' values or device while it is built
+    (timm's Swin fills its window masks on its parameters' device): then built as usual."""
+    try:
+        with parameters_on_meta():
+            model = fam.create(arch, kwargs)
+            if manifest is not None:
+                manifest.apply(model)
+        if not _meta_state(model):
+            return model
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built as usual below, which names what is wrong
+        pass
+    model = fam.create(arch, kwargs)
+    return manifest.apply(model) if manifest is not None else model
+
+
+def _meta_state(model: nn.Module) -> bool:
+    """Whether any buffer, or any tensor a module keeps as a plain attribute, is on the meta device."""
+    for module in model.modules():
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            return True
+        if any(isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.is_meta for v in vars(module).values()):
+            return True
+    return False
 
 
 def build_model(
@@ -216,8 +252,7 @@ def build_model(
         fam = get_family(manifest.family or DEFAULT_FAMILY)
         arch = manifest.architecture
         kwargs = {**manifest.model_kwargs, **(model_kwargs or {})}
-        with parameters_on_meta():  # the weights come from the file: none is initialized, the dense layers never exist
-            model = manifest.apply(fam.create(arch, kwargs))
+        model = _built_for_load(fam, arch, kwargs, manifest)
         source, note = "manifest", None
     else:
         source, note = "given", None
@@ -230,8 +265,7 @@ def build_model(
         kwargs = fam.complete_kwargs(arch, header, dict(model_kwargs or {}))
         if header.folder is not None and (model := fam.load_pretrained(header.folder, arch, kwargs)) is not None:
             return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
-        with parameters_on_meta():
-            model = fam.create(arch, kwargs)
+        model = _built_for_load(fam, arch, kwargs, None)
     load_state_dict_strict(model, fam.adapt_state_dict(model, read_checkpoint(path)[2]), path, arch)
     return Built(model.eval(), fam, arch, fam.recorded_kwargs(model, kwargs), header, manifest, source, note)
 

@@ -42,6 +42,8 @@ def cache_bytes(cache: Any) -> int:
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return sum(cache_bytes([getattr(layer, "keys", None), getattr(layer, "values", None)]) for layer in layers)
+    if hasattr(cache, "key_cache"):  # transformers before 4.56: lists of tensors
+        return cache_bytes(list(cache.key_cache) + list(cache.value_cache))
     return 0
 
 
@@ -50,12 +52,16 @@ class CachedDecoder:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        accepted = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        # the last position's logits only, as `generate` asks (`num_logits_to_keep` in transformers 4.45–4.48, none before)
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in accepted), None)
+        self._keep = {keep: 1} if keep else {}
 
     def _call(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         kwargs = {self._cache_arg: cache} if cache is not None else {}
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **self._keep, **kwargs)
         cache = out.cache if "cache" in out else out.past_key_values
         return out.logits[:, -1], cache
 

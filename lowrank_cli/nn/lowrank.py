@@ -32,9 +32,10 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 
 def _plain(module: nn.Module) -> bool:
     """An `nn.Linear` whose call would do nothing but `F.linear`: no hooks of its own or global ones (MAC counting,
-    calibration and sensitivity taps hook the halves), not a subclass or a wrapper (FSDP, parametrizations)."""
-    return (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                                                or module._backward_pre_hooks)
+    calibration and sensitivity taps hook the halves), not a subclass or a wrapper (FSDP, parametrizations), no `forward` of
+    its own (accelerate's hooks replace it), not compiled on its own."""
+    return (type(module) is nn.Linear and "forward" not in vars(module) and getattr(module, "_compiled_call_impl", None) is None
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
             and not (_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.export.dense import merge_model
 from lowrank_cli.export.onnx import onnx_export_model
+from lowrank_cli.export.onnx_cache import OrtDecoder, cache_layout, export_decoder
 from lowrank_cli.io.manifest import Manifest
 from lowrank_cli.io.safetensors import read_header
 from lowrank_cli.measure.generation import GenerationTiming, time_generation, weight_bytes_per_token
@@ -34,6 +36,7 @@ from lowrank_cli.measure.timing import (LayerTiming, Timing, check_ort_device, c
                                         time_interleaved, time_linear_layers, torch_threads)
 from lowrank_cli.models.build import DEFAULT_FAMILY, build_model
 from lowrank_cli.models.family import Inputs, ModelFamily, get_family, inputs_to
+from lowrank_cli.models.skeleton import build_skeleton
 from lowrank_cli.pipelines.common import RUNS_DIR, require_manifest, resolve_model_path
 
 
@@ -171,16 +174,18 @@ DEFAULT_PROMPT_LEN = 32
 @dataclass
 class MemoryUse:
     """What loading a model and generating with it add to a fresh process (bytes): the peak resident memory over the
-    memory after imports, against the weights and the KV cache it holds at the end."""
+    memory after imports (on a GPU: CUDA's peak allocation), against the weights and the KV cache it holds at the end."""
 
     after_imports: int
     peak: int
     weights: int
     kv_cache: int
+    device_peak: int | None = None  # on a GPU: the most memory CUDA allocated (where the weights and the cache are)
 
     @property
     def added(self) -> int:
-        return self.peak - self.after_imports
+        """What the process added: on a GPU, CUDA's peak allocation; on the CPU, the peak resident memory over the memory after imports."""
+        return self.device_peak if self.device_peak is not None else self.peak - self.after_imports
 
     @property
     def ratio(self) -> float:
@@ -266,13 +271,12 @@ def _compiled(model: nn.Module, compile_model: bool | str) -> nn.Module:
 def _check_generation(new_tokens: int, prompt_len: int, batch: int, repeats: int, limit: int | None) -> None:
     if new_tokens < 2:
         raise LowrankError(f"generate {new_tokens}: at least 2 new tokens (the first token and one decode step)", param="generate")
-    if prompt_len < 1 or batch < 1:
-        raise LowrankError(f"prompt_len {prompt_len} / batch {batch}: both must be at least 1", param="prompt_len")
-    if repeats < 1:
-        raise LowrankError(f"repeats {repeats}: at least 1", param="repeats")
-    if limit is not None and prompt_len + new_tokens > limit:
-        raise LowrankError(f"prompt_len {prompt_len} + generate {new_tokens} tokens is above the model's maximum of {limit} positions",
-                           param="generate")
+    for name, value in (("prompt_len", prompt_len), ("batch", batch), ("repeats", repeats)):
+        if value < 1:
+            raise LowrankError(f"{name} {value}: must be at least 1", param=name)
+    if limit is not None and prompt_len + new_tokens - 1 > limit:  # the last token is chosen, never fed back
+        raise LowrankError(f"prompt_len {prompt_len} + generate {new_tokens} tokens needs {prompt_len + new_tokens - 1} positions, above the "
+                           f"model's maximum of {limit}", param="generate")
 
 
 @dataclass
@@ -301,37 +305,64 @@ def bench_generation(model: str | os.PathLike | None, baseline: str | os.PathLik
     The dense model is `baseline` or the factorized one merged dense (see `bench_checkpoint`)."""
     s = settings or GenerationSettings()
     check_runtime(s.runtime)
-    if s.runtime != "torch":
-        raise LowrankError(f"runtime '{s.runtime}': generation is timed in torch; accepted: torch", param="runtime")
-    dev = resolve_device(s.device)
+    ort = s.runtime == "onnxruntime"
+    if ort and s.compile:
+        raise LowrankError("compile applies to the torch runtime; onnxruntime runs the exported graph", param="compile")
+    dev = _generation_device(s)
     path = resolve_model_path(model, runs_dir or RUNS_DIR)
     _, manifest = require_manifest(path, "lowrank bench", need_architecture=True)
     family = get_family(manifest.family or DEFAULT_FAMILY)
-    fact = build_model(path).model
-    family.decoder(fact)  # a model that does not generate is refused before anything else is built
-    _check_generation(s.new_tokens, s.prompt_len, s.batch, s.repeats, family.max_positions(fact))
-    dense = _dense_baseline(fact, baseline, manifest, family)
+    with family.exportable() if ort else contextlib.nullcontext():  # the ONNX path wants export-friendly modules
+        fact = build_model(path).model
+        family.decoder(fact)  # a model that does not generate is refused before anything else is built
+        _check_generation(s.new_tokens, s.prompt_len, s.batch, s.repeats, family.max_positions(fact))
+        dense = _dense_baseline(fact, baseline, manifest, family)
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
     ids, mask = _prompts(family, fact, 1, s.prompt_len, dev)
     prefill = lambda m, x: family.decoder(m).prefill(x["ids"], x["mask"])  # noqa: E731
     macs = {k: count_macs(m, {"ids": ids, "mask": mask}, prefill).macs for k, m in (("f", fact), ("d", dense))}
     sizes = {k: (count_params(m), weight_bytes_per_token(m)) for k, m in (("f", fact), ("d", dense))}
-    decoders = {"dense": family.decoder(_compiled(dense, s.compile)), "factorized": family.decoder(_compiled(fact, s.compile))}
-    rows = []
-    with torch_threads(s.threads) as n_threads:
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp, torch_threads(s.threads) as n_threads:
+        if ort:
+            decoders = {name: _ort_decoder(m, family, Path(tmp) / f"{name}.onnx", s.threads, dev) for name, m in (("dense", dense), ("factorized", fact))}
+        else:
+            decoders = {"dense": family.decoder(_compiled(dense, s.compile)), "factorized": family.decoder(_compiled(fact, s.compile))}
+        rows = []
         for b in sorted({1, s.batch}):
-            ids, mask = _prompts(family, fact, b, s.prompt_len, dev)
-            t = time_generation(decoders, ids, mask, s.new_tokens, warmup=s.warmup, repeats=s.repeats, device=dev)
+            ids, mask = _prompts(family, fact, b, s.prompt_len, torch.device("cpu") if ort else dev)
+            t = time_generation(decoders, ids, mask, s.new_tokens, warmup=s.warmup, repeats=s.repeats, device=torch.device("cpu") if ort else dev)
             rows.append(GenerationRow(b, t["dense"], t["factorized"]))
     notes = [f"{n_threads} threads on {os.cpu_count()} CPU cores: oversubscribed"] if dev.type == "cpu" and n_threads > (os.cpu_count() or n_threads) else []
     memory = None
-    if s.memory:
-        memory, why = _generation_memory(path, baseline, s, dev)
+    if s.memory and not ort:
+        memory, why = _generation_memory(path, baseline, s, dev, n_threads)
         notes += [why] if why else []
+    elif s.memory:
+        notes.append("memory is measured for the torch runtime (run without --runtime onnxruntime)")
     return GenerationBenchResult(
-        str(path), str(baseline) if baseline else "merged dense (W = up·down)", s.runtime, str(dev), n_threads, s.prompt_len, s.new_tokens,
-        bool(s.compile), sizes["f"][0], sizes["d"][0], sizes["f"][1], sizes["d"][1], macs["f"], macs["d"], rows, memory, notes,
+        model=str(path), baseline=str(baseline) if baseline else "merged dense (W = up·down)", runtime=s.runtime, device=str(dev),
+        threads=n_threads, prompt_len=s.prompt_len, new_tokens=s.new_tokens, compiled=bool(s.compile),
+        params_factorized=sizes["f"][0], params_dense=sizes["d"][0], bytes_per_token_factorized=sizes["f"][1], bytes_per_token_dense=sizes["d"][1],
+        prefill_macs_factorized=macs["f"], prefill_macs_dense=macs["d"], rows=rows, memory=memory, notes=notes,
     )
+
+
+def _generation_device(s: GenerationSettings) -> torch.device:
+    """The device generation is timed on; onnxruntime's `auto` is the CPU unless onnxruntime-gpu is installed."""
+    dev = resolve_device(s.device)
+    if s.runtime == "onnxruntime":
+        if dev.type == "cuda" and str(s.device or "auto") == "auto" and not ort_cuda_available():
+            dev = torch.device("cpu")
+        check_ort_device(dev)
+    return dev
+
+
+def _ort_decoder(model: nn.Module, family: ModelFamily, dest: Path, threads: int | None, dev: torch.device):
+    """`model` exported with its KV cache (`export.onnx_cache`) to `dest` and opened in onnxruntime on `dev`."""
+    model = model.cpu()
+    export_decoder(model, cache_layout(model), dest, max_length=family.max_positions(model))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if dev.type == "cuda" else ["CPUExecutionProvider"]
+    return OrtDecoder.from_path(dest, threads, providers)
 
 
 def _dense_baseline(fact: nn.Module, baseline: str | os.PathLike | None, manifest, family: ModelFamily) -> nn.Module:
@@ -345,23 +376,35 @@ def _dense_baseline(fact: nn.Module, baseline: str | os.PathLike | None, manifes
     return base.model
 
 
-def _generation_memory(path: Path, baseline, s: GenerationSettings, dev: torch.device) -> tuple[dict[str, MemoryUse] | None, str | None]:
-    """`generation_memory` of the factorized model (and of the baseline when given), each in a fresh Python process."""
+MEMORY_TIMEOUT_S = 3600
+
+
+def _generation_memory(path: Path, baseline, s: GenerationSettings, dev: torch.device,
+                       threads: int) -> tuple[dict[str, MemoryUse] | None, str | None]:
+    """`memory_child` of the factorized model (and of the baseline when given), each in a fresh Python process; None and
+    the reason where it could not be measured."""
     out = {}
     for name, spec in (("factorized", {"path": str(path)}), ("dense", {"path": str(baseline), "like": str(path)} if baseline else None)):
         if spec is None:
             continue
-        spec.update(batch=s.batch, prompt_len=s.prompt_len, new_tokens=s.new_tokens, device=str(dev))
+        spec.update(batch=s.batch, prompt_len=s.prompt_len, new_tokens=s.new_tokens, device=str(dev), threads=threads)
         code = "import sys; from lowrank_cli.pipelines.bench import memory_child; memory_child(sys.argv[1])"
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None, f"memory not measured: the measuring process ran over {MEMORY_TIMEOUT_S} s"
         lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
+        try:
+            if done.returncode != 0 or not lines:
+                raise ValueError(done.returncode)
+            found = json.loads(lines[-1])
+            use = None if found is None else MemoryUse(**found)
+        except (ValueError, TypeError):
             why = (done.stderr.strip().splitlines() or ["no output"])[-1]
             return None, f"memory not measured: the measuring process failed ({why})"
-        found = json.loads(lines[-1])
-        if found is None:
+        if use is None:
             return None, "memory not measured: this system cannot reset a process's peak memory (Linux /proc/self/clear_refs)"
-        out[name] = MemoryUse(**found)
+        out[name] = use
     if not baseline:
         return out, "memory of the dense model not measured: it is the factorized one merged in the process; give --baseline to measure it"
     return out, None
@@ -372,12 +415,17 @@ def memory_child(spec_json: str) -> None:
     `new_tokens` after `batch × prompt_len` prompt tokens, or null where the peak cannot be reset."""
     spec = json.loads(spec_json)
     dev = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
     like = None if "like" not in spec else require_manifest(Path(spec["like"]), "lowrank bench", need_architecture=True)[1]
-    get_family((like.family if like else Manifest.from_header(read_header(Path(spec["path"]))).family) or DEFAULT_FAMILY)  # its library imported
+    recorded = like or Manifest.from_header(read_header(Path(spec["path"])))
+    build_skeleton(get_family(recorded.family or DEFAULT_FAMILY), recorded.architecture, recorded.model_kwargs)  # the model's code imported
+    gc.collect()
     if not reset_peak():
         print("null")
         return
     after_imports = resident_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     if like is None:
         built = build_model(Path(spec["path"]))
     else:
@@ -389,4 +437,6 @@ def memory_child(spec_json: str) -> None:
     for _ in range(spec["new_tokens"] - 1):
         logits, state = decoder.step(logits.argmax(-1, keepdim=True), state)
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    print(json.dumps({"after_imports": after_imports, "peak": peak_resident_bytes() or 0, "weights": weights, "kv_cache": decoder.state_bytes(state)}))
+    device_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    print(json.dumps({"after_imports": after_imports, "peak": peak_resident_bytes() or 0, "weights": weights, "kv_cache": decoder.state_bytes(state),
+                      "device_peak": device_peak}))

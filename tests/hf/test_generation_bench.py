@@ -11,6 +11,7 @@ import torch
 from conftest import one_line_error
 from hf_models import hub_model
 
+from lowrank_cli.errors import LowrankError
 from lowrank_cli.measure.generation import time_generation, weight_bytes_per_token
 from lowrank_cli.models import load
 from lowrank_cli.models.family import get_family
@@ -132,8 +133,23 @@ def test_bench_generate_refuses_what_does_not_generate(cli, lm, tmp_path):
     source, fact = lm
     bert = factorize_checkpoint(hub_model(tmp_path, "bert"), load_recipe("bert"), tmp_path / "bert.lowrank").out
     one_line_error(cli("bench", bert, "--generate", "4", "--no-memory"), "does not generate", "causal LMs")
-    one_line_error(cli("bench", fact, "--generate", "60", "--prompt-len", "8", "--no-memory"), "prompt_len 8 + generate 60", "64 positions")
+    one_line_error(cli("bench", fact, "--generate", "58", "--prompt-len", "8", "--no-memory"), "prompt_len 8 + generate 58", "65 positions", "maximum of 64")
     one_line_error(cli("bench", fact, "--compile"), "apply with --generate")
+    one_line_error(cli("bench", fact, "--no-memory"), "apply with --generate")
     one_line_error(cli("bench", fact, "--generate", "4", "--layers"), "--prompt-len")
-    with pytest.raises(Exception, match="accepted: torch"):
-        bench_generation(fact, settings=GenerationSettings(new_tokens=4, runtime="onnxruntime", memory=False))
+    with pytest.raises(LowrankError, match="accepted: torch, onnxruntime"):
+        bench_generation(fact, settings=GenerationSettings(new_tokens=4, runtime="tensorrt", memory=False))
+
+
+@pytest.mark.slow
+def test_bench_generate_in_onnxruntime_with_the_kv_cache(cli, lm):
+    r = cli("bench", lm[1], "--generate", "4", "--batch", "2", "--prompt-len", "5", "--threads", "1", "--repeats", "1",
+            "--runtime", "onnxruntime", "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["runtime"] == "onnxruntime" and d["memory"] is None and any("torch runtime" in n for n in d["notes"])
+    assert [row["batch"] for row in d["rows"]] == [1, 2]
+    for row in d["rows"]:
+        assert row["decode_efficiency"] == pytest.approx(row["decode_speedup"] / d["ideal_decode_speedup"])
+        assert row["factorized"]["decode"]["runs"] == 1
+    one_line_error(cli("bench", lm[1], "--generate", "4", "--runtime", "onnxruntime", "--compile"), "compile", "torch runtime")

@@ -30,9 +30,9 @@ def bench(
     seq_len: Optional[int] = opt.SeqLenOpt,
     generate: Optional[int] = typer.Option(None, "--generate", min=2, help="Causal LMs: time greedy generation of this many new tokens "
                                            "with the KV cache (prefill, first token, decode, memory) at batch 1 and --batch."),
-    prompt_len: int = typer.Option(DEFAULT_PROMPT_LEN, "--prompt-len", min=1, help="With --generate: prompt tokens per sequence."),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", min=1, help=f"With --generate: prompt tokens per sequence (default {DEFAULT_PROMPT_LEN})."),
     compile_model: bool = typer.Option(False, "--compile", help="With --generate: torch.compile both models first (minutes on a CPU)."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="With --generate: also measure the memory loading and generating add."),
+    memory: Optional[bool] = typer.Option(None, "--memory/--no-memory", help="With --generate: also measure the memory loading and generating add (default: yes)."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency; with --generate,
@@ -42,8 +42,8 @@ def bench(
     if generate is not None:
         if layers or seq_len is not None:
             raise LowrankError("--layers and --seq-len time one forward pass; with --generate give --prompt-len instead", param="generate")
-        settings = GenerationSettings(generate, batch, prompt_len, threads, runtime, device, compile_model,
-                                      warmup=1 if warmup is None else warmup, repeats=repeats or 3, memory=memory)
+        settings = GenerationSettings(generate, batch, prompt_len or DEFAULT_PROMPT_LEN, threads, runtime, device, compile_model,
+                                      warmup=1 if warmup is None else warmup, repeats=repeats or 3, memory=memory is not False)
         gen = bench_generation(model, baseline, settings)
         if as_json:
             print_json(gen.to_dict())
@@ -51,8 +51,8 @@ def bench(
             for table in generation_tables(gen):
                 console.print(table)
         return
-    if compile_model or prompt_len != DEFAULT_PROMPT_LEN:
-        raise LowrankError("--compile and --prompt-len apply with --generate N", param="generate")
+    if compile_model or prompt_len is not None or memory is not None:
+        raise LowrankError("--compile, --prompt-len and --memory/--no-memory apply with --generate N", param="generate")
     result = bench_checkpoint(model, baseline, batch=batch, threads=threads, runtime=runtime, device=device,
                               layers=layers, warmup=2 if warmup is None else warmup, repeats=repeats or 10, seq_len=seq_len)
     if as_json:
