@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.export.precision import balance_factors, require_representable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,7 +26,12 @@ def cast_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) ->
 
 def cast_factorized(tensors: dict[str, torch.Tensor], layers: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """A factorized checkpoint's tensors in `dtype` (None: unchanged), `layers` its manifest's entries (`{name: LayerEntry}`):
-    the one cast of factors that exports of factors go through. For now every floating-point tensor is cast alone."""
+    the one cast of factors that exports of factors go through. To float16 or bfloat16, each layer's pair is first
+    balanced by powers of two (`export.precision.balance_factors`: the float32 outputs stay the same bit for bit, and
+    neither half sits at float16's range's ends), and a tensor beyond float16's range is refused in one line."""
+    if dtype in (torch.float16, torch.bfloat16):
+        tensors = balance_factors(tensors, layers)
+        require_representable(tensors, dtype, "the float16 copy")
     return cast_tensors(tensors, dtype)
 
 
