@@ -18,7 +18,7 @@ from lowrank_cli.io.manifest import LayerEntry
 METRICS = (("perplexity", "perplexity", "{:.2f}"), ("top1", "top-1", "{:.2%}"), ("top5", "top-5", "{:.2%}"),
            ("mean_cosine", "mean cosine to the dense model", "{:.4f}"), ("neighbour_agreement", "nearest-neighbour agreement", "{:.2%}"),
            ("feature_cosine", "hidden-state cosine", "{:.4f}"), ("logit_cosine", "logit cosine", "{:.4f}"))
-ROWS = (("teacher", "dense (the teacher)"), ("svd", "factorized, before distillation"), ("distilled", "this model"))
+ROWS = (("teacher", "dense (the teacher)"), ("svd", "factorized, before distillation"), ("distilled", "distilled (the run's student, in its own dtype)"))
 METHODS = {"svd": "SVD", "whitened": "whitened SVD", "asvd": "activation-aware SVD", "pclora": "PC-LoRA"}
 PIPELINE_TAGS = {"causal-lm": "text-generation", "features": "feature-extraction", "classification": "text-classification",
                  "image-classification": "image-classification", "masked-lm": "fill-mask"}
@@ -118,7 +118,7 @@ def _how(f: CardFacts) -> list[str]:
     methods = sorted({METHODS.get(e.method, e.method) for e in f.layers.values()})
     rule_text = _rule(factorize)
     source = f.source or {}
-    base = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{source.get('file', 'unknown')}`"
+    base = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{Path(str(source.get('file', 'unknown'))).name}`"
     before, after = f.params
     lines = ["## What was done", "",
              f"- base model: {base}" + (f" (source file SHA-256 `{source['sha256'][:16]}…`)" if source.get("sha256") else ""),

@@ -195,8 +195,14 @@ class OrtPast:
 
 
 def _int64(x: Any) -> np.ndarray:
-    """Token ids or a mask (a torch tensor, an array, nested lists) as a 2-D int64 array."""
-    a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.int64)
+    """Token ids or a mask (a torch tensor, an array, nested lists of integers) as a 2-D int64 array."""
+    try:
+        a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+    except ValueError:
+        raise LowrankError("token ids and masks are batch × tokens of integers; these rows differ in length") from None
+    if a.size and not np.issubdtype(a.dtype, np.integer) and not np.issubdtype(a.dtype, np.bool_):
+        raise LowrankError(f"token ids and masks are integers, not {a.dtype}")
+    a = a.astype(np.int64)
     if a.ndim != 2:
         raise LowrankError(f"token ids and masks are batch × tokens (2-D), not of shape {list(a.shape)}")
     return a
@@ -242,7 +248,7 @@ class OrtDecoder:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        return cls(ort.InferenceSession(str(graph), options, providers=list(providers)))
+        return cls(_ort_call(ort.InferenceSession, str(graph), options, list(providers), where=str(graph)))
 
     def empty(self, batch: int) -> OrtPast:
         """A past of no tokens for `batch` sequences: what a prefill reads."""
@@ -260,14 +266,18 @@ class OrtDecoder:
         feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past.tensors))}
         if self.positions:
             feed["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]  # padding at position 0, as generate
-        logits, *present = self.session.run(self.output_names, feed)
+        logits, *present = _ort_call(self.session.run, self.output_names, feed, where=f"{ids.shape[0]} × {ids.shape[1]} new tokens")
         return logits, OrtPast(present, mask)
 
     def prefill(self, input_ids: Any, attention_mask: Any = None) -> tuple[torch.Tensor, OrtPast]:
         """The prompts (batch × tokens; `attention_mask` 0 at left padding, default all 1) with an empty past: the
         next-token logits (batch × vocabulary) and the past holding the prompts."""
         ids = _int64(input_ids)
-        logits, past = self.forward(ids, np.ones(ids.shape, np.int64) if attention_mask is None else attention_mask)
+        mask = np.ones(ids.shape, np.int64) if attention_mask is None else _int64(attention_mask)
+        if mask.shape == ids.shape and (mask[:, -1] == 0).any():
+            raise LowrankError("prefill: a prompt ends in padding (attention_mask 0 at its last position); pad prompts on the left, as "
+                               "generate does")
+        logits, past = self.forward(ids, mask)
         return torch.from_numpy(logits[:, -1]), past
 
     def decode(self, tokens: Any, past: OrtPast, attention_mask: Any = None) -> tuple[torch.Tensor, OrtPast]:

@@ -333,13 +333,16 @@ def export_onnx(path: Path, out: Path | None, *, img_size: int | None = None, op
                 kv_cache: bool | None = None) -> ExportResult:
     """Export to ONNX, check it, verify it against PyTorch, and only then move it to `out` (None: beside the input).
 
-    A model that generates text (a causal LM) gets, unless `kv_cache` is False, the graph with a KV cache that generation
-    needs, in the folder optimum's ORTModelForCausalLM loads (`export_onnx_decoder`); every other model, or a causal LM
-    with `kv_cache=False`, one `.onnx` file without a cache. `kv_cache=True` is refused for a model that does not generate."""
+    A model that generates text (a causal LM) gets, unless `kv_cache` is False (or unset with `out` a `.onnx` file), the
+    graph with a KV cache that generation needs, in the folder optimum's ORTModelForCausalLM loads (`export_onnx_decoder`);
+    every other model, or a causal LM without the cache, one `.onnx` file. `kv_cache=True` is refused for a model that
+    does not generate."""
     header, manifest = require_manifest(path, "export as onnx", need_architecture=True)
     check_opset(opset)
-    if out is not None and kv_cache is False:
-        check_output(out, force=force, inputs=(path,))
+    if out is not None and kv_cache is None and out.suffix == ".onnx":
+        kv_cache = False  # a .onnx file asked for: the single graph without a cache, as before the KV-cache export
+    if out is not None:  # before the model is built: an existing output is refused at once
+        (check_output if kv_cache is False or out.suffix == ".onnx" else check_output_folder)(out, force=force, inputs=(path,))
     built = build_exportable(path, img_size)
     model, family = built.model, built.family
     task = family.task(model)
@@ -436,9 +439,10 @@ def export_checkpoint(
 
 
 def hf_command(model: str | os.PathLike | None, out: str | os.PathLike | None, dtype: str | None, base_model: str | None = None) -> str:
-    """The `lowrank export` command line of an hf export, for its model card."""
-    args = ["lowrank", "export"] + ([str(model)] if model is not None else []) + ["--format", "hf"]
-    for flag, value in (("--out", out), ("--dtype", dtype), ("--base-model", base_model)):
+    """The `lowrank export` command line of an hf export, for its model card: paths by their names only (a card is published)."""
+    name = lambda p: Path(p).name if p is not None else None  # noqa: E731
+    args = ["lowrank", "export"] + ([name(model)] if model is not None else []) + ["--format", "hf"]
+    for flag, value in (("--out", name(out)), ("--dtype", dtype), ("--base-model", base_model)):
         args += [flag, str(value)] if value is not None else []
     return shlex.join(args)
 

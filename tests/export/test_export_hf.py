@@ -312,7 +312,7 @@ def test_model_card(factorized, exported, tmp_path):
     assert f"parameters: {dense:,} → {result.params:,}" in body and "κ = 2" in body
     assert "| `model.layers.*.self_attn.q_proj` | 2 | 32 → 32 | 8 | 50.0% |" in body  # rank 8 of 32 × 32: 8·64 / 1024
     assert "AutoModelForCausalLM.from_pretrained(" in body and "trust_remote_code=True" in body
-    assert f"lowrank export {factorized['llama-tied']} --format hf --out {folder}" in body
+    assert f"lowrank export {factorized['llama-tied'].name} --format hf --out {folder.name}" in body
     assert count_params(model) == result.params
     st_card = (exported["bert-st"][0] / "README.md").read_text()
     assert "- sentence-transformers\n" in st_card and "SentenceTransformer(" in st_card and "pipeline_tag: feature-extraction" in st_card
@@ -332,7 +332,7 @@ def test_card_base_model_and_the_runs_quality(factorized, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert res.out == str(tmp_path / "out") and "base_model: HuggingFaceTB/SmolLM2-135M\n" in card.split("---\n")[1]
     assert "As the run measured it on 300 held-out examples of `smollm2-text`" in card
-    assert "| this model | 37.61 | 0.9499 |" in card and "| dense (the teacher) | 25.45 | 1.0000 |" in card
+    assert "| distilled (the run's student, in its own dtype) | 37.61 | 0.9499 |" in card and "| dense (the teacher) | 25.45 | 1.0000 |" in card
     assert "--base-model HuggingFaceTB/SmolLM2-135M" in card
     with pytest.raises(LowrankError, match="base_model 'smollm' is not a Hub repository id; accepted: owner/name"):
         export_hf_checkpoint(run, tmp_path / "out2", base_model="smollm")

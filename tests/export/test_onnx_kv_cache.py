@@ -129,7 +129,7 @@ def test_bad_requests_are_refused_in_one_line_and_write_nothing(cli, llama, tmp_
                    "--kv-cache", "does not generate text", "causal LMs only", "accepted here: kv_cache false or unset")
     with pytest.raises(LowrankError, match="kv_cache: .* holds a features model"):
         export_checkpoint(bert, "onnx", tmp_path / "b.onnx", kv_cache=True)
-    one_line_error(cli("export", fact, "--format", "onnx", "--out", tmp_path / "m.onnx"),
+    one_line_error(cli("export", fact, "--format", "onnx", "--kv-cache", "--out", tmp_path / "m.onnx"),
                    "--out", "m.onnx", "is a folder", "ORTModelForCausalLM", "kv_cache false")
     one_line_error(cli("export", fact, "--format", "dense", "--no-kv-cache", "--out", tmp_path / "d"),
                    "--kv-cache applies to the onnx format only, not dense")
@@ -140,10 +140,10 @@ def test_bad_requests_are_refused_in_one_line_and_write_nothing(cli, llama, tmp_
 
 
 @pytest.mark.slow
-def test_no_kv_cache_gives_the_single_file_without_a_cache(cli, llama, tmp_path):
+def test_a_onnx_file_asked_for_is_the_single_graph_without_a_cache(cli, llama, tmp_path):
     _, fact, _ = llama
     out = tmp_path / "m.onnx"
-    r = cli("export", fact, "--format", "onnx", "--no-kv-cache", "--out", out, "--json")
+    r = cli("export", fact, "--format", "onnx", "--out", out, "--json")  # as --no-kv-cache: a .onnx file is one graph
     assert r.code == 0, r.err
     assert json.loads(r.out)["verification"]["relative_diff"] < 1e-5 and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

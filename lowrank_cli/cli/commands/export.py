@@ -41,7 +41,7 @@ def export(
     shard = int(max_shard_size) if max_shard_size is not None and max_shard_size.isdigit() else max_shard_size
     if base_model is not None and fmt != "hf":
         raise LowrankError(f"base_model applies to the hf format only, not {fmt}", param="base_model")
-    if base_model is not None and (img_size, opset, shard) == (None, None, None):  # else export_checkpoint refuses those for hf
+    if base_model is not None and (img_size, opset, shard, kv_cache) == (None, None, None, None):  # else export_checkpoint refuses those for hf
         result = export_hf_checkpoint(model, out, dtype=dtype, force=force, base_model=base_model)
     else:
         result = export_checkpoint(model, fmt, out, img_size=img_size, opset=opset, dtype=dtype, force=force, max_shard_size=shard,
