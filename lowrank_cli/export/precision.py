@@ -97,8 +97,8 @@ def text_rows(tokenizer: Any, batch: int, length: int, seed: int = 0) -> torch.T
 
 def text_inputs(example: Any, tokenizer: Any, seed: int = 0) -> Any:
     """`example` (a text model's example inputs: a mapping with `input_ids` of shape batch × length) with real text's
-    ids instead of random ones (`text_rows`) and every position attended; None when `example` is no such mapping, the
-    text is too short, or an id is past the vocabulary of `example`'s ids (`tokenizer` not the model's)."""
+    ids instead of random ones (`text_rows`) and every position attended; None when `example` is no such mapping or the
+    text is too short."""
     if not isinstance(example, Mapping) or "input_ids" not in example or example["input_ids"].dim() != 2:
         return None
     batch, length = example["input_ids"].shape
