@@ -17,7 +17,7 @@ by default /work/bench/inmem20/student.safetensors), and at κ = 2 not distilled
    check runs) and computed in their own dtype (as a 16-bit copy is served), as a ratio to the fp32 factorized model's.
 
 Run: python tests/benchmarks/bench_low_precision.py [--k125 PATH] [--k2 PATH] [--teacher DIR] [--val FILE] [--docs N]
-     [--seeds N] [--work DIR] [--json out.json] [--skip-diagnosis]
+     [--seeds N] [--work DIR] [--json out.json] [--skip-diagnosis] [--kappas 1.25,2] [--dtypes bfloat16,float16]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def _args():
     p.add_argument("--work", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-diagnosis", action="store_true")
+    p.add_argument("--kappas", default="1.25,2", help="the exports of these models only (section 3)")
+    p.add_argument("--dtypes", default="bfloat16,float16", help="the exports in these dtypes only (section 3)")
     return p.parse_args()
 
 
@@ -176,7 +178,7 @@ def _load_export(kind: str, out: Path, dtype: str):
     return AutoModelForCausalLM.from_pretrained(str(out), dtype="auto", trust_remote_code=kind == "hf")
 
 
-def exports(paths: dict, docs: list[list[int]], work: Path) -> list[dict]:
+def exports(paths: dict, docs: list[list[int]], work: Path, dtypes: list[str]) -> list[dict]:
     from lowrank_cli.errors import LowrankError
     from lowrank_cli.models import load
     from lowrank_cli.pipelines.export import export_checkpoint
@@ -185,7 +187,7 @@ def exports(paths: dict, docs: list[list[int]], work: Path) -> list[dict]:
     for kappa, path in paths.items():
         base = perplexity(load(path), docs)
         print(f"  κ = {kappa}: fp32 factorized perplexity {base:.3f}", flush=True)
-        for dtype in ("bfloat16", "float16"):
+        for dtype in dtypes:
             for kind in ("dense", "safetensors", "hf"):
                 out = work / (f"{kappa}-{kind}-{dtype}" + (".safetensors" if kind == "safetensors" else ""))
                 t = time.perf_counter()
@@ -241,7 +243,8 @@ def main() -> None:
         print("2. Wrong copies of κ = 1.25: the check (3e-2 of scale, 99 % top-1) on random ids and on text")
         report["real_errors"] = real_errors(paths["1.25"], tokenizer)
     print(f"3. Exports, verified by the export; perplexity on {len(docs)} held-out documents ({report['tokens']} tokens)")
-    report["exports"] = exports(paths, docs, work)
+    kappas = args.kappas.split(",")
+    report["exports"] = exports({k: v for k, v in paths.items() if k in kappas}, docs, work, args.dtypes.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     sys.exit(0 if all(r.get("passed") for r in report["exports"]) else 1)
