@@ -15,6 +15,7 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.io.manifest import Manifest, read_checkpoint
 from lowrank_cli.io.safetensors import CheckpointHeader, read_header, strip_prefix
 from lowrank_cli.models.family import ModelFamily, fill_tied, get_family, recognizes
+from lowrank_cli.nn.lowrank import inference_layout
 from lowrank_cli.nn.surgery import parameters_on_meta
 
 DEFAULT_FAMILY = "timm"
@@ -275,6 +276,9 @@ def load(path: str | os.PathLike, model: str | None = None, **model_kwargs: Any)
 
     A checkpoint written by `lowrank factorize` (or a training run) rebuilds its architecture
     and `LowRankLinear` layers from its manifest. A plain checkpoint needs `model=` (the timm
-    architecture name) and any settings it was built with.
+    architecture name) and any settings it was built with. The factors are laid out for
+    inference (`nn.lowrank.inference_layout`: the same values, faster products).
     """
-    return build_model(Path(path), model, model_kwargs or None).model
+    built = build_model(Path(path), model, model_kwargs or None).model
+    inference_layout(built)
+    return built

@@ -37,6 +37,7 @@ from lowrank_cli.measure.timing import (LayerTiming, Timing, check_ort_device, c
 from lowrank_cli.models.build import DEFAULT_FAMILY, build_model
 from lowrank_cli.models.family import Inputs, ModelFamily, get_family, inputs_to
 from lowrank_cli.models.skeleton import build_skeleton
+from lowrank_cli.nn.lowrank import inference_layout
 from lowrank_cli.pipelines.common import RUNS_DIR, require_manifest, resolve_model_path
 
 
@@ -138,6 +139,7 @@ def bench_checkpoint(
         fact = build_model(path).model
         dense = _dense_baseline(fact, baseline, manifest, family)
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
+    inference_layout(fact)  # as `lowrank_cli.load` gives it
     length = family.text_length(fact, seq_len)
     one = family.example_inputs(fact, seq_len=length)
     macs_f, macs_d = count_macs(fact, one, family.forward), count_macs(dense, one, family.forward)
@@ -318,6 +320,7 @@ def bench_generation(model: str | os.PathLike | None, baseline: str | os.PathLik
         _check_generation(s.new_tokens, s.prompt_len, s.batch, s.repeats, family.max_positions(fact))
         dense = _dense_baseline(fact, baseline, manifest, family)
     fact, dense = fact.float().eval().to(dev), dense.float().eval().to(dev)
+    inference_layout(fact)  # as `lowrank_cli.load` gives it
     ids, mask = _prompts(family, fact, 1, s.prompt_len, dev)
     prefill = lambda m, x: family.decoder(m).prefill(x["ids"], x["mask"])  # noqa: E731
     macs = {k: count_macs(m, {"ids": ids, "mask": mask}, prefill).macs for k, m in (("f", fact), ("d", dense))}
