@@ -8,12 +8,13 @@ repository's `recipes/` folder and are installed as the package `lowrank_cli.rec
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.resources
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -389,6 +390,12 @@ class Recipe(_Strict):
         recipe.select = recipe.select.model_copy(update={"latency_aware": True})
         return recipe
 
+    def with_overrides(self, overrides: Sequence[str] = ()) -> "Recipe":
+        """A copy with `overrides` (`["distill.lr=1e-4", ...]`, see `apply_overrides`) applied and validated; unchanged when none."""
+        if not overrides:
+            return self
+        return recipe_from_dict(apply_overrides(self.to_dict(), overrides), source=f"recipe '{self.name}' with {' '.join(overrides)}")
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -423,10 +430,11 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     raise LowrankError(f"recipe '{spec}': no such file or bundled recipe{hint}; bundled: {', '.join(names)}")
 
 
-def load_recipe(spec: str | Path | None) -> Recipe:
-    """Load and validate a recipe; None gives the defaults (the ViT/DeiT selection rules, κ = 2)."""
+def load_recipe(spec: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Load and validate a recipe; None gives the defaults (the ViT/DeiT selection rules, κ = 2). `overrides`
+    (`["distill.lr=1e-4", "factorize.kappa=3"]`, see `apply_overrides`) change its keys, validated like the file."""
     if spec is None:
-        return Recipe()
+        return Recipe().with_overrides(overrides)
     path = resolve_recipe_path(spec)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -445,7 +453,10 @@ def load_recipe(spec: str | Path | None) -> Recipe:
     if not isinstance(data, dict):
         raise LowrankError(f"{path}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
     data.setdefault("name", path.stem)
-    return recipe_from_dict(data, source=str(path))
+    recipe = recipe_from_dict(data, source=str(path))  # the file's own errors name the file alone
+    if not overrides:
+        return recipe
+    return recipe_from_dict(apply_overrides(data, overrides), source=f"{path} with {' '.join(overrides)}")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -454,6 +465,85 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise LowrankError(f"{source}: {_describe(e)}") from None
+
+
+_EXPONENT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-4: a number, which YAML 1.1 reads as a string
+OVERRIDE_FORM = "KEY=VALUE with a dotted recipe key, e.g. distill.lr=1e-4 or factorize.kappa=3"
+
+
+def parse_override(item: str) -> tuple[list[str], Any, str]:
+    """`"distill.lr=1e-4"` → `(["distill", "lr"], 0.0001, "1e-4")`: the dotted key, the value read as YAML (`3`, `true`,
+    `null`, `[a, b]`, `{steps: 50}`; `1e-4` a number too) and its text."""
+    key, sep, text = str(item).partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise LowrankError(f"override '{item}': expected {OVERRIDE_FORM}", param="overrides")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise LowrankError(f"override '{item}': '{text}' is not a YAML value (a number, true, false, null, a string, [a, b] or "
+                           "{key: value})", param="overrides") from None
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
+    return parts, value, text.strip()
+
+
+def _field_kind(model: type[BaseModel], name: str) -> tuple[str, type[BaseModel] | None]:
+    """What a recipe key holds: ("section", its schema), ("mapping", None) (free keys: `model_kwargs`), ("list", None),
+    ("text", None) (a string alone) or ("value", None)."""
+    ann = model.model_fields[name].annotation
+    args = get_args(ann) if get_origin(ann) is not None and get_origin(ann) not in (dict, list, Literal) else (ann,)
+    section = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if section is not None:
+        return "section", section
+    origins = {get_origin(a) or a for a in args}
+    if dict in origins:
+        return "mapping", None
+    if list in origins:
+        return "list", None
+    return ("text", None) if {a for a in args if a is not type(None)} == {str} else ("value", None)
+
+
+def _unknown_key(item: str, parts: list[str], i: int, model: type[BaseModel]) -> LowrankError:
+    accepted = list(model.model_fields)
+    close = difflib.get_close_matches(parts[i], accepted, n=len(accepted), cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    where = f"under {'.'.join(parts[:i])}" if i else "at the top level"
+    order = close + [k for k in accepted if k not in close]
+    return LowrankError(f"override '{item}': unknown recipe key '{'.'.join(parts[:i + 1])}'{hint}; accepted {where}: {', '.join(order)}",
+                        param="overrides")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the recipe mapping `data` with each `KEY=VALUE` of `overrides` set, in order (a later one wins).
+
+    Each key is checked against the schema level by level: an unknown key is an error naming the keys accepted at
+    its level (the closest first). A key below an optional section that is off (`distill.local`,
+    `factorize.embeddings`) turns the section on with its defaults; a list is set whole (`select.exclude=[norm, head]`);
+    a key that holds a string alone keeps the text as given (`name=2024`). The values' types are checked by validating
+    the result (`recipe_from_dict`)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value, text = parse_override(item)
+        node, model = out, Recipe
+        for i, part in enumerate(parts):
+            if model is None:  # below a free mapping (model_kwargs): any key
+                kind, section = "mapping", None
+            elif part not in model.model_fields:
+                raise _unknown_key(item, parts, i, model)
+            else:
+                kind, section = _field_kind(model, part)
+            if i == len(parts) - 1:
+                node[part] = text if kind == "text" and isinstance(value, (int, float)) else value  # bool is an int
+                break
+            if kind in ("list", "text", "value"):
+                key = ".".join(parts[:i + 1])
+                what = f"a list: set it whole, e.g. {key}=[...]" if kind == "list" else "a single value, not a section of keys"
+                raise LowrankError(f"override '{item}': '{key}' is {what}", param="overrides")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, model = node[part], section
+    return out
 
 
 def _schema_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -31,10 +31,11 @@ COMMANDS = {
     "convert": ("convert", "Convert a pickled PyTorch state dict to safetensors, loading it with weights_only=True."),
     "compress": ("compress", "Factorize a checkpoint, then distill it against the original (PELA or PC-LoRA)."),
     "distill": ("distill", "Distill an already factorized checkpoint against its dense original."),
-    "evaluate": ("evaluate", "Top-1/top-5 accuracy on the validation split (and, with --teacher, feature similarity)."),
+    "evaluate": ("evaluate", "Held-out quality by task: top-1/top-5, perplexity or embedding cosine (with --teacher, the teacher's too)."),
     "export": ("export", "Deployable artifacts: verified ONNX, dense weights, or a dtype-cast factorized checkpoint."),
     "bench": ("bench", "Latency of a factorized model vs its dense baseline: measured speedup, ideal (MAC ratio), efficiency."),
     "demo": ("demo", "Train a small ViT on handwritten digits, factorize it, distill it, and report the accuracy recovered."),
+    "recipes": ("recipes", "The bundled recipes (what each selects, its κ or budget, how long it trains), or one recipe's every setting."),
 }
 
 ARGV: List[str] = []  # the arguments `main` parsed, for relaunching a command under torchrun (`launch.py`)
@@ -71,7 +72,7 @@ FLAGS = {
     "format": "--format", "dtype": "--dtype", "opset": "--opset", "img_size": "--img-size", "baseline": "--baseline",
     "method": "--method", "recipe": "--recipe", "resume": "--resume", "spectrum": "--spectrum", "seq_len": "--seq-len",
     "max_shard_size": "--max-shard-size", "strategy": "--strategy", "budget": "--budget", "kv_cache": "--kv-cache",
-    "base_model": "--base-model",
+    "base_model": "--base-model", "overrides": "--set", "tasks": "--tasks", "pairs": "--pairs",
 }
 
 
@@ -206,7 +207,7 @@ def _main(argv: Optional[List[str]]) -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # the help is already printed
             sys.exit(0)
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
-            print(f"error: {e.format_message()}", file=sys.stderr)
+            print(f"error: {e.format_message().replace('Value error, ', '')}", file=sys.stderr)  # a Literal option's wrong choice
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             print("error: aborted", file=sys.stderr)

@@ -54,7 +54,7 @@ LOCK_FILE = ".lock"
 LOCK_ENV = "LOWRANK_RUN_LOCK"  # the token of a lock held by a parent (`--nproc`) for the processes it starts
 # recipe keys that may change on --resume without changing what the run computes so far
 RESUMABLE_CHANGES = {("factorize", "max_memory"), ("distill", "epochs"), ("distill", "max_steps"), ("distill", "log_every"),
-                     ("distill", "checkpoint_every"), ("distill", "keep_checkpoints"), ("data", "num_workers")}
+                     ("distill", "checkpoint_every"), ("distill", "keep_checkpoints"), ("data", "num_workers"), ("description",)}
 
 
 @dataclass

@@ -261,7 +261,7 @@ def test_demo_trains_the_teacher_once_and_reports_recovery(cli, tmp_path, monkey
     assert pc["accuracy"]["svd"] == first["accuracy"]["svd"]  # the same SVD-only reference
     assert teacher.stat().st_mtime_ns == mtime
     r = cli("demo", "--method", "lora", "--out", tmp_path / "x")
-    one_line_error(r, "--method 'lora'", "accepted: pela, pclora")
+    one_line_error(r, "'--method': 'lora' is not one of 'pela', 'pclora'", code=2)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     one_line_error(cli("demo", "--out", tmp_path / "mine", "--seeds", "1"), "does not hold a previous demo run")

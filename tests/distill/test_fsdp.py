@@ -98,7 +98,7 @@ def test_unknown_strategy_and_a_strategy_change_on_resume_are_one_line_errors(cl
     recipe = tiny_recipe(tmp_path, max_steps=3, checkpoint_every=3)
     out = tmp_path / "run"
     r = cli("compress", vit_ckpt, "--recipe", recipe, "--out", out, "--device", "cpu", "--strategy", "zero", "--nproc", "2")
-    one_line_error(r, "--strategy 'zero' is not one of ddp, fsdp")
+    one_line_error(r, "'--strategy': 'zero' is not one of 'ddp', 'fsdp'", code=2)
     assert not out.exists()
     r = cli("compress", vit_ckpt, "--recipe", recipe, "--out", out, "--device", "cpu", "--json")  # DDP's run (here one process)
     assert r.code == 0, r.err

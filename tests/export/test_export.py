@@ -190,8 +190,8 @@ def test_export_bad_inputs_one_line_errors(cli, vit_ckpt, fact_ckpt, tmp_path, m
     one_line_error(cli("export", tmp_path / "missing.safetensors", "--format", "onnx"), "missing.safetensors", "no such file")
     one_line_error(cli("export", vit_ckpt, "--format", "onnx", "--out", out), str(vit_ckpt), "not a factorized checkpoint")
     one_line_error(cli("export", vit_ckpt, "--format", "dense", "--out", out), "not a factorized checkpoint")
-    one_line_error(cli("export", fact_ckpt, "--format", "tflite"), "--format 'tflite'", "onnx, dense, safetensors")
-    one_line_error(cli("export", fact_ckpt, "--format", "safetensors", "--dtype", "int8"), "--dtype 'int8'", "float16")
+    one_line_error(cli("export", fact_ckpt, "--format", "tflite"), "'tflite' is not one of 'onnx', 'dense', 'safetensors', 'hf'", code=2)
+    one_line_error(cli("export", fact_ckpt, "--format", "safetensors", "--dtype", "int8"), "'--dtype': 'int8' is not one of", "'float16'", code=2)
     one_line_error(cli("export", fact_ckpt, "--format", "onnx", "--opset", "3", "--out", out), "--opset 3")
     empty = tmp_path / "emptyrun"
     empty.mkdir()

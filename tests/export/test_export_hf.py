@@ -389,7 +389,7 @@ def test_bad_options_are_refused(cli, factorized, tmp_path):
                    "--max-shard-size applies to the dense format only, not hf")
     one_line_error(cli("export", fact, "--format", "hf", "--out", tmp_path / "y", "--base-model", "a/b", "--opset", "17"),
                    "--opset applies to the onnx format only, not hf")
-    one_line_error(cli("export", fact, "--format", "hf", "--out", tmp_path / "y", "--dtype", "int8"), "dtype 'int8' is not supported")
+    one_line_error(cli("export", fact, "--format", "hf", "--out", tmp_path / "y", "--dtype", "int8"), "'--dtype': 'int8' is not one of 'float32'", code=2)
     one_line_error(cli("export", fact, "--format", "hf", "--out", tmp_path / "y", "--base-model", "not an id"),
                    "--base-model 'not an id' is not a Hub repository id; accepted: owner/name")
     assert not (tmp_path / "y").exists() and not _leftovers(tmp_path)

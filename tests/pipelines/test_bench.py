@@ -115,7 +115,7 @@ def test_bench_bad_inputs_one_line_errors(cli, ckpts, tmp_path):
     teacher, fact = ckpts
     one_line_error(cli("bench", tmp_path / "nope.safetensors"), "nope.safetensors", "no such file")
     one_line_error(cli("bench", teacher), str(teacher), "not a factorized checkpoint")
-    one_line_error(cli("bench", fact, "--runtime", "tvm"), "--runtime 'tvm'", "torch, onnxruntime")
+    one_line_error(cli("bench", fact, "--runtime", "tvm"), "'--runtime': 'tvm' is not one of 'torch', 'onnxruntime'", code=2)
     one_line_error(cli("bench", fact, "--batch", "0"), "'--batch'", "greater than or equal to 1", code=2)
     one_line_error(cli("bench", fact, "--threads", "0"), "'--threads'", code=2)
     if not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -11,6 +11,7 @@ from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli.render import bench_tables, console, err_console, generation_tables
 from lowrank_cli.errors import LowrankError
+from lowrank_cli.measure.timing import RUNTIMES
 from lowrank_cli.pipelines.bench import DEFAULT_PROMPT_LEN, GenerationSettings, bench_checkpoint, bench_generation
 
 app = typer.Typer(add_completion=False)
@@ -20,9 +21,11 @@ app = typer.Typer(add_completion=False)
 def bench(
     model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Dense checkpoint to compare with (default: the model merged dense)."),
-    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Examples per forward pass (images, or sequences of --seq-len tokens); with --generate, the second batch size after 1."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Examples per forward pass (texts of --seq-len tokens, or images); "
+                                                                "with --generate, the second batch size after 1."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the runtime's)."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime"),
+    runtime: Literal[RUNTIMES] = typer.Option("torch", "--runtime", help="Where the models run: PyTorch, or onnxruntime on their "
+                                                                        "ONNX exports."),
     device: str = opt.DeviceOpt,
     repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed runs of each model, interleaved (default 10; 3 with --generate)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed runs of each model first (default 2; 1 with --generate)."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -50,14 +50,18 @@ def compress(
     nnodes: int = opt.NnodesOpt,
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
-    strategy: Optional[str] = opt.StrategyOpt,
+    strategy: Optional[opt.Strategy] = opt.StrategyOpt,
     budget: Optional[str] = opt.BudgetOpt,
     max_memory: Optional[str] = opt.MaxMemoryOpt,
+    sets: Optional[List[str]] = opt.SetOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Factorize a checkpoint (PELA SVD), then distill it against the original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
-    r = with_run_options(opt.load_recipe_with(recipe, kappa), data, epochs, strategy, budget, max_memory)
+    overrides = opt.recipe_overrides(sets, epochs, kappa=kappa, data=data, strategy=strategy, budget=budget, max_memory=max_memory)
+    r = with_run_options(opt.load_recipe_with(recipe, kappa, overrides=overrides), data, None, strategy, budget, max_memory)
+    if (note := opt.budget_note(r.distill.budget, epochs)) and launch.is_main_process():
+        err_console.print(f"[dim]note: {note}[/]")
     kwargs = opt.parse_model_args(model_arg)
     if launch.launches(nproc, nnodes):
         # checks only: no factorization, no model held while torchrun runs

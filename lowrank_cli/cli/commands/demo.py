@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -20,9 +20,10 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/demo, runs/demo-pclora; a previous demo run there is replaced)."),
-    epochs: Optional[int] = opt.EpochsOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Distillation epochs of each seed (default: the demo recipe's 10)."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Run seeds 0 … N−1 (teacher and distillation) and report the median and range."),
-    method: str = typer.Option("pela", "--method", help="pela: SVD then PELA distillation; pclora: PC-LoRA progressive compression to the same ranks."),
+    method: Literal[tuple(DEMO_RECIPES)] = typer.Option("pela", "--method", help="pela: SVD then PELA distillation; pclora: PC-LoRA "
+                                                        "progressive compression to the same ranks."),
     device: str = opt.DeviceOpt,
     retrain: bool = typer.Option(False, "--retrain-teacher", help="Train the teacher again even if one is cached."),
     as_json: bool = opt.JsonOpt,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -13,10 +13,17 @@ from lowrank_cli.cli import launch
 from lowrank_cli.cli.app import command_started
 from lowrank_cli.cli.render import err_console
 from lowrank_cli.cli.render_training import training_progress
+from lowrank_cli.pipelines.common import require_manifest
 from lowrank_cli.pipelines.compress import check_world_steps, distill_checkpoint, prepare_distill
-from lowrank_cli.recipe import load_recipe
+from lowrank_cli.recipe import Recipe, load_recipe, recipe_from_dict
 
 app = typer.Typer(add_completion=False)
+
+
+def _manifest_recipe(factorized: Path) -> Recipe:
+    """The recipe a factorized checkpoint records (what `distill` uses without --recipe), for `--set` and `--epochs` to change."""
+    _header, manifest = require_manifest(factorized, "distillation", need_architecture=True)
+    return recipe_from_dict(manifest.recipe or {}, source=f"{factorized} (its manifest's recipe)")
 
 
 @app.command()
@@ -33,15 +40,19 @@ def distill(
     nnodes: int = opt.NnodesOpt,
     node_rank: int = opt.NodeRankOpt,
     rdzv_endpoint: Optional[str] = opt.RdzvEndpointOpt,
-    strategy: Optional[str] = opt.StrategyOpt,
+    strategy: Optional[opt.Strategy] = opt.StrategyOpt,
     budget: Optional[str] = opt.BudgetOpt,
+    sets: Optional[List[str]] = opt.SetOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Distill an already factorized checkpoint against its dense original (PELA pre-training)."""
     launch.check(nproc, device, nnodes, node_rank, rdzv_endpoint, resume)  # before anything is read, written or started
-    r = load_recipe(recipe) if recipe else None
+    overrides = opt.recipe_overrides(sets, epochs, data=data, strategy=strategy, budget=budget)
+    r = load_recipe(recipe, overrides) if recipe else _manifest_recipe(factorized).with_overrides(overrides) if overrides else None
+    if r is not None and (note := opt.budget_note(budget or r.distill.budget, epochs)) and launch.is_main_process():
+        err_console.print(f"[dim]note: {note}[/]")
     if launch.launches(nproc, nnodes):
-        prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
+        prepared = prepare_distill(factorized, teacher, r, out=out, resume=resume, device=device, data=data,
                                    strategy=strategy, budget=budget)  # checks only
         check_world_steps(prepared, (nproc or 1) * nnodes)
         run = prepared.run
@@ -50,6 +61,6 @@ def distill(
             if launch.relaunch(nproc, nnodes, node_rank, rdzv_endpoint):
                 return
     with training_progress("distill", enabled=launch.is_main_process()) as log:
-        report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data, epochs=epochs,
+        report = distill_checkpoint(factorized, teacher, r, out=out, resume=resume, device=device, data=data,
                                     strategy=strategy, budget=budget, started=command_started(), log=log, note=lambda s: err_console.print(f"[dim]{s}[/]"))
     print_report(report, as_json)

@@ -19,13 +19,16 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A dense or factorized .safetensors checkpoint."),
-    data: str = typer.Option(..., "--data", "-d", help="Image folder (its val/ split), 'digits' or 'synthetic'; text: a .txt/.jsonl file (all of it), a folder (its val part) or 'pydoc'."),
-    model: Optional[str] = opt.ModelOpt,
+    data: str = typer.Option(..., "--data", "-d", help="Held-out data, by the model's inputs. Text: a .txt/.jsonl file (all of it), "
+                            "a folder of them (its val part) or 'pydoc'; images: a folder (its val/ split), 'digits' or 'synthetic'."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture name, for a checkpoint that does not name its own "
+                                        "(a factorized checkpoint's manifest and a Hub folder's config.json do)."),
     model_arg: opt.ModelArgs = opt.ModelArgOpt,
     teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="The original dense checkpoint: its own figures beside, and feature cosine similarity to it."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Examples per batch (texts or images)."),
     device: str = opt.DeviceOpt,
-    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Leave out images that cannot be read (and count them) instead of failing."),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Image data: leave out images that cannot be read (and "
+                                                                          "count them) instead of failing."),
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Top-1/top-5, embedding cosine or perplexity on the held-out data (and, with --teacher, the teacher's own and feature similarity)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -11,7 +11,8 @@ from lowrank_cli.cli import options as opt
 from lowrank_cli.cli.commands._json import print_json
 from lowrank_cli.cli.render import console, export_table
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.pipelines.export import export_checkpoint, export_hf_checkpoint
+from lowrank_cli.export.cast import DTYPES
+from lowrank_cli.pipelines.export import FORMATS, export_checkpoint, export_hf_checkpoint
 
 app = typer.Typer(add_completion=False)
 
@@ -19,13 +20,15 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def export(
     model: Optional[Path] = typer.Argument(None, help="A factorized checkpoint or a run directory (default: the newest run under ./runs/)."),
-    fmt: str = typer.Option("onnx", "--format", "-f",
-                            help="onnx | dense | safetensors | hf (a Hub folder stock transformers loads with trust_remote_code, "
-                                 "the factors kept)"),
+    fmt: Literal[FORMATS] = typer.Option("onnx", "--format", "-f",
+                                         help="onnx (a verified graph), dense (the factors merged back), safetensors (the factorized "
+                                              "checkpoint cast to --dtype) or hf (a Hub folder stock transformers loads with "
+                                              "trust_remote_code, the factors kept)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file, or folder of a Hub export (default: beside the input)."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="ONNX input image size (default: the model's)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="Image models: the ONNX input's image size "
+                                                                           "(default: the model's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset version (default 18)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (dense, safetensors and hf)."),
+    dtype: Optional[Literal[tuple(DTYPES)]] = typer.Option(None, "--dtype", help="The weights' dtype (dense, safetensors and hf)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
                                                   help="Dense export of a transformers model: weight shards of at most this size (bytes, 500MB, 2GB)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="--format hf: the Hub id of the model it was compressed from, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -25,18 +25,24 @@ def factorize(
     kappa: Optional[float] = opt.KappaOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <input>.lowrank.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data for factorize.method whitened/asvd and factorize.allocation sensitivity: a folder, 'digits' or 'synthetic' (text: 'pydoc', .txt, .jsonl)."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration images (default: the recipe's, 256)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data for factorize.method whitened/asvd and "
+                                             "factorize.allocation sensitivity, by the model's inputs: text a .txt/.jsonl file, a "
+                                             "folder of them or 'pydoc'; images a folder, 'digits' or 'synthetic'."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration examples, texts or images "
+                                                "(default: the recipe's factorize.calib_samples)."),
     latency_aware: bool = opt.LatencyOpt,
     seq_len: Optional[int] = opt.SeqLenOpt,
     device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto (CUDA when available), cpu, cuda or cuda:N."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
                                                   help="A Hub folder's output: weight shards of at most this size (bytes, 500MB, 2GB; default 5GB)."),
     max_memory: Optional[str] = opt.MaxMemoryOpt,
+    sets: Optional[List[str]] = opt.SetOpt,
     as_json: bool = opt.JsonOpt,
 ) -> None:
     """Replace each selected nn.Linear by two thin linears from its truncated SVD (PELA)."""
-    r = with_max_memory(opt.load_recipe_with(recipe, kappa, latency_aware), max_memory)
+    overrides = opt.recipe_overrides(sets, kappa=kappa, latency_aware=latency_aware, max_memory=max_memory, calib_data=calib_data,
+                                     calib_samples=calib_samples)
+    r = with_max_memory(opt.load_recipe_with(recipe, kappa, latency_aware, overrides), max_memory)
     checkpoint = checkpoint or (Path(r.checkpoint) if r.checkpoint else None)
     if checkpoint is None and model is None and r.model is None:
         raise LowrankError("give a checkpoint (or 'checkpoint:' in the recipe), or an architecture with --model")
