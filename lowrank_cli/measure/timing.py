@@ -25,7 +25,7 @@ from torch import nn
 
 from lowrank_cli.device import resolve_device
 from lowrank_cli.errors import LowrankError
-from lowrank_cli.nn.lowrank import LowRankLinear
+from lowrank_cli.nn.lowrank import LowRankLinear, inference_layout
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -171,6 +171,7 @@ def layer_shapes(model: nn.Module, rows: dict[str, int]) -> list[LayerShape]:
 def _layer_pair_torch(shape: LayerShape, batch: int, device: torch.device, dtype: torch.dtype):
     dense = nn.Linear(shape.d_in, shape.d_out, bias=shape.bias, device=device, dtype=dtype).eval()
     low = LowRankLinear(shape.d_in, shape.d_out, shape.rank, bias=shape.bias, device=device, dtype=dtype).eval()
+    inference_layout(low)  # as `lowrank_cli.load` and `bench` run it
     x = torch.randn(batch, shape.tokens, shape.d_in, device=device, dtype=dtype)
 
     def run(m):

@@ -138,14 +138,16 @@ class LowRankEmbedding(nn.Module):
 
 def inference_layout(model: nn.Module) -> int:
     """Store each low-rank layer's widening half (`LowRankLinear.up`, `LowRankEmbedding.proj`: rank → wider output)
-    column-major, in place; returns how many were changed. Values, shapes, names and outputs stay the same.
+    column-major, in place; returns how many were changed. The values, shapes and names stay the same; the outputs
+    are equal up to rounding (summation order).
 
     `F.linear(z, W)` reads W (d_out × r) row by row: r numbers per dot product, few for a thin factor. Stored
     column-major, Wᵀ is a contiguous r × d_out matrix and the product streams d_out numbers per input feature instead,
-    which is how a matrix–vector product reads memory fastest: measured 1.75–2.2× faster per up factor at one token and
-    1.2–1.5× at eight (one CPU thread, SmolLM2-135M's shapes at κ = 2; decode figures in docs/benchmarks.md). For
-    inference: optimizers take a strided parameter as it is, DDP buckets its gradients slower, and the writers store it
-    contiguous as always. A factor shared with another module (tied) is left as it is, so that the tie holds.
+    which a matrix–vector product reads faster: measured 1.75–2.2× per up factor at one token and 1.2–1.5× at eight on
+    one CPU thread in fp32, SmolLM2-135M's shapes at κ = 2 (`tests/benchmarks/bench_inference_layout.py`; not measured
+    on CUDA). The state dict's tensors of those halves are then not contiguous: lowrank's writers store them contiguous
+    as always, but `safetensors.torch.save_file` wants `.contiguous()` first. A half shared with another module
+    (tied, by parameter identity), on the meta device, or under a parametrization is left as it is.
     """
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -153,7 +155,7 @@ def inference_layout(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         half = module.up if isinstance(module, LowRankLinear) else module.proj if isinstance(module, LowRankEmbedding) else None
-        if half is None or half.weight.device.type == "meta" or uses.get(id(half.weight), 0) > 1:
+        if half is None or "weight" not in half._parameters or half.weight.device.type == "meta" or uses.get(id(half.weight), 0) > 1:
             continue
         w = half.weight
         if w.shape[1] < w.shape[0] and w.stride() != (1, w.shape[0]):

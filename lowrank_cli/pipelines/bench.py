@@ -434,6 +434,7 @@ def memory_child(spec_json: str) -> None:
     else:
         built = build_model(Path(spec["path"]), like.architecture, like.model_kwargs, family=like.family or DEFAULT_FAMILY)
     family, model = built.family, built.model.float().eval().to(dev)
+    inference_layout(model)  # as the timed model is
     decoder = family.decoder(model)
     ids, mask = _prompts(family, model, spec["batch"], spec["prompt_len"], dev)
     logits, state = decoder.prefill(ids, mask)

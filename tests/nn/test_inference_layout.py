@@ -39,11 +39,17 @@ def test_halves_become_column_major_with_the_same_values_and_outputs():
     assert inference_layout(net) == 0  # already laid out
 
 
-def test_a_tied_half_keeps_its_tie():
+def test_a_tied_half_keeps_its_tie_and_a_half_that_does_not_widen_is_left():
     net = _Net()
-    net.narrow.up.weight = net.wide.down.weight  # 32 × 8 both: one parameter, two names
-    inference_layout(net)
-    assert net.narrow.up.weight is net.wide.down.weight
+    net.twin = LowRankLinear(32, 64, 8)
+    net.twin.up.weight = net.wide.up.weight  # 64 × 8 both: one parameter, two names
+    net.square = LowRankLinear(8, 4, 6)      # up: 4 × 6, does not widen
+    net.frozen = LowRankLinear(16, 48, 4)
+    net.frozen.up.weight.requires_grad_(False)
+    assert inference_layout(net) == 3  # narrow, the embedding's proj, frozen: not the tied pair, not square
+    assert net.twin.up.weight is net.wide.up.weight and net.wide.up.weight.is_contiguous()
+    assert net.square.up.weight.is_contiguous()
+    assert not net.frozen.up.weight.is_contiguous() and not net.frozen.up.weight.requires_grad
 
 
 def test_training_still_works_on_the_laid_out_factors():
@@ -83,5 +89,5 @@ def test_load_gives_the_layout_and_the_same_tokens(tmp_path):
     mask = torch.ones_like(ids)
     assert torch.equal(greedy(CachedDecoder(laid), ids, mask, 8), greedy(CachedDecoder(plain), ids, mask, 8))
     save_checkpoint(tmp_path / "again.safetensors", laid.state_dict())  # the writer stores the factors as before
-    again = load_tensors(tmp_path / "again.safetensors")
-    assert all(torch.equal(again[k], v) for k, v in plain.state_dict().items() if k in again)
+    again, stored = load_tensors(tmp_path / "again.safetensors"), plain.state_dict()
+    assert again.keys() == stored.keys() and all(torch.equal(again[k], v) for k, v in stored.items())
