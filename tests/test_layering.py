@@ -39,7 +39,7 @@ RANKS = {
     "lowrank_cli.__main__": 9,
     "lowrank_cli": 10,  # the public facade (lazy re-exports): nothing inside the package imports it
 }
-OPTIONAL_THIRD_PARTY = {"onnx", "onnxruntime", "sklearn", "transformers", "tokenizers"}
+OPTIONAL_THIRD_PARTY = {"onnx", "onnxruntime", "sklearn", "transformers", "tokenizers", "pyarrow", "datasets"}
 
 
 def module_name(path: Path) -> str:

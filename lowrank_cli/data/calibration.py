@@ -10,7 +10,8 @@ import torch
 
 from lowrank_cli.data.images import IMAGE_EXTENSIONS, ImageFiles, digits
 from lowrank_cli.data.stream import first_documents
-from lowrank_cli.data.text import Documents, load_text_data, stream_shards, streams, tokenize, tokenizer_of
+from lowrank_cli.data.formats import Chat
+from lowrank_cli.data.text import Documents, Reading, load_text_data, stream_shards, streams, tokenize, tokenize_measured, tokenizer_of
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.models.family import ImageConfig
 
@@ -51,19 +52,26 @@ def _folder_images(root: Path, cfg: ImageConfig, n_samples: int, gen: torch.Gene
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def text_calibration_batches(source: str, folder: Path | None, max_length: int, n_samples: int = 256, batch_size: int = 32,
-                             seed: int = 0) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+def text_calibration_batches(source: str, folder: Path | None, max_length: int | None, n_samples: int = 256, batch_size: int = 32,
+                             seed: int = 0, reading: Reading | None = None) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """`n_samples` documents of the training part of a text source, tokenized by the checkpoint's tokenizer and
     padded per batch (with their attention mask, so that Grams count real tokens only): a seeded draw, or a
-    large (streamed) source's first `n_samples` training documents, read without the rest."""
+    large (streamed) source's first `n_samples` training documents, read without the rest. `max_length` None: the
+    default length (`data.text.default_length`) of the training documents (a streamed source: of those drawn);
+    `reading`: the text field and the model's positions."""
+    reading = reading or Reading()
     if streams(source, "auto"):
         tokenizer = tokenizer_of(folder)
-        shards, val_shards = stream_shards(source)
+        shards, val_shards = stream_shards(source, reading.text_field, Chat(lambda: tokenizer))
         texts, labels = first_documents(shards, n_samples, None if val_shards is not None else (seed, 0.2), False)
-        train = tokenize(Documents(texts, labels), tokenizer, max_length)
+        docs = Documents(texts, labels, bool(shards.chat_docs))
+        if max_length is None:
+            train = tokenize_measured(docs, tokenizer, reading.positions)[0]
+        else:
+            train = tokenize(docs, tokenizer, max_length)
         order = list(range(len(train)))
     else:
-        train = load_text_data(source, folder, max_length, seed).train
+        train = load_text_data(source, folder, max_length, seed, reading=reading).train
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
     items = [train[i] for i in order]
     return [train.collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]

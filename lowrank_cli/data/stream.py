@@ -1,6 +1,7 @@
-"""Text that streams: `.txt`/`.jsonl` shards (one file, or a folder of them) read lazily, never whole.
+"""Text that streams: `.txt`/`.jsonl` shards, and tables (`.csv`/`.tsv`, `.parquet`, `.arrow`, a `datasets` folder's Arrow
+files: `data/formats.py`), one file or a folder of them, read lazily, never whole.
 
-A corpus too big for memory is read line by line, tokenized a few documents at a time and
+A corpus too big for memory is read a line (a table: a row) at a time, tokenized a few documents at a time and
 turned into training sequences as it is read (docs/algorithms.md §10):
 
 - **Order.** Shards in sorted path order; with a shuffle window (`data.shuffle_window` ≥ 2) each
@@ -18,7 +19,7 @@ turned into training sequences as it is read (docs/algorithms.md §10):
   documents in sorted shard order. A folder with train/val parts streams its train part and
   evaluates on the first documents of its val part.
 - **Position.** Where the stream stands is a `StreamState`: the window's number, where the
-  window began (shard, byte offset of a document, token offset inside it) and how many of its
+  window began (shard, byte offset of a document (a Parquet or Arrow shard: its row number), token offset inside it) and how many of its
   sequences were taken. Resuming seeks there, reads that one window again and skips what was
   taken, so a resumed run's batches equal an uninterrupted run's.
 - **Processes.** Batches are taken from groups of `batch_size × world` consecutive sequences,
@@ -36,6 +37,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from lowrank_cli.data.formats import (BINARY_SUFFIXES, CHAT_FIELD, TABLE_SUFFIXES, TEXT_FIELD, Chat, columns_of, document_text, read_rows,
+                                      table_label, text_column)
 from lowrank_cli.errors import LowrankError
 
 STREAM_BYTES = 256 * 2**20  # `data.streaming: auto` streams a source whose text files add up to more than this
@@ -92,15 +95,23 @@ def source_bytes(files: list[Path]) -> int:
 
 
 class Shards:
-    """Text files read line by line from a byte offset: `.txt` (a document per non-empty line) or `.jsonl`
-    (an object per line with `text_field`, and `label_field` where there is one), with the checks `read_documents` makes."""
+    """Source files read a document at a time from a position: `.txt` (a document per non-empty line) or `.jsonl` (an
+    object per line with `text_field`, and `label_field` where there is one), from a byte offset, with the checks
+    `read_documents` makes; a table (`data/formats.py`: CSV from a byte offset, Parquet and Arrow from a row number), its
+    `text_field` column (None: `text`, else chat `messages`) and its `label_field` column where it has one.
 
-    def __init__(self, files: list[Path], root: Path, text_field: str = "text", label_field: str = "label"):
-        self.files, self.root, self.text_field, self.label_field = files, root, text_field, label_field
+    Chat messages are rendered by `chat` (the checkpoint's chat template); a source is all text or all chat (`chat_docs`,
+    decided by the first document read, as `labelled` is)."""
+
+    def __init__(self, files: list[Path], root: Path, text_field: str | None = None, label_field: str = "label", chat: Chat | None = None):
+        self.files, self.root, self.text_field, self.label_field, self.chat = files, root, text_field, label_field, chat
         self.labelled: bool | None = None  # decided by the first document read
+        self.chat_docs: bool | None = None  # likewise: chat messages rendered (tokenized without the tokenizer's special tokens)
         self.lines_read = 0  # for tests and benchmarks: how much was read
+        self._columns: dict[Path, list[str]] = {}  # a table's columns to read: its text column, then its label column if any
         for f in files:
-            _check_text_file(f)
+            if f.suffix not in BINARY_SUFFIXES:
+                _check_text_file(f)
 
     def fingerprint(self) -> str:
         """The shards' relative names and sizes, hashed: what a resume checks is unchanged."""
@@ -108,8 +119,12 @@ class Shards:
         return hashlib.blake2b(json.dumps(names).encode(), digest_size=8).hexdigest()
 
     def read(self, file_index: int, shard: int, offset: int) -> Iterator[Doc]:
-        """The documents of file `file_index` from byte `offset` (a line's start), tagged with `shard` (its place in the epoch's order)."""
+        """The documents of file `file_index` from `offset` (a line's or a CSV row's byte offset, a Parquet or Arrow row number),
+        tagged with `shard` (its place in the epoch's order)."""
         path = self.files[file_index]
+        if path.suffix in TABLE_SUFFIXES:
+            yield from self._read_table(path, shard, offset)
+            return
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
@@ -121,6 +136,22 @@ class Shards:
                         yield Doc(doc[0], doc[1], shard, start, offset)
         except OSError as e:
             raise LowrankError(f"{path}: cannot be read ({e.strerror or e})", param="data") from None
+
+    def _read_table(self, path: Path, shard: int, start: int) -> Iterator[Doc]:
+        if path not in self._columns:
+            columns = columns_of(path)
+            field = text_column(columns, self.text_field, path)
+            self._columns[path] = [field] + ([self.label_field] if self.label_field in columns and self.label_field != field else [])
+        field, *label = self._columns[path]
+        for record, at, end in read_rows(path, start, self._columns[path]):
+            self.lines_read += 1
+            where = f"the row at byte {at}" if path.suffix in (".csv", ".tsv") else f"row {at}"
+            got = document_text(record[field], self.chat, f"{path}: {where}")
+            if got is None:
+                raise LowrankError(f"{path}: {where}: '{field}' holds {type(record[field]).__name__}, not text or chat messages",
+                                   param="data")
+            text, lab = self._checked(path, got, table_label(record[label[0]], path) if label else None, where)
+            yield Doc(text, lab, shard, at, end)
 
     def _parse(self, path: Path, raw: bytes, at: int) -> tuple[str, int | None] | None:
         try:
@@ -135,18 +166,30 @@ class Shards:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise LowrankError(f"{path}: the line at byte {at} is not JSON ({e.msg})", param="data") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
-            raise LowrankError(f"{path}: the line at byte {at} has no '{self.text_field}' string "
-                               f"(each line: {{\"{self.text_field}\": ..., \"{self.label_field}\": ...}})", param="data")
-        label = record.get(self.label_field)
+        chat = isinstance(record, dict) and TEXT_FIELD not in record and CHAT_FIELD in record
+        field = self.text_field or (CHAT_FIELD if chat else TEXT_FIELD)
+        got = document_text(record.get(field), self.chat, f"{path}: the line at byte {at}") if isinstance(record, dict) else None
+        if got is None:
+            raise LowrankError(f"{path}: the line at byte {at} has no '{field}' string "
+                               f"(each line: {{\"{field}\": ..., \"{self.label_field}\": ...}})", param="data")
+        return self._checked(path, got, record.get(self.label_field), f"the line at byte {at}")
+
+    def _checked(self, path: Path, got: tuple[str, bool], label: Any, where: str) -> tuple[str, int | None]:
+        """A document's text and label, checked against the documents read before: all text or all chat, all labelled or none."""
+        text, chat = got
+        if self.chat_docs is None:
+            self.chat_docs = chat
+        if chat != self.chat_docs:
+            raise LowrankError(f"{path}: {where} holds {'chat messages' if chat else 'text'} while others hold "
+                               f"{'text' if chat else 'chat messages'}; a source is all text or all chat", param="data")
         if self.labelled is None:
             self.labelled = label is not None
         if (label is not None) != self.labelled:
-            raise LowrankError(f"{path}: the line at byte {at} {'has no' if self.labelled else 'has a'} '{self.label_field}' while others "
+            raise LowrankError(f"{path}: {where} {'has no' if self.labelled else 'has a'} '{self.label_field}' while others "
                                f"{'do' if self.labelled else 'do not'}", param="data")
         if label is not None and not (isinstance(label, int) and not isinstance(label, bool) and label >= 0):
-            raise LowrankError(f"{path}: '{self.label_field}' values must be non-negative integers (class indices; the line at byte {at})", param="data")
-        return record[self.text_field], label
+            raise LowrankError(f"{path}: '{self.label_field}' values must be non-negative integers (class indices; {where})", param="data")
+        return text, label
 
 
 def _check_text_file(path: Path) -> None:
@@ -201,10 +244,12 @@ class TextStream:
                     yield doc
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        special = not self.shards.chat_docs  # a rendered chat holds the special tokens its template writes
         if self.pack:
-            ids = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+            ids = self.tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
             return [list(x) + ([] if x and x[-1] == self.eos_id else [self.eos_id]) for x in ids]
-        return [list(x) for x in self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"]]
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=special)["input_ids"]
+        return [list(x) for x in ids]
 
     def items(self, epoch: int, start: StreamState) -> Iterator[tuple[Item, tuple[int, int, int]]]:
         """Examples in stream order from `start`, each with the position just after it: (shard, byte offset, token)."""

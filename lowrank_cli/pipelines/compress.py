@@ -47,7 +47,7 @@ def compress_checkpoint(checkpoint, recipe: Recipe, *, device: str = "auto", log
             if env.distributed:
                 raise one_process_only(streamed, env.world)
             return _compress_streamed(streamed, checkpoint or recipe.checkpoint, recipe, device=device, log=log, note=note, **kw)
-        p = prepare_compress(checkpoint, recipe, device=device, env=env, **kw)
+        p = prepare_compress(checkpoint, recipe, device=device, env=env, note=note if env.is_main else None, **kw)
         barrier(env)  # every process has checked the run folder before rank 0 writes in it (else a slow one finds "already holds a run")
         with claimed(p):
             return run_distillation(p, log=log, note=note, step_hook=step_hook)

@@ -214,7 +214,8 @@ def factorize_checkpoint(
     calibration = None
     if method != "svd" or recipe.factorize.allocation == "sensitivity":
         f = recipe.factorize
-        calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+        calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size,
+                                      recipe.data.max_length, recipe.data.text_field)
     latency = LatencySelection(recipe.select, macs.linear_rows, layer_timer) if recipe.select.latency_aware else None
     result = factorize_model(model, recipe, family=family, progress=progress(todo) if progress else None, calibration=calibration,
                              latency=latency, rows=macs.linear_rows, device=svd_dev)
@@ -244,7 +245,8 @@ def _factorize_streamed(stream: Streamable, path, header: CheckpointHeader, reci
     calibration = None
     if recipe.factorize.method != "svd":
         f = recipe.factorize
-        calibration = calibration_for(f.calib_data, family, model, header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+        calibration = calibration_for(f.calib_data, family, model, header.folder, f.calib_samples, f.calib_batch_size,
+                                      recipe.data.max_length, recipe.data.text_field)
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
         with read_tensors(header) as reader, shard_writer(tmp, max_bytes) as writer:
             result = factorize_streamed(model, recipe, reader.get_tensor, stream.sources, writer.add, family=family,
@@ -281,7 +283,8 @@ def _factorize_blockwise(s: Streamed, path, recipe: Recipe, out: Path, force: bo
     macs = count_macs(zero_weights(model), family.example_at(model, seq_len), family.forward)  # weights of no memory
     plans = plan_streamed(model, recipe, family)
     f = recipe.factorize
-    calibration = calibration_for(f.calib_data, family, model, s.header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+    calibration = calibration_for(f.calib_data, family, model, s.header.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length,
+                                  recipe.data.text_field)
     done = progress(sum(p.factorized for p in plans)) if progress else None
     with atomic_folder(out, force=force, inputs=inputs) as tmp:
         store = ActivationStore(tmp / ".activations", max(0, s.max_memory - resident_bytes() - s.block_need))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from lowrank_cli.data.images import ImageData
-from lowrank_cli.data.modality import calibration_for, load_data, split_record
+from lowrank_cli.data.modality import calibration_for, data_notice, load_data, split_record
 from lowrank_cli.data.text import TextData
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.distributed import DistEnv, from_main, on_main_alone
@@ -125,9 +125,10 @@ def claimed(p: PreparedRun) -> Iterator[None]:
 
 
 def _compress_inputs(checkpoint: str | Path | None, recipe: Recipe, arch: str | None, model_kwargs: dict | None, out: str | Path | None,
-                     resume: bool) -> tuple:
+                     resume: bool, note: Callable[[str], None] | None = None) -> tuple:
     """(checkpoint, recipe with its calibration default, the built teacher, data, run folder, what to resume from): every
-    input of `compress` checked, nothing factorized or written."""
+    input of `compress` checked, nothing factorized or written; `note` hears which data a text recipe uses when it is not the
+    user's (the built-in text), before calibration uses it."""
     if checkpoint is None and recipe.checkpoint:
         checkpoint = recipe.checkpoint
     if checkpoint is None:
@@ -141,6 +142,8 @@ def _compress_inputs(checkpoint: str | Path | None, recipe: Recipe, arch: str | 
     check_token_noise(recipe, built.family, built.model)
     data = load_data(recipe, built.family, built.model, built.folder)
     run, resume_from = run_folder(recipe, out, resume)
+    if note is not None and data_notice(data):
+        note(data_notice(data))
     return checkpoint, recipe, built, data, run, resume_from
 
 
@@ -199,12 +202,12 @@ def _factorize_once(env: DistEnv, student: nn.Module, recipe: Recipe, family: Mo
 
 def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str | None = None, model_kwargs: dict | None = None,
                      out: str | Path | None = None, resume: bool = False, device: str = "auto", env: DistEnv | None = None,
-                     started: float | None = None) -> PreparedRun:
+                     started: float | None = None, note: Callable[[str], None] | None = None) -> PreparedRun:
     """Check the inputs of `compress` and build teacher, SVD student and data; write nothing. `started`: when the command
-    began (`time.perf_counter()`; default now), the clock of the curve and of `distill.budget`."""
+    began (`time.perf_counter()`; default now), the clock of the curve and of `distill.budget`; `note`: as `_compress_inputs`'."""
     started = time.perf_counter() if started is None else started
     dev = resolve_device(device)
-    checkpoint, recipe, built, data, run, resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume)
+    checkpoint, recipe, built, data, run, resume_from = _compress_inputs(checkpoint, recipe, arch, model_kwargs, out, resume, note)
     teacher, family, arch = built.model, built.family, built.architecture
     svd_dev = env.device if env is not None else dev  # under torchrun: this process's GPU, not cuda:0 for every process
     student = copy.deepcopy(teacher)
@@ -218,7 +221,8 @@ def prepare_compress(checkpoint: str | Path | None, recipe: Recipe, *, arch: str
         if recipe.factorize.method == "svd" and recipe.factorize.allocation != "sensitivity":
             return None
         f = recipe.factorize  # on factorize.calib_data (defaulted above)
-        return calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+        return calibration_for(f.calib_data, family, teacher, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length,
+                               recipe.data.text_field)
 
     allocation = None
     # PC-LoRA: the dense layers with adapters beside them, finalized to LowRankLinear at the end
@@ -276,6 +280,8 @@ def prepare_distill(factorized: str | Path, teacher_file: str | Path, recipe: Re
     check_token_noise(recipe, teacher.family, teacher.model)
     data_ = load_data(recipe, teacher.family, teacher.model, teacher.folder or student.folder)
     run, resume_from = run_folder(recipe, out, resume)
+    if note is not None and data_notice(data_):
+        note(data_notice(data_))
     manifest = manifest.replace(recipe=recipe.to_dict())
     task = teacher.family.task(teacher.model)
     base, match = task.base_loss(recipe.distill.base_loss, model_classes(teacher.model), data_.num_classes, data_.source)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_cli.data.loaders import eval_loader
-from lowrank_cli.data.modality import calibration_for, load_data
+from lowrank_cli.data.modality import calibration_for, data_notice, load_data
 from lowrank_cli.device import resolve_device
 from lowrank_cli.distill.budget import Budget
 from lowrank_cli.distill.evaluate import Evaluation
@@ -188,10 +188,13 @@ def compress_streamed(s: Streamed, checkpoint, recipe: Recipe, run: RunDir, *, d
     built, dev = s.built, resolve_device(device)
     model, family = built.model, built.family
     data = load_data(recipe, family, model, built.folder)
+    if data_notice(data):
+        note(data_notice(data))
     f = recipe.factorize
     calibration = None
     if f.method == "whitened" or f.allocation == "sensitivity":
-        calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size, recipe.data.max_length)
+        calibration = calibration_for(f.calib_data, family, model, built.folder, f.calib_samples, f.calib_batch_size,
+                                      recipe.data.max_length, recipe.data.text_field)
     plans = plan_streamed(model, recipe, family)
     before = count_params(model)
     macs = count_macs(zero_weights(model), family.example_at(model), family.forward)  # weights of no memory
