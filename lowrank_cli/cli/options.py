@@ -45,8 +45,9 @@ KappaOpt = typer.Option(None, "--kappa", "-k", callback=finite_above("--kappa", 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 LatencyOpt = typer.Option(False, "--latency-aware", help="Time each planned layer dense vs factorized on this device; keep dense those not faster by select.latency_margin.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
-DataOpt = typer.Option(None, "--data", "-d", help="Training data, by the model's inputs. Text: a .txt/.jsonl file, a folder of "
-                       "them (its train/ and val/ parts when it has them) or 'pydoc'; images: a folder ROOT/train/<class>/*, "
+DataOpt = typer.Option(None, "--data", "-d", help="Training data, by the model's inputs. Text: a .txt, .jsonl, .csv, .tsv, .parquet "
+                       "or .arrow file, a folder of them (its train/ and val/ parts when it has them), a folder saved by datasets' "
+                       "save_to_disk or 'pydoc' (its text field: data.text_field); images: a folder ROOT/train/<class>/*, "
                        "ROOT/val/<class>/*, 'digits' or 'synthetic' (default: the recipe's data.source).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Epochs to train, all of them: sets distill.epochs and drops the recipe's "
                          "distill.max_steps cap (keep one with --set distill.max_steps=N). A time budget (distill.budget) still "

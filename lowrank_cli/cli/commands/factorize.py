@@ -26,8 +26,9 @@ def factorize(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <input>.lowrank.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists (never the input)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data for factorize.method whitened/asvd and "
-                                             "factorize.allocation sensitivity, by the model's inputs: text a .txt/.jsonl file, a "
-                                             "folder of them or 'pydoc'; images a folder, 'digits' or 'synthetic'."),
+                                             "factorize.allocation sensitivity, by the model's inputs: text a .txt, .jsonl, .csv, "
+                                             ".tsv, .parquet or .arrow file, a folder of them, a datasets save_to_disk folder or "
+                                             "'pydoc'; images a folder, 'digits' or 'synthetic'."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Number of calibration examples, texts or images "
                                                 "(default: the recipe's factorize.calib_samples)."),
     latency_aware: bool = opt.LatencyOpt,
